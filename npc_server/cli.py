@@ -1,0 +1,62 @@
+"""The `npc-server` command: a thin dispatcher; each subcommand lives in its own module with its own --help."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command words -> "module:function"; each function takes the remaining argv and returns an exit code.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("serve",): ("npc_server.service.serve:main", "run the gRPC + WebSocket bridge server"),
+    ("say",): ("npc_server.service.say:main", "ask an NPC a question from a wav file and save its spoken answer"),
+    ("personas",): ("npc_server.personas:main", "validate and list persona YAML files"),
+    ("train", "corpus"): ("npc_server.training.corpus.cli:main", "synthesise the spoken NPC-dialogue corpus"),
+    ("train", "tokenizer"): ("npc_server.training.train_tokenizer:main", "train the dual-codebook audio tokenizer"),
+    ("train", "vocoder"): ("npc_server.training.train_vocoder:main", "train the flow-matching vocoder"),
+    ("train", "pretrain"): ("npc_server.training.pretrain:main", "backbone stage 1: pretraining"),
+    ("train", "sft"): ("npc_server.training.sft:main", "backbone stage 2: supervised fine-tuning"),
+    ("train", "dpo"): ("npc_server.training.dpo:main", "backbone stage 3: DPO on preference pairs"),
+    ("train", "merge"): ("npc_server.training.merge:main", "backbone stage 4: weight merging"),
+    ("eval", "tokenizer"): ("npc_server.eval.tokenizer_eval:main", "evaluate the audio tokenizer"),
+    ("eval", "vocoder"): ("npc_server.eval.vocoder_eval:main", "evaluate the vocoder"),
+    ("eval", "npc"): ("npc_server.eval.npc_eval:main", "NPC-Eval: held-out spoken-answer evaluation"),
+    ("bench",): ("npc_server.bench:main", "latency benchmarks (time to first audio, RTF, concurrency)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: npc-server <command> [options]", "", "commands:"]
+    for words, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<18} {help_text}")
+    lines += ["", "Run `npc-server <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from npc_server import __version__
+
+        print(f"npc-server {__version__}")
+        return 0
+    for words in sorted(COMMANDS, key=len, reverse=True):
+        if tuple(argv[: len(words)]) == words:
+            target, _ = COMMANDS[words]
+            module_name, func_name = target.split(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and module_name.startswith(exc.name):
+                    print(f"npc-server: `{' '.join(words)}` is not built yet in this version", file=sys.stderr)
+                    return 2
+                raise
+            return int(getattr(module, func_name)(argv[len(words):]) or 0)
+    print(f"npc-server: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
