@@ -55,3 +55,14 @@ def check_language(language: str, accent: str | None = None) -> None:
         raise ValueError(
             f"unknown accent {accent!r} for language {language!r}; known: {', '.join(ACCENTS[language])}"
         )
+
+# NPC roles the default model is trained on (persona YAML `role`); the corpus has dialogues for each.
+ROLES: tuple[str, ...] = (
+    "innkeeper",
+    "guard",
+    "merchant",
+    "blacksmith",
+    "quest_giver",
+    "companion",
+    "tea_seller",
+)
