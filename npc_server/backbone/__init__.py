@@ -1,0 +1,1 @@
+"""The AQAA backbone: vocabulary layout, text tokenizer, chat template, Llama-style model and streaming generator."""

@@ -1,0 +1,286 @@
+"""Stateful streaming generator for the backbone: sampling, constrained text/audio blocks, per-session KV cache."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from npc_server.backbone.template import BlockGrammar, ChatTemplate, Mode, SystemPrompt, UserTurn
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked. temperature 0 means greedy (top_k/top_p ignored)."""
+
+    temperature: float = 0.7
+    top_k: int = 50  # 0 = no top-k filter
+    top_p: float = 0.95  # 1.0 = no nucleus filter
+    max_new_tokens: int = 768
+    seed: int | None = None  # None = nondeterministic
+    audio_temperature: float | None = None  # temperature for audio tokens (None = same as text)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or (self.audio_temperature is not None and self.audio_temperature < 0):
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@dataclass
+class TextDelta:
+    """New subtitle text since the previous delta."""
+
+    text: str
+
+
+@dataclass
+class AudioChunk:
+    """One finished audio span of the answer: semantic codes (0..4095) for the vocoder."""
+
+    codes: torch.Tensor
+
+
+@dataclass
+class TurnEnd:
+    text: str
+    audio: torch.Tensor  # all semantic codes of the answer
+    ids: list[int]  # generated body ids (after <|assistant|> <|mode|>)
+    stop_reason: str  # "end" | "max_tokens" | "stopped"
+    prefill_tokens: int
+    generated_tokens: int
+    prefill_s: float
+    decode_s: float
+
+
+Event = TextDelta | AudioChunk | TurnEnd
+
+_session_ids = itertools.count()
+# transformers >= 5.2x renamed the cache argument/output `past_key_values` -> `cache`.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+@dataclass
+class Session:
+    """One conversation: its KV cache and the token segments it holds (system, then one per turn).
+
+    `pending` are tokens that belong to the conversation but are not yet in the cache (the last sampled
+    token of an answer); they are prefilled together with the next turn."""
+
+    system: SystemPrompt
+    cache: DynamicCache
+    segments: list[list[int]] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    id: str = field(default_factory=lambda: f"s{next(_session_ids)}")
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for seg in self.segments for t in seg]
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.get_seq_length()
+
+    @property
+    def turns(self) -> int:
+        return max(0, len(self.segments) - 1)
+
+
+class Generator:
+    """Drives a backbone model (a `transformers` causal LM) with the chat template. Not thread-safe per session."""
+
+    def __init__(self, model: torch.nn.Module, template: ChatTemplate, max_context: int | None = None):
+        self.model = model.eval()
+        self.template = template
+        self.layout = template.layout
+        cfg_max = getattr(model.config, "max_position_embeddings", 2048)
+        self.max_context = min(max_context or cfg_max, cfg_max)
+        self.device = next(model.parameters()).device
+
+    # --- sessions ---------------------------------------------------------------------------------------
+    def start_session(self, system: SystemPrompt) -> Session:
+        ids = self.template.system(system).ids
+        session = Session(system=system, cache=DynamicCache(config=self.model.config))
+        self._forward(session, ids)
+        session.segments.append(list(ids))
+        return session
+
+    @torch.inference_mode()
+    def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32)."""
+        if not ids:
+            raise ValueError("nothing to prefill")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, **{_CACHE_ARG: session.cache})
+        session.cache = getattr(out, _CACHE_ARG)
+        return out.logits[0].float()
+
+    def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """Add tokens to the conversation (after any pending ones); returns the logits of all fed positions."""
+        feed = session.pending + list(ids)
+        logits = self._forward(session, feed)
+        if session.segments and session.pending:
+            session.segments[-1].extend(session.pending)
+        session.pending = []
+        session.segments.append(list(ids))
+        return logits
+
+    def _ensure_room(self, session: Session, new_tokens: int, budget: int) -> None:
+        """Drop the oldest turns (keeping the system prompt) and re-prefill when the context would overflow."""
+        needed = session.cached_tokens + len(session.pending) + new_tokens + budget
+        if needed <= self.max_context:
+            return
+        if len(session.segments[0]) + new_tokens + budget > self.max_context:
+            raise ValueError(
+                f"turn of {new_tokens} tokens + {budget} answer tokens does not fit the context of {self.max_context}"
+            )
+        if session.segments and session.pending:
+            session.segments[-1].extend(session.pending)
+            session.pending = []
+        keep = session.segments[1:]
+        while keep and len(session.segments[0]) + sum(map(len, keep)) + new_tokens + budget > self.max_context:
+            keep = keep[1:]
+        session.cache = DynamicCache(config=self.model.config)
+        segments = [session.segments[0]] + keep
+        self._forward(session, [t for seg in segments for t in seg])
+        session.segments = segments
+
+    # --- generation -------------------------------------------------------------------------------------
+    def respond(
+        self,
+        session: Session,
+        user: UserTurn,
+        mode: Mode = Mode.AUDIO_TEXT,
+        sampling: SamplingConfig = SamplingConfig(),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Event]:
+        """Answer one user turn, streaming TextDelta / AudioChunk events and a final TurnEnd. Only the new turn
+        is prefilled; the history comes from the session's KV cache."""
+        mode = Mode(mode)
+        t0 = time.perf_counter()
+        prompt = self.template.user(user).ids + self.template.assistant_prefix(mode).ids
+        self._ensure_room(session, len(prompt), sampling.max_new_tokens + 4)
+        n_prefill = len(session.pending) + len(prompt)
+        logits = self.prefill(session, prompt)[-1]
+        t1 = time.perf_counter()
+        session.last_used = time.monotonic()
+
+        rng = torch.Generator(device="cpu")
+        rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        grammar = BlockGrammar(self.layout, mode, text_vocab=self.template.text.vocab_size)
+        body: list[int] = []
+        text_ids: list[int] = []
+        text_sent = ""
+        span: list[int] = []
+        audio: list[int] = []
+        stop_reason = "end"
+        while True:
+            token = self._sample(logits, grammar, sampling, rng)
+            grammar.advance(token)
+            body.append(token)
+            if self.layout.is_text(token):
+                text_ids.append(token)
+                text = self.template.text.decode(text_ids)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next bytes
+                    text = text.rstrip("\ufffd")
+                if len(text) > len(text_sent) and text.startswith(text_sent):
+                    yield TextDelta(text[len(text_sent):])
+                    text_sent = text
+            elif self.layout.is_semantic(token):
+                span.append(self.layout.to_semantic_codes([token])[0])
+            elif token == self.layout.special("<|audio_end|>"):
+                if span:
+                    audio += span
+                    yield AudioChunk(torch.tensor(span, dtype=torch.long))
+                    span = []
+            if grammar.finished:
+                session.pending = [token]
+                break
+            if len(body) >= sampling.max_new_tokens or (should_stop is not None and should_stop()):
+                stop_reason = "max_tokens" if len(body) >= sampling.max_new_tokens else "stopped"
+                # close the answer so the conversation stays well-formed for the next turn
+                closing = self._closing_tokens(grammar)
+                body += closing
+                if span:
+                    audio += span
+                    yield AudioChunk(torch.tensor(span, dtype=torch.long))
+                self._forward(session, [token] + closing[:-1])
+                session.segments[-1] += [token] + closing[:-1]
+                session.pending = closing[-1:]
+                break
+            logits = self._forward(session, [token])[-1]
+            session.segments[-1].append(token)
+        t2 = time.perf_counter()
+        final_text = self.template.text.decode(text_ids)
+        if len(final_text) > len(text_sent) and final_text.startswith(text_sent):
+            yield TextDelta(final_text[len(text_sent):])
+        yield TurnEnd(
+            text=final_text,
+            audio=torch.tensor(audio, dtype=torch.long),
+            ids=body,
+            stop_reason=stop_reason,
+            prefill_tokens=n_prefill,
+            generated_tokens=len(body),
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+        )
+
+    def generate(self, session: Session, user: UserTurn, mode: Mode = Mode.AUDIO_TEXT,
+                 sampling: SamplingConfig = SamplingConfig()) -> TurnEnd:
+        """Non-streaming convenience wrapper around `respond`."""
+        end = None
+        for event in self.respond(session, user, mode, sampling):
+            if isinstance(event, TurnEnd):
+                end = event
+        assert end is not None
+        return end
+
+    def _closing_tokens(self, grammar: BlockGrammar) -> list[int]:
+        """Shortest well-formed ending of a truncated answer (closes an open span, ends text, ends the turn)."""
+        sp = self.layout.special
+        order = [sp("<|audio_end|>"), sp("<|text_end|>"), sp("<|end|>"), sp("<|audio_start|>")]
+        out = []
+        while not grammar.finished:
+            token = next(t for t in order if grammar.allows(t))
+            grammar.advance(token)
+            out.append(token)
+        return out
+
+    def _sample(self, logits: torch.Tensor, grammar: BlockGrammar, sampling: SamplingConfig,
+                rng: torch.Generator) -> int:
+        mask = grammar.mask().to(logits.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        allowed = int(mask.sum())
+        if allowed == 1:
+            return int(mask.nonzero()[0])
+        temperature = sampling.temperature
+        if sampling.audio_temperature is not None and "semantic" in grammar.allowed_groups():
+            temperature = sampling.audio_temperature
+        if temperature == 0.0:
+            return int(torch.argmax(logits))
+        logits = logits / temperature
+        if sampling.top_k and sampling.top_k < allowed:
+            kth = torch.topk(logits, sampling.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_p, dim=-1)
+            drop = cum - sorted_p > sampling.top_p  # keep the smallest prefix reaching top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs.cpu(), 1, generator=rng))
