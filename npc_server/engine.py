@@ -1,0 +1,220 @@
+"""The answer pipeline: question audio -> audio tokens -> backbone (text + audio tokens) -> vocoder -> PCM chunks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from npc_server.backbone.template import Controls, Mode, SystemPrompt, UserTurn
+
+__all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText"]
+
+# the service's output modes -> the template's answer modes
+_MODES = {"audio_and_text": Mode.AUDIO_TEXT, "text_only": Mode.TEXT, "audio_only": Mode.AUDIO}
+
+
+@dataclass
+class EngineText:
+    text: str
+
+
+@dataclass
+class EngineAudio:
+    wav: np.ndarray  # float32 mono
+    sample_rate: int
+
+
+@dataclass
+class EngineDone:
+    spoken_text: str
+    timings: dict  # keys of service.api.Timings (milliseconds and token counts)
+
+
+@dataclass
+class _Spoken:
+    """What had been produced when an audio chunk left: used to cut the history at an interruption."""
+
+    audio_end_s: float  # answer time at the end of this chunk
+    text: str  # subtitle text produced before this chunk
+    codes: list[int]  # semantic codes up to and including this chunk
+
+
+@dataclass
+class EngineState:
+    """Per-conversation state: the backbone session (KV cache) and the progress of the answer in flight."""
+
+    session: object  # backbone.generator.Session
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    answer_segment: int = -1  # index of the segment holding the answer in flight
+    prompt_len: int = 0  # tokens of that segment before the answer body
+    mode: Mode = Mode.AUDIO_TEXT
+    progress: list[_Spoken] = field(default_factory=list)
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (question text or "<audio>", spoken answer)
+
+    def memory_bytes(self) -> int:
+        cache = getattr(self.session, "cache", None)
+        total = 0
+        for layer in getattr(cache, "layers", ()) or ():
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class Engine:
+    """Holds the three trained components and runs answers. One `answer()` generator per request.
+
+    Every `next()` of an answer does a bounded amount of work (one text/audio block), so the service's
+    scheduler can interleave many answers fairly.
+    """
+
+    def __init__(self, tokenizer, generator, vocoder, sampling=None, name: str = "npc-voice"):
+        from npc_server.backbone.generator import SamplingConfig
+
+        self.tokenizer = tokenizer
+        self.generator = generator
+        self.vocoder = vocoder
+        self.sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=768)
+        self.name = name
+        self.sample_rate = int(vocoder.sample_rate)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None) -> "Engine":
+        """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json)."""
+        from npc_server.backbone.generator import Generator
+        from npc_server.backbone.model import load_backbone
+        from npc_server.backbone.template import ChatTemplate
+        from npc_server.backbone.text_tokenizer import TextTokenizer
+        from npc_server.tokenizer import AudioTokenizer
+        from npc_server.vocoder import Vocoder
+
+        model_dir = Path(model_dir)
+        missing = [c for c in ("tokenizer", "backbone", "vocoder") if not (model_dir / c / "config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"model folder {model_dir} lacks trained component(s): {', '.join(missing)}")
+        if threads:
+            torch.set_num_threads(threads)
+        tokenizer = AudioTokenizer.from_pretrained(model_dir / "tokenizer")
+        model, config = load_backbone(model_dir / "backbone")
+        text = TextTokenizer.from_pretrained(model_dir / "backbone")
+        generator = Generator(model, ChatTemplate(config.layout, text))
+        vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
+        return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+
+    def system_prompt(self, persona, controls: Controls | None = None) -> SystemPrompt:
+        controls = controls or Controls(
+            voice=persona.voice.timbre,
+            language=persona.language,
+            accent=persona.accent,
+            emotion=persona.default_emotion,
+            speed=persona.voice.speed,
+            pitch_st=persona.voice.pitch,
+        )
+        return SystemPrompt(persona=persona.role, text=persona.prompt_text(), controls=controls)
+
+    def new_state(self, persona) -> EngineState:
+        """Prefill the persona's system prompt once; follow-up turns only prefill the new turn."""
+        return EngineState(session=self.generator.start_session(self.system_prompt(persona)))
+
+    # ---- answering ---------------------------------------------------------------------------------------
+
+    def answer(
+        self,
+        state: EngineState,
+        persona,
+        controls: Controls,
+        audio: np.ndarray | None = None,
+        text: str = "",
+        mode: str = "audio_and_text",
+    ) -> Iterator[EngineText | EngineAudio | EngineDone]:
+        """Stream the answer to one question (16 kHz float32 audio and/or typed text)."""
+        t0 = time.perf_counter()
+        audio_ids = None
+        if audio is not None:
+            audio_ids = self.tokenizer.encode(audio, 16000).interleaved
+        t_tok = time.perf_counter()
+
+        session = state.session
+        turn_controls = controls if controls != session.system.controls else None
+        user = UserTurn(audio=audio_ids, text=text or None, controls=turn_controls)
+        answer_mode = _MODES[mode]
+        state.answer_segment = len(session.segments)
+        state.prompt_len = len(self.generator.template.user(user).ids) + len(
+            self.generator.template.assistant_prefix(answer_mode).ids
+        )
+        state.mode = answer_mode
+        state.progress = []
+
+        voc = self.vocoder.stream(voice=controls.voice, pitch_st=controls.pitch_st) if answer_mode != Mode.TEXT else None
+        vocoder_s = 0.0
+        text_so_far = ""
+        codes: list[int] = []
+        audio_s = 0.0
+        # ~45 tokens per second of answer (15 audio + 10 text + 2 markers per 0.6 s block)
+        budget = int(persona.max_answer_seconds * 45) + 16
+        sampling = replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, budget))
+        events = self.generator.respond(session, user, mode=answer_mode, sampling=sampling)
+        try:
+            for ev in events:
+                kind = type(ev).__name__
+                if kind == "TextDelta":
+                    text_so_far += ev.text
+                    yield EngineText(ev.text)
+                elif kind == "AudioChunk":
+                    codes += ev.codes.tolist()
+                    tv = time.perf_counter()
+                    wav = voc.push(ev.codes.tolist())
+                    vocoder_s += time.perf_counter() - tv
+                    audio_s += len(wav) / self.sample_rate
+                    state.progress.append(_Spoken(audio_s, text_so_far, list(codes)))
+                    if wav.size:
+                        yield EngineAudio(wav, self.sample_rate)
+                elif kind == "TurnEnd":
+                    if voc is not None and codes:
+                        tv = time.perf_counter()
+                        wav = voc.flush()
+                        vocoder_s += time.perf_counter() - tv
+                        if wav.size:
+                            yield EngineAudio(wav, self.sample_rate)
+                    state.progress = []
+                    state.turns.append((text or "<audio>", ev.text))
+                    yield EngineDone(
+                        spoken_text=ev.text,
+                        timings=dict(
+                            tokenize_ms=(t_tok - t0) * 1000,
+                            prefill_ms=ev.prefill_s * 1000,
+                            decode_ms=ev.decode_s * 1000 - vocoder_s * 1000,
+                            vocoder_ms=vocoder_s * 1000,
+                            prefill_tokens=ev.prefill_tokens,
+                            generated_tokens=ev.generated_tokens,
+                        ),
+                    )
+        finally:
+            events.close()
+
+    def interrupted(self, state: EngineState, spoken_seconds: float) -> None:
+        """The client stopped listening after `spoken_seconds` of audio: rewrite the answer in the history to
+        what was actually spoken (text and audio up to the last chunk that started playing)."""
+        session = state.session
+        if state.answer_segment < 0 or state.answer_segment >= len(session.segments):
+            return  # the answer never started: nothing was added to the conversation
+        heard = [p for p in state.progress if p.audio_end_s - 1e-9 <= spoken_seconds] or []
+        # the chunk that was playing when the client stopped counts as spoken too
+        playing = next((p for p in state.progress if p.audio_end_s > spoken_seconds), None)
+        last = playing if (playing is not None and spoken_seconds > 0) else (heard[-1] if heard else None)
+        spoken_text = last.text if last else ""
+        spoken_codes = last.codes if last else []
+        keep = sum(len(s) for s in session.segments[: state.answer_segment]) + state.prompt_len
+        self.generator.replace_answer(session, keep, spoken_text, spoken_codes, state.mode)
+        state.turns.append(("<interrupted>", spoken_text))
+        state.progress = []
+        state.answer_segment = -1

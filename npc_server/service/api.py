@@ -1,0 +1,113 @@
+"""Transport-neutral request/response types, limits and errors shared by the gRPC server and the WebSocket bridge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Error kinds; each maps to a gRPC status code and to the bridge's error frame `code`."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class ApiError(Exception):
+    """A client-facing error with a readable message."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client may ask; every one is checked before any model work is done."""
+
+    max_audio_seconds: float = 30.0
+    max_chunk_bytes: int = 1 << 20  # one audio chunk
+    max_request_bytes: int = 16 << 20  # all audio of one question
+    max_text_chars: int = 1000
+    max_sessions_per_client: int = 16
+    max_sessions: int = 256
+    max_session_memory_mb: float = 512.0  # all sessions' KV caches together
+    session_idle_seconds: float = 600.0
+    max_concurrent_requests: int = 16
+
+
+@dataclass
+class Overrides:
+    emotion: str | None = None
+    speed: float | None = None
+    pitch: float | None = None
+    language: str | None = None
+    accent: str | None = None
+
+
+class AudioEncoding(str, Enum):
+    PCM_S16LE = "pcm_s16le"
+    WAV = "wav"
+
+
+class OutputMode(str, Enum):
+    AUDIO_AND_TEXT = "audio_and_text"
+    TEXT_ONLY = "text_only"
+    AUDIO_ONLY = "audio_only"
+
+
+@dataclass
+class SpeakConfig:
+    npc_id: str
+    session_id: str = ""
+    encoding: AudioEncoding = AudioEncoding.PCM_S16LE
+    sample_rate: int = 16000
+    channels: int = 1
+    text: str = ""
+    overrides: Overrides = field(default_factory=Overrides)
+    output_sample_rate: int = 0
+    mode: OutputMode = OutputMode.AUDIO_AND_TEXT
+
+
+# ---- events streamed back --------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioOut:
+    pcm: bytes  # s16le mono
+    sample_rate: int
+    sequence: int
+
+
+@dataclass
+class TextOut:
+    text: str
+
+
+@dataclass
+class Timings:
+    time_to_first_audio_ms: float = 0.0
+    total_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    vocoder_ms: float = 0.0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass
+class EndOut:
+    session_id: str
+    text: str
+    audio_seconds: float
+    timings: Timings
+    interrupted: bool = False
+
+
+SpeakEvent = AudioOut | TextOut | EndOut

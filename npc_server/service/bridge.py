@@ -1,0 +1,304 @@
+"""WebSocket bridge for game engines: the gRPC API's messages as msgpack frames (see unity_bridge/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import msgpack
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from npc_server import __version__
+from npc_server.service import api
+from npc_server.service.api import ApiError, ErrorCode
+from npc_server.service.core import NpcService
+
+log = logging.getLogger("npc_server.bridge")
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 2 << 20
+_END = object()
+
+
+def _err(code: ErrorCode, message: str, req_id: Any = None) -> dict:
+    return {"type": "error", "id": req_id, "code": code.value, "message": message}
+
+
+def config_from_frame(c: Any) -> api.SpeakConfig:
+    """A speak frame's `config` map -> SpeakConfig, with readable errors for wrong fields or types."""
+    if not isinstance(c, dict):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak.config must be a map")
+    allowed = {"npc_id", "session_id", "encoding", "sample_rate", "channels", "text", "overrides",
+               "output_sample_rate", "mode"}
+    unknown = set(c) - allowed
+    if unknown:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown config field(s): {', '.join(sorted(map(str, unknown)))}")
+
+    def get(name, typ, default):
+        v = c.get(name, default)
+        if v is None:
+            return default
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"config.{name} must be {typ.__name__}")
+        return v
+
+    o = c.get("overrides") or {}
+    if not isinstance(o, dict):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "config.overrides must be a map")
+    bad = set(o) - {"emotion", "speed", "pitch", "language", "accent"}
+    if bad:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown override(s): {', '.join(sorted(map(str, bad)))}")
+    for key in ("speed", "pitch"):
+        if key in o and (isinstance(o[key], bool) or not isinstance(o[key], (int, float))):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"overrides.{key} must be a number")
+    for key in ("emotion", "language", "accent"):
+        if key in o and not isinstance(o[key], str):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"overrides.{key} must be text")
+    try:
+        encoding = api.AudioEncoding(get("encoding", str, "pcm_s16le"))
+        mode = api.OutputMode(get("mode", str, "audio_and_text"))
+    except ValueError as exc:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+    return api.SpeakConfig(
+        npc_id=get("npc_id", str, ""),
+        session_id=get("session_id", str, ""),
+        encoding=encoding,
+        sample_rate=get("sample_rate", int, 16000),
+        channels=get("channels", int, 1),
+        text=get("text", str, ""),
+        overrides=api.Overrides(**{k: o.get(k) for k in ("emotion", "speed", "pitch", "language", "accent")}),
+        output_sample_rate=get("output_sample_rate", int, 0),
+        mode=mode,
+    )
+
+
+def event_to_frame(ev: api.SpeakEvent, req_id: Any) -> dict:
+    if isinstance(ev, api.AudioOut):
+        return {"type": "audio", "id": req_id, "pcm": ev.pcm, "sample_rate": ev.sample_rate, "seq": ev.sequence}
+    if isinstance(ev, api.TextOut):
+        return {"type": "text", "id": req_id, "text": ev.text}
+    return {"type": "end", "id": req_id, "session_id": ev.session_id, "text": ev.text,
+            "audio_seconds": ev.audio_seconds, "interrupted": ev.interrupted, "timings": asdict(ev.timings)}
+
+
+class _Speak:
+    """One speak request of a connection: its audio inbox and cancel flag."""
+
+    def __init__(self):
+        self.audio: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def chunks(self):
+        while True:
+            item = self.audio.get()
+            if item is _END:
+                return
+            if isinstance(item, ApiError):
+                raise item
+            yield item
+
+
+class Bridge:
+    def __init__(self, service: NpcService, host: str, port: int):
+        self.service = service
+        self.host, self.port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Future | None = None
+        self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self) -> int:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self.port
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = self._loop.create_future()
+        async with serve(self._handle, self.host, self.port, max_size=MAX_FRAME_BYTES) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        send_lock = asyncio.Lock()
+
+        async def send(frame: dict) -> None:
+            async with send_lock:
+                await ws.send(msgpack.packb(frame, use_bin_type=True))
+
+        try:
+            client = await self._handshake(ws, send)
+        except (ConnectionClosed, ApiError):
+            return
+        if client is None:
+            return
+        speaks: dict[Any, _Speak] = {}
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for raw in ws:
+                frame: dict | None = None
+                try:
+                    frame = self._decode(raw)
+                    await self._dispatch(frame, client, speaks, tasks, send)
+                except ApiError as exc:
+                    await send(_err(exc.code, exc.message, frame.get("id") if frame else None))
+        except ConnectionClosed:
+            pass
+        finally:
+            for sp in speaks.values():  # the client went away: interrupt its answers
+                sp.cancelled.set()
+                sp.audio.put(_END)
+            for t in tasks:
+                await asyncio.wait([t], timeout=5)
+
+    def _decode(self, raw: Any) -> dict:
+        if isinstance(raw, str):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "frames must be binary msgpack, not text")
+        try:
+            frame = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception:  # noqa: BLE001 - any garbage is a client error
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "frame is not valid msgpack") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "frame must be a map with a string 'type'")
+        return frame
+
+    async def _handshake(self, ws: ServerConnection, send) -> str | None:
+        try:
+            raw = await asyncio.wait_for(ws.recv(), timeout=10)
+            frame = self._decode(raw)
+            if frame["type"] != "hello":
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "the first frame must be 'hello'")
+            version = frame.get("version")
+            if version != PROTOCOL_VERSION:
+                raise ApiError(ErrorCode.FAILED_PRECONDITION,
+                               f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+            token = frame.get("token")
+            self.service.authenticate(token if isinstance(token, str) else None)
+        except ApiError as exc:
+            await send(_err(exc.code, exc.message))
+            await ws.close(code=1008 if exc.code == ErrorCode.UNAUTHENTICATED else 1002, reason=exc.code.value)
+            return None
+        except asyncio.TimeoutError:
+            await ws.close(code=1002, reason="no hello")
+            return None
+        cid = frame.get("client_id")
+        peer = ws.remote_address[0] if ws.remote_address else "anonymous"
+        client = cid[:128] if isinstance(cid, str) and cid else f"ws:{peer}"
+        await send({"type": "welcome", "version": PROTOCOL_VERSION, "server": f"npc-voice {__version__}",
+                    "model": getattr(self.service.engine, "name", ""),
+                    "sample_rate": int(self.service.engine.sample_rate)})
+        return client
+
+    async def _dispatch(self, frame: dict, client: str, speaks: dict, tasks: set, send) -> None:
+        kind, req_id = frame["type"], frame.get("id")
+        svc = self.service
+        if kind == "speak":
+            if req_id is None or req_id in speaks:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak needs an 'id' not already in use on this connection")
+            cfg = config_from_frame(frame.get("config"))
+            sp = speaks[req_id] = _Speak()
+            task = asyncio.create_task(self._run_speak(client, cfg, sp, req_id, speaks, send))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif kind in ("audio", "end_audio", "cancel"):
+            sp = speaks.get(req_id)
+            if sp is None:
+                raise ApiError(ErrorCode.NOT_FOUND, f"no speak request with id {req_id!r} on this connection")
+            if kind == "audio":
+                data = frame.get("data")
+                if not isinstance(data, (bytes, bytearray)):
+                    raise ApiError(ErrorCode.INVALID_ARGUMENT, "audio.data must be binary")
+                sp.audio.put(bytes(data))
+            elif kind == "end_audio":
+                sp.audio.put(_END)
+            else:
+                sp.cancelled.set()
+                sp.audio.put(_END)
+        elif kind == "list_personas":
+            personas = [
+                {"id": p.id, "name": p.name, "role": p.role, "language": p.language, "accent": p.accent,
+                 "voice": p.voice.timbre, "pitch": p.voice.pitch, "speed": p.voice.speed,
+                 "default_emotion": p.default_emotion, "allowed_emotions": list(p.allowed_emotions),
+                 "greeting": p.greeting}
+                for p in svc.list_personas()
+            ]
+            await send({"type": "personas", "id": req_id, "personas": personas})
+        elif kind == "reload_personas":
+            r = await asyncio.to_thread(svc.reload_personas)
+            await send({"type": "reloaded", "id": req_id, "loaded": r.loaded, "changed": r.changed,
+                        "removed": r.removed, "errors": [str(e) for e in r.errors]})
+        elif kind == "open_session":
+            npc, sid = frame.get("npc_id", ""), frame.get("session_id", "")
+            if not isinstance(npc, str) or not isinstance(sid, str):
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "npc_id and session_id must be text")
+            sid = await asyncio.to_thread(svc.open_session, client, npc, sid)
+            await send({"type": "session", "id": req_id, "session_id": sid})
+        elif kind == "close_session":
+            sid = frame.get("session_id", "")
+            if not isinstance(sid, str):
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "session_id must be text")
+            await send({"type": "closed", "id": req_id, "closed": svc.close_session(client, sid)})
+        elif kind == "health":
+            await send({"type": "health", "id": req_id, **asdict(svc.health())})
+        else:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown frame type {kind!r}")
+
+    async def _run_speak(self, client: str, cfg: api.SpeakConfig, sp: _Speak, req_id, speaks: dict, send) -> None:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+
+        def work() -> None:
+            events = self.service.speak(client, cfg, sp.chunks(), is_cancelled=sp.cancelled.is_set)
+            try:
+                for ev in events:
+                    loop.call_soon_threadsafe(out.put_nowait, event_to_frame(ev, req_id))
+            except ApiError as exc:
+                loop.call_soon_threadsafe(out.put_nowait, _err(exc.code, exc.message, req_id))
+            except Exception as exc:  # noqa: BLE001 - never let a request kill the server
+                log.exception("speak failed")
+                loop.call_soon_threadsafe(out.put_nowait, _err(ErrorCode.INTERNAL, f"internal error: {exc}", req_id))
+            finally:
+                events.close()
+                loop.call_soon_threadsafe(out.put_nowait, _END)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                frame = await out.get()
+                if frame is _END:
+                    break
+                try:
+                    await send(frame)
+                except ConnectionClosed:
+                    sp.cancelled.set()
+        finally:
+            await worker
+            speaks.pop(req_id, None)
+
+
+def start_bridge(service: NpcService, host: str, port: int) -> tuple[Bridge, int]:
+    bridge = Bridge(service, host, port)
+    return bridge, bridge.start()

@@ -1,0 +1,302 @@
+"""The service logic behind every transport: auth, validation and limits, sessions, scheduling, speak streaming."""
+
+from __future__ import annotations
+
+import hmac
+import io
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from npc_server import __version__
+from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono, validate_audio
+from npc_server.controls import ACCENTS, EMOTIONS, LANGUAGES, PITCH_RANGE_ST, SPEED_RANGE
+from npc_server.engine import Controls, EngineAudio, EngineDone, EngineText
+from npc_server.personas import Persona, PersonaStore, ReloadResult
+from npc_server.service.api import (
+    ApiError,
+    AudioEncoding,
+    AudioOut,
+    EndOut,
+    ErrorCode,
+    Limits,
+    OutputMode,
+    SpeakConfig,
+    SpeakEvent,
+    TextOut,
+    Timings,
+)
+from npc_server.service.scheduler import Scheduler
+from npc_server.service.sessions import SessionManager
+from npc_server.voices import VOICE_BANK, voice_supports
+
+ENGINE_SAMPLE_RATE_IN = 16000
+OUTPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+@dataclass
+class Health:
+    status: str
+    version: str
+    model: str
+    sessions: int
+    active_requests: int
+    personas: int
+
+
+class NpcService:
+    """Everything a client can ask, independent of gRPC or WebSocket framing."""
+
+    def __init__(
+        self,
+        engine,
+        personas: PersonaStore,
+        limits: Limits = Limits(),
+        auth_token: str | None = None,
+        workers: int = 1,
+    ):
+        self.engine = engine
+        self.personas = personas
+        self.limits = limits
+        self.auth_token = auth_token
+        self.sessions = SessionManager(limits)
+        self.scheduler = Scheduler(workers)
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    # ---- auth ----------------------------------------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> None:
+        if self.auth_token is None:
+            return
+        if not token or not hmac.compare_digest(token.encode(), self.auth_token.encode()):
+            raise ApiError(ErrorCode.UNAUTHENTICATED, "missing or wrong auth token")
+
+    # ---- small calls ---------------------------------------------------------------------------------------
+
+    def list_personas(self) -> list[Persona]:
+        return self.personas.all()
+
+    def reload_personas(self) -> ReloadResult:
+        return self.personas.reload()
+
+    def open_session(self, client_id: str, npc_id: str, session_id: str = "") -> str:
+        persona = self._persona(npc_id)
+        s = self.sessions.open(persona.id, client_id, session_id)
+        if s.state is None:
+            s.state = self.engine.new_state(persona)
+        return s.id
+
+    def close_session(self, client_id: str, session_id: str) -> bool:
+        return self.sessions.close(session_id, client_id)
+
+    def health(self) -> Health:
+        self.sessions.sweep()
+        return Health(
+            status="ok",
+            version=__version__,
+            model=getattr(self.engine, "name", type(self.engine).__name__),
+            sessions=len(self.sessions),
+            active_requests=self._active,
+            personas=len(self.personas.all()),
+        )
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+        self.personas.stop()
+
+    # ---- validation ------------------------------------------------------------------------------------------
+
+    def _persona(self, npc_id: str) -> Persona:
+        if not npc_id:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "npc_id is required")
+        try:
+            return self.personas.get(npc_id)
+        except KeyError as exc:
+            raise ApiError(ErrorCode.NOT_FOUND, exc.args[0]) from None
+
+    def resolve_controls(self, persona: Persona, cfg: SpeakConfig) -> Controls:
+        o = cfg.overrides
+        emotion = o.emotion if o.emotion is not None else persona.default_emotion
+        if emotion not in EMOTIONS:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown emotion {emotion!r}; known: {', '.join(EMOTIONS)}")
+        if emotion not in persona.allowed_emotions:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"NPC {persona.id!r} does not allow emotion {emotion!r}; allowed: {', '.join(persona.allowed_emotions)}",
+            )
+        speed = persona.voice.speed if o.speed is None else float(o.speed)
+        if not (SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]) or not np.isfinite(speed):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}")
+        pitch = persona.voice.pitch if o.pitch is None else float(o.pitch)
+        if not (PITCH_RANGE_ST[0] <= pitch <= PITCH_RANGE_ST[1]) or not np.isfinite(pitch):
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT, f"pitch must be between {PITCH_RANGE_ST[0]} and {PITCH_RANGE_ST[1]} semitones"
+            )
+        language = o.language or persona.language
+        if language not in LANGUAGES:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
+        accent = o.accent or (persona.accent if language == persona.language else ACCENTS[language][0])
+        if accent not in ACCENTS[language]:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"unknown accent {accent!r} for {language!r}; known: {', '.join(ACCENTS[language])}",
+            )
+        voice = persona.voice.timbre
+        if not voice_supports(voice, language, accent):
+            # the persona's timbre cannot speak that language: use the first bank voice that can
+            voice = next((v for v in VOICE_BANK if voice_supports(v, language, accent)), voice)
+        return Controls(voice=voice, language=language, accent=accent, emotion=emotion, speed=speed, pitch_st=pitch)
+
+    def _validate_config(self, cfg: SpeakConfig) -> None:
+        if len(cfg.text) > self.limits.max_text_chars:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT, f"text is {len(cfg.text)} characters; the limit is {self.limits.max_text_chars}"
+            )
+        if cfg.encoding == AudioEncoding.PCM_S16LE and not (8000 <= cfg.sample_rate <= 192000):
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT, f"input sample_rate {cfg.sample_rate} Hz is not supported (8000-192000)"
+            )
+        if cfg.channels not in (0, 1, 2):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"channels must be 1 or 2, got {cfg.channels}")
+        if cfg.output_sample_rate and cfg.output_sample_rate not in OUTPUT_RATES:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"output_sample_rate {cfg.output_sample_rate} is not supported; use one of {OUTPUT_RATES} or 0",
+            )
+
+    def _read_audio(self, cfg: SpeakConfig, chunks: Iterable[bytes]) -> np.ndarray | None:
+        buf = io.BytesIO()
+        for chunk in chunks:
+            if len(chunk) > self.limits.max_chunk_bytes:
+                raise ApiError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"audio chunk of {len(chunk)} bytes exceeds the limit of {self.limits.max_chunk_bytes} bytes",
+                )
+            if buf.tell() + len(chunk) > self.limits.max_request_bytes:
+                raise ApiError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"question audio exceeds {self.limits.max_request_bytes} bytes",
+                )
+            buf.write(chunk)
+        data = buf.getvalue()
+        if not data:
+            return None
+        try:
+            if cfg.encoding == AudioEncoding.WAV:
+                wav, sr = load_audio(data, max_seconds=self.limits.max_audio_seconds)
+            else:
+                channels = max(cfg.channels, 1)
+                frame = 2 * channels
+                if len(data) % frame:
+                    raise AudioError(
+                        f"s16le audio with {channels} channel(s) must be a multiple of {frame} bytes, got {len(data)}"
+                    )
+                wav = pcm16_to_float(data)
+                if channels == 2:
+                    wav = to_mono(wav.reshape(-1, 2))
+                sr = cfg.sample_rate
+                validate_audio(wav, sr, self.limits.max_audio_seconds)
+        except AudioError as exc:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        return resample(wav, sr, ENGINE_SAMPLE_RATE_IN)
+
+    # ---- speak -----------------------------------------------------------------------------------------------
+
+    def speak(
+        self,
+        client_id: str,
+        cfg: SpeakConfig,
+        audio_chunks: Iterable[bytes],
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[SpeakEvent]:
+        """Validate, read the question, then stream the answer. Raises ApiError before the first event on bad input."""
+        self._validate_config(cfg)
+        persona = self._persona(cfg.npc_id)
+        controls = self.resolve_controls(persona, cfg)
+        if cfg.session_id:
+            session = self.sessions.get(cfg.session_id, client_id)
+            if session.npc_id != persona.id:
+                raise ApiError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"session {cfg.session_id!r} talks to NPC {session.npc_id!r}, not {persona.id!r}",
+                )
+        else:
+            session = None
+        audio = self._read_audio(cfg, audio_chunks)
+        if audio is None and not cfg.text.strip():
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "a question needs audio, text or both")
+        t_question_end = time.perf_counter()
+
+        with self._active_lock:
+            if self._active >= self.limits.max_concurrent_requests:
+                raise ApiError(ErrorCode.RESOURCE_EXHAUSTED, "the server is busy; try again shortly")
+            self._active += 1
+        try:
+            if session is not None:
+                if not session.busy.acquire(blocking=False):
+                    raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session.id!r} is already answering")
+                try:
+                    if session.state is None:
+                        session.state = self.engine.new_state(persona)
+                    yield from self._answer(session.state, session.id, persona, controls, cfg, audio, t_question_end, is_cancelled)
+                finally:
+                    session.busy.release()
+                    self.sessions.touch(session)
+            else:
+                state = self.engine.new_state(persona)
+                yield from self._answer(state, "", persona, controls, cfg, audio, t_question_end, is_cancelled)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _answer(self, state, session_id, persona, controls, cfg, audio, t0, is_cancelled) -> Iterator[SpeakEvent]:
+        mode = cfg.mode
+        job = self.scheduler.submit(
+            self.engine.answer(state, persona, controls, audio=audio, text=cfg.text, mode=mode.value)
+        )
+        out_sr = cfg.output_sample_rate or self.engine.sample_rate
+        seq = 0
+        samples_sent = 0
+        first_audio: float | None = None
+        text_parts: list[str] = []
+        done: EngineDone | None = None
+        interrupted = False
+        try:
+            for ev in job.items():
+                if is_cancelled():
+                    interrupted = True
+                    break
+                if isinstance(ev, EngineText):
+                    if mode != OutputMode.AUDIO_ONLY:
+                        text_parts.append(ev.text)
+                        yield TextOut(ev.text)
+                elif isinstance(ev, EngineAudio):
+                    if mode == OutputMode.TEXT_ONLY or ev.wav.size == 0:
+                        continue
+                    wav = resample(ev.wav, ev.sample_rate, out_sr)
+                    if first_audio is None:
+                        first_audio = time.perf_counter()
+                    yield AudioOut(float_to_pcm16(wav), out_sr, seq)
+                    seq += 1
+                    samples_sent += len(wav)
+                elif isinstance(ev, EngineDone):
+                    done = ev
+        except GeneratorExit:  # the transport stopped reading: the client cancelled
+            interrupted = True
+            raise
+        finally:
+            if interrupted or done is None:
+                job.cancel()
+                for _ in job.items():  # drain so the engine generator is closed before we touch the state
+                    pass
+                self.engine.interrupted(state, spoken_seconds=samples_sent / out_sr)
+        t_end = time.perf_counter()
+        timings = Timings(**(done.timings if done else {}))
+        timings.total_ms = (t_end - t0) * 1000
+        timings.time_to_first_audio_ms = ((first_audio - t0) * 1000) if first_audio else 0.0
+        spoken = done.spoken_text if done else "".join(text_parts)
+        yield EndOut(session_id, spoken, samples_sent / out_sr, timings, interrupted)

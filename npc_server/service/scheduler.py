@@ -1,0 +1,112 @@
+"""Fair step scheduler: runs many answers on a few worker threads, one generation step at a time, round robin.
+
+An answer is a Python iterator whose every `next()` does a bounded amount of model work (a block of tokens,
+a vocoder chunk). Interleaving steps means a long answer never blocks a short one, and the 2 cores are not
+oversubscribed by one thread per request.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from typing import Any, Iterator
+
+_DONE = object()
+
+
+class Job:
+    """Handle of a submitted iterator: read its items with `items()`, stop it with `cancel()`."""
+
+    def __init__(self, it: Iterator[Any]):
+        self._it = it
+        self._out: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def items(self, poll: float = 0.05) -> Iterator[Any]:
+        """Yield the iterator's items as they are produced; re-raise its exception, if any."""
+        while True:
+            try:
+                item = self._out.get(timeout=poll)
+            except queue.Empty:
+                if self.finished.is_set() and self._out.empty():
+                    return
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Scheduler:
+    def __init__(self, workers: int = 1):
+        self._active: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._loop, name=f"sched-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, it: Iterator[Any]) -> Job:
+        job = Job(it)
+        with self._cv:
+            self._active.append(job)
+            self._cv.notify()
+        return job
+
+    def active(self) -> int:
+        with self._cv:
+            return len(self._active)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _finish(self, job: Job, item: Any = _DONE) -> None:
+        job._out.put(item)
+        if item is not _DONE:
+            job._out.put(_DONE)
+        job.finished.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._active and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                job = self._active.popleft()
+            if job.cancelled.is_set():
+                try:
+                    close = getattr(job._it, "close", None)
+                    if close is not None:
+                        close()
+                except Exception as exc:  # a failing cleanup must not kill the worker
+                    self._finish(job, _Failure(exc))
+                    continue
+                self._finish(job)
+                continue
+            try:
+                item = next(job._it)
+            except StopIteration:
+                self._finish(job)
+                continue
+            except Exception as exc:
+                self._finish(job, _Failure(exc))
+                continue
+            job._out.put(item)
+            with self._cv:
+                self._active.append(job)
