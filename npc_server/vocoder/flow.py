@@ -1,0 +1,221 @@
+"""Conditional flow-matching decoder: semantic tokens + voice + pitch shift -> log-mel, a 1-D U-Net of ResNet and
+local-attention transformer blocks integrated with a few Euler steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npc_server.voices import VOICE_BANK
+
+OTHER_VOICE = "<other>"  # slot for speakers outside the voice bank (player voices in the corpus)
+
+
+@dataclass
+class FlowConfig:
+    n_codes: int = 4096
+    n_mels: int = 80
+    frames_per_token: int = 4
+    voices: list[str] = field(default_factory=lambda: [*VOICE_BANK, OTHER_VOICE])
+    dim: int = 192
+    token_dim: int = 192
+    cond_layers: int = 2  # residual conv blocks on the token sequence before upsampling
+    res_blocks: int = 2  # ResNet blocks per U-Net level (full and half frame rate)
+    transformer_layers: int = 2  # at half frame rate
+    n_heads: int = 4
+    attn_window: int = 24  # half-rate frames each side a position may attend to (keeps streaming local)
+    kernel_size: int = 5
+    pitch_scale_st: float = 12.0
+    mel_mean: float = -5.0
+    mel_std: float = 2.5
+    sigma_min: float = 1e-4
+    n_steps: int = 6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels of [B, C, T], per frame (no statistics across time, so it streams)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ResBlock1D(nn.Module):
+    def __init__(self, dim: int, kernel_size: int, cond_dim: int):
+        super().__init__()
+        self.norm1 = ChannelNorm(dim)
+        self.conv1 = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
+        self.film = nn.Linear(cond_dim, 2 * dim)
+        self.norm2 = ChannelNorm(dim)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(g).unsqueeze(-1).chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block with adaptive LayerNorm from the global condition and banded (local) self-attention."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ada = nn.Linear(cond_dim, 6 * dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
+        s1, b1, a1, s2, b2, a2 = self.ada(g).unsqueeze(1).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + s1) + b1
+        B, T, C = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C)
+        x = x + (1 + a1) * self.out(h)
+        h = self.norm2(x) * (1 + s2) + b2
+        return x + (1 + a2) * self.ff(h)
+
+
+class FlowDecoder(nn.Module):
+    """Velocity field v(x_t, t | tokens, voice, pitch) on normalised log-mel, plus the Euler sampler."""
+
+    def __init__(self, config: FlowConfig | None = None):
+        super().__init__()
+        self.config = c = config or FlowConfig()
+        d = c.dim
+        self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
+        self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
+        self.cond_blocks = nn.ModuleList(
+            nn.Sequential(ChannelNorm(d), nn.SiLU(), nn.Conv1d(d, d, 3, padding=1)) for _ in range(c.cond_layers)
+        )
+        self.cond_up = nn.Conv1d(d, d, 5, padding=2)
+        self.voice_embed = nn.Embedding(len(c.voices), d)
+        self.pitch_mlp = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.x_in = nn.Conv1d(c.n_mels, d, 3, padding=1)
+        self.down_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
+        self.down = nn.Conv1d(d, d, 4, stride=2, padding=1)
+        self.mid_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
+        self.transformers = nn.ModuleList(TransformerBlock(d, c.n_heads, d) for _ in range(c.transformer_layers))
+        self.up = nn.Conv1d(d, d, 3, padding=1)
+        self.skip = nn.Conv1d(2 * d, d, 1)
+        self.up_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
+        self.out_norm = ChannelNorm(d)
+        self.x_out = nn.Conv1d(d, c.n_mels, 3, padding=1)
+        nn.init.zeros_(self.x_out.weight)
+        nn.init.zeros_(self.x_out.bias)
+
+    # -- conditioning -------------------------------------------------------------------------------------
+    def voice_index(self, voice: str) -> int:
+        try:
+            return self.config.voices.index(voice)
+        except ValueError:
+            known = ", ".join(v for v in self.config.voices if v != OTHER_VOICE)
+            raise ValueError(f"unknown voice {voice!r}; known voices: {known}") from None
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> frame-rate condition [B, dim, T * frames_per_token]."""
+        h = self.cond_in(self.token_embed(tokens).transpose(1, 2))
+        for block in self.cond_blocks:
+            h = h + block(h)
+        h = h.repeat_interleave(self.config.frames_per_token, dim=2)
+        return h + self.cond_up(h)
+
+    def global_condition(self, voice: torch.Tensor, pitch_st: torch.Tensor) -> torch.Tensor:
+        p = (pitch_st.float() / self.config.pitch_scale_st).unsqueeze(-1)
+        return self.voice_embed(voice) + self.pitch_mlp(p)
+
+    def _band_mask(self, n: int, device) -> torch.Tensor:
+        idx = torch.arange(n, device=device)
+        return (idx[None, :] - idx[:, None]).abs() <= self.config.attn_window
+
+    # -- velocity -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """x [B, n_mels, F] normalised mel at time t [B]; cond [B, dim, F]; g [B, dim] -> velocity [B, n_mels, F]."""
+        if x.shape[-1] % 2:
+            raise ValueError(f"the number of mel frames must be even, got {x.shape[-1]}")
+        gt = g + self.time_mlp(timestep_embedding(t, self.config.dim))
+        h = self.x_in(x) + cond
+        for block in self.down_blocks:
+            h = block(h, gt)
+        skip = h
+        h = self.down(h)
+        for block in self.mid_blocks:
+            h = block(h, gt)
+        h = h.transpose(1, 2)
+        mask = self._band_mask(h.shape[1], h.device)
+        for block in self.transformers:
+            h = block(h, gt, mask)
+        h = self.up(h.transpose(1, 2).repeat_interleave(2, dim=2))
+        h = self.skip(torch.cat([h, skip], dim=1))
+        for block in self.up_blocks:
+            h = block(h, gt)
+        return self.x_out(F.silu(self.out_norm(h)))
+
+    # -- training loss (OT-CFM) ---------------------------------------------------------------------------
+    def loss(
+        self,
+        mel: torch.Tensor,
+        tokens: torch.Tensor,
+        voice: torch.Tensor,
+        pitch_st: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mel [B, n_mels, F] raw log-mel with F = T * frames_per_token; mask [B, F] (1 = real frame)."""
+        c = self.config
+        x1 = (mel - c.mel_mean) / c.mel_std
+        x0 = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0], device=x1.device)
+        tt = t[:, None, None]
+        xt = (1 - (1 - c.sigma_min) * tt) * x0 + tt * x1
+        target = x1 - (1 - c.sigma_min) * x0
+        pred = self(xt, t, self.encode_tokens(tokens), self.global_condition(voice, pitch_st))
+        err = (pred.float() - target) ** 2
+        if mask is None:
+            return err.mean()
+        m = mask[:, None, :].to(err.dtype)
+        return (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
+
+    # -- sampling -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self, tokens: torch.Tensor, voice: torch.Tensor, pitch_st: torch.Tensor, noise: torch.Tensor,
+        n_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Euler integration from noise [B, n_mels, F] at t=0 to t=1 -> raw log-mel [B, n_mels, F]."""
+        c = self.config
+        n_steps = n_steps or c.n_steps
+        cond = self.encode_tokens(tokens)
+        g = self.global_condition(voice, pitch_st)
+        x = noise
+        # cosine schedule: smaller steps near t=0 where the field changes fastest
+        ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
+        for i in range(n_steps):
+            t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
+            x = x + float(ts[i + 1] - ts[i]) * self(x, t, cond, g)
+        return x * c.mel_std + c.mel_mean

@@ -1,0 +1,171 @@
+"""Vocoder model tests: shapes and rates, conditioning, streaming == offline, save/load, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from npc_server.audio.io import load_audio
+from npc_server.vocoder import (
+    STREAM_TOLERANCE, FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig, StreamConfig, Vocoder,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_vocoder(seed: int = 0, stream: StreamConfig | None = None) -> Vocoder:
+    """A small randomly initialised vocoder; zero-initialised output layers get small random weights so every
+    conditioning path reaches the output."""
+    torch.manual_seed(seed)
+    flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
+                                  attn_window=8, n_steps=3))
+    gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
+    with torch.no_grad():
+        for p in [*flow.parameters(), *gen.parameters()]:
+            if p.dim() > 0 and torch.all(p == 0):
+                p.normal_(0, 0.05)
+    return Vocoder(flow, gen, stream_config=stream).eval()
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), "The guard opened the northern gate at dawn."],
+                   check=True, capture_output=True)
+    wav, sr = load_audio(path, target_sr=24000)
+    return wav
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-9))
+
+
+def test_mel_rate_matches_tokens(speech):
+    cfg = MelConfig()
+    assert cfg.frame_rate == 100.0 and cfg.sample_rate / cfg.hop_length / 25 == 4
+    mel = LogMel(cfg)(torch.from_numpy(speech))
+    assert mel.shape == (1, cfg.n_mels, len(speech) // cfg.hop_length)
+    assert torch.isfinite(mel).all()
+    # speech frames are louder than the quiet ones: the features do see the signal
+    energy = mel[0].exp().sum(0)
+    assert energy.max() > 100 * energy.min()
+
+
+def test_decode_shapes_and_rate():
+    voc = tiny_vocoder()
+    tokens = np.random.default_rng(0).integers(0, 4096, 30)
+    wav, sr = voc.decode(tokens, voice="joe")
+    assert sr == 24000 and wav.dtype == np.float32
+    assert wav.shape == (30 * 960,)  # 25 tokens/s -> 40 ms = 960 samples each
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+
+
+def test_generator_reconstructs_length(speech):
+    gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2)).eval()
+    mel = LogMel()(torch.from_numpy(speech))
+    with torch.no_grad():
+        wav = gen(mel)
+    assert wav.shape[-1] == mel.shape[-1] * 240
+
+
+def test_decode_is_deterministic():
+    voc = tiny_vocoder()
+    tokens = list(range(100, 120))
+    a, _ = voc.decode(tokens, voice="joe")
+    b, _ = voc.decode(tokens, voice="joe")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_voice_and_pitch_change_output():
+    voc = tiny_vocoder()
+    tokens = np.arange(500, 530)
+    base, _ = voc.decode(tokens, voice="joe", pitch_st=0.0)
+    other, _ = voc.decode(tokens, voice="gb_female", pitch_st=0.0)
+    shifted, _ = voc.decode(tokens, voice="joe", pitch_st=5.0)
+    assert rel_err(other, base) > 0.01
+    assert rel_err(shifted, base) > 0.01
+
+
+def test_tokens_change_output():
+    voc = tiny_vocoder()
+    a, _ = voc.decode(np.full(20, 7), voice="joe")
+    b, _ = voc.decode(np.full(20, 3000), voice="joe")
+    assert rel_err(a, b) > 0.01
+
+
+@pytest.mark.parametrize("step", [1, 4, 50])
+def test_streaming_equals_offline(step):
+    voc = tiny_vocoder()
+    tokens = np.random.default_rng(1).integers(0, 4096, 83)
+    offline, _ = voc.decode(tokens, voice="scot_male", pitch_st=-2.0)
+    stream = voc.stream(voice="scot_male", pitch_st=-2.0)
+    chunks = [stream.push(tokens[i : i + step]) for i in range(0, len(tokens), step)]
+    chunks.append(stream.flush())
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == offline.shape
+    assert rel_err(streamed, offline) < STREAM_TOLERANCE
+
+
+def test_streaming_exact_with_enough_context():
+    """With context wider than the receptive field the chunks equal the offline output to float precision:
+    the positional noise makes chunked sampling reproduce offline sampling."""
+    cfg = StreamConfig(first_chunk_tokens=5, chunk_tokens=10, lookahead_tokens=40, left_context_tokens=40)
+    voc = tiny_vocoder(stream=cfg)
+    tokens = np.random.default_rng(2).integers(0, 4096, 70)
+    offline, _ = voc.decode(tokens)
+    stream = voc.stream()
+    streamed = np.concatenate([stream.push(tokens[i : i + 7]) for i in range(0, 70, 7)] + [stream.flush()])
+    assert rel_err(streamed, offline) < 1e-4
+
+
+def test_first_audio_after_first_chunk():
+    voc = tiny_vocoder()
+    cfg = voc.stream_config
+    stream = voc.stream()
+    need = cfg.first_chunk_tokens + cfg.lookahead_tokens
+    assert stream.push(np.arange(need - 1)).size == 0
+    first = stream.push([5])
+    assert first.size == cfg.first_chunk_tokens * voc.samples_per_token
+    assert np.abs(first).max() > 0
+
+
+def test_save_load_roundtrip(tmp_path):
+    voc = tiny_vocoder()
+    tokens = np.arange(40, 70)
+    ref, _ = voc.decode(tokens, voice="ja_female", pitch_st=3.0)
+    voc.save_pretrained(tmp_path / "f32", dtype=torch.float32)
+    same, _ = Vocoder.from_pretrained(tmp_path / "f32").decode(tokens, voice="ja_female", pitch_st=3.0)
+    np.testing.assert_allclose(same, ref, atol=1e-5)
+    voc.save_pretrained(tmp_path / "f16")
+    assert (tmp_path / "f16" / "config.json").exists()
+    half, _ = Vocoder.from_pretrained(tmp_path / "f16").decode(tokens, voice="ja_female", pitch_st=3.0)
+    assert rel_err(half, ref) < 0.05
+
+
+def test_bad_input_errors(tmp_path):
+    voc = tiny_vocoder()
+    with pytest.raises(ValueError, match="no semantic ids"):
+        voc.decode([])
+    with pytest.raises(ValueError, match="out of range"):
+        voc.decode([1, 2, 4096])
+    with pytest.raises(ValueError, match="out of range"):
+        voc.decode([-1, 2])
+    with pytest.raises(ValueError, match="1-D"):
+        voc.decode(np.zeros((2, 3), dtype=int))
+    with pytest.raises(ValueError, match="unknown voice 'batman'.*joe"):
+        voc.decode([1, 2, 3], voice="batman")
+    with pytest.raises(ValueError, match="pitch_st"):
+        voc.decode([1, 2, 3], pitch_st=40.0)
+    with pytest.raises(ValueError, match="unknown voice"):
+        voc.stream(voice="<other>")
+    stream = voc.stream()
+    with pytest.raises(ValueError, match="out of range"):
+        stream.push([5000])
+    stream.flush()
+    with pytest.raises(RuntimeError, match="flushed"):
+        stream.push([1])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Vocoder.from_pretrained(tmp_path / "missing")
