@@ -1,0 +1,107 @@
+"""Cosine-similarity vector quantizer with EMA codebook updates and dead-code restarts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 1024
+    dim: int = 64
+    decay: float = 0.99
+    commitment: float = 0.25
+    dead_fraction: float = 0.1  # a code is dead when its EMA count < dead_fraction * mean count
+    eps: float = 1e-5
+
+
+class VectorQuantizer(nn.Module):
+    """Quantises L2-normalised vectors to the nearest (cosine) of `codebook_size` unit codewords.
+
+    Training (module in train mode and `update=True`): codewords follow an exponential moving average of the
+    vectors assigned to them; codewords that fall out of use are restarted on random vectors of the batch,
+    which keeps most of the codebook in use. Gradients pass straight through to the encoder.
+    """
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("codebook", F.normalize(torch.randn(cfg.codebook_size, cfg.dim), dim=-1))
+        self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., dim] -> codes [...] (int64)."""
+        z = F.normalize(z.float(), dim=-1)
+        return (z @ self.codebook.T).argmax(dim=-1)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [...] -> unit vectors [..., dim]."""
+        return F.embedding(codes, self.codebook)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, update: bool = True):
+        """z [B, T, dim], mask [B, T] (True = real frame) -> (quantised z with straight-through grad, codes, loss)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zn = F.normalize(z.float(), dim=-1)
+            flat = zn.reshape(-1, zn.shape[-1])
+            valid = flat if mask is None else flat[mask.reshape(-1)]
+            if self.training and update and valid.shape[0] > 0:
+                self._update(valid.detach())
+            codes = (zn @ self.codebook.T).argmax(dim=-1)
+            zq = self.embed(codes)
+            err = (zn - zq.detach()).pow(2).sum(-1)
+            if mask is not None:
+                loss = (err * mask).sum() / mask.sum().clamp_min(1)
+            else:
+                loss = err.mean()
+            zq = zn + (zq - zn).detach()
+        return zq, codes, self.cfg.commitment * loss
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        k = cfg.codebook_size
+        if not bool(self.initialized):
+            idx = torch.randint(0, x.shape[0], (k,), device=x.device)
+            init = F.normalize(x[idx] + 0.01 * torch.randn_like(x[idx]), dim=-1)
+            self.codebook.copy_(init)
+            self.ema_sum.copy_(init)
+            self.ema_count.fill_(1.0)
+            self.initialized.fill_(True)
+        codes = (x @ self.codebook.T).argmax(dim=-1)
+        onehot = F.one_hot(codes, k).type_as(x)
+        count = onehot.sum(0)
+        summed = onehot.T @ x
+        self.ema_count.mul_(cfg.decay).add_(count, alpha=1 - cfg.decay)
+        self.ema_sum.mul_(cfg.decay).add_(summed, alpha=1 - cfg.decay)
+        self.codebook.copy_(F.normalize(self.ema_sum / self.ema_count.clamp_min(cfg.eps)[:, None], dim=-1))
+        # dead-code restarts: re-seed unused codewords on random vectors of this batch
+        mean_count = self.ema_count.mean()
+        dead = (self.ema_count < cfg.dead_fraction * mean_count).nonzero().squeeze(-1)
+        if dead.numel() > 0:
+            n = min(dead.numel(), x.shape[0])
+            dead = dead[torch.randperm(dead.numel(), device=x.device)[:n]]
+            pick = x[torch.randint(0, x.shape[0], (n,), device=x.device)]
+            fresh = F.normalize(pick + 0.01 * torch.randn_like(pick), dim=-1)
+            self.codebook[dead] = fresh
+            self.ema_sum[dead] = fresh * mean_count
+            self.ema_count[dead] = mean_count
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Fraction of codes used and perplexity (exp of the entropy of the code distribution)."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    nz = p[p > 0]
+    perplexity = float(torch.exp(-(nz * nz.log()).sum()))
+    return {
+        "tokens": int(counts.sum()),
+        "used_fraction": float((counts > 0).double().mean()),
+        "perplexity": perplexity,
+        "perplexity_fraction": perplexity / codebook_size,
+    }

@@ -1,0 +1,83 @@
+"""Tokenizer training: a tiny run on a small espeak-ng corpus lowers the loss, saves a loadable model, evaluates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from npc_server.tokenizer import AudioTokenizer
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+SENTENCES = [
+    "welcome to the inn traveller",
+    "a room costs five silver coins",
+    "the blacksmith is past the old mill",
+    "have you seen the dragon in the hills",
+    "the market opens at dawn",
+    "thank you and good night",
+]
+VOICES = {"train": ["en-us", "en-gb", "en-us+m3"], "valid": ["en-us+f2"], "heldout": ["en-gb-x-rp+f3", "en-us+m7"]}
+
+
+def _speak(text: str, voice: str, path: Path, speed: int) -> str:
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+    out = subprocess.run(["espeak-ng", "-q", "-x", "--ipa", "-v", voice, text], check=True, capture_output=True, text=True)
+    return " ".join(out.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def espeak_corpus(tmp_path_factory) -> Path:
+    """A corpus in the manifest contract: every sentence said by several voices per split."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "audio").mkdir()
+    rows = []
+    for split, voices in VOICES.items():
+        for vi, voice in enumerate(voices):
+            for si, text in enumerate(SENTENCES):
+                uid = f"{split}-{vi}-{si}"
+                rel = f"audio/{uid}.wav"
+                ipa = _speak(text, voice, root / rel, 150 + 15 * vi)
+                rows.append({"id": uid, "split": split, "role": "player", "language": "en", "accent": "us", "speaker": voice,
+                             "controls": {"emotion": "neutral", "speed": 1.0, "pitch_st": 0.0}, "text": text,
+                             "phonemes": ipa, "audio": rel, "sr": 22050, "duration": 2.0})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_tiny_training_decreases_loss_and_saves(espeak_corpus, tmp_path):
+    from npc_server.training.train_tokenizer import main
+
+    out, run = tmp_path / "tok", tmp_path / "run"
+    base = ["--corpus", str(espeak_corpus), "--out", str(out), "--run-dir", str(run), "--preset", "tiny",
+            "--minutes", "5", "--batch-seconds", "12", "--lr", "3e-3", "--warmup", "5", "--threads", "1", "--workers", "1"]
+    assert main(base + ["--max-steps", "40"]) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 40
+    first = sum(r["ctc_l"] + r["mel"] for r in log[:5]) / 5
+    last = sum(r["ctc_l"] + r["mel"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    tok = AudioTokenizer.from_pretrained(out)
+    assert len(tok.inventory) > 10
+    assert (out / "config.json").exists() and (run / "checkpoint.pt").exists()
+
+    # resuming continues from the checkpoint (step count goes on)
+    assert main(base + ["--max-steps", "45"]) == 0
+    log = (run / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 45
+
+    # the evaluation runs on the heldout voices and writes its JSON
+    from npc_server.eval.tokenizer_eval import main as eval_main
+
+    report = tmp_path / "eval.json"
+    assert eval_main(["--corpus", str(espeak_corpus), "--model", str(out), "--out", str(report), "--threads", "1"]) == 0
+    res = json.loads(report.read_text())
+    assert 0.0 <= res["per"] <= 2.0
+    assert res["speaker_invariance"]["pairs"] > 0
+    assert res["usage"]["linguistic"]["tokens"] > 0
+    torch.set_num_threads(1)
