@@ -1,0 +1,1 @@
+"""Training: corpus synthesis, tokenizer / vocoder / backbone training stages."""
