@@ -110,6 +110,15 @@ class Generator:
         self.max_context = min(max_context or cfg_max, cfg_max)
         self.device = next(model.parameters()).device
 
+    @classmethod
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None) -> Generator:
+        """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone."""
+        from npc_server.backbone.model import load_backbone
+        from npc_server.backbone.text_tokenizer import TextTokenizer
+
+        model, config = load_backbone(directory, dtype=dtype)
+        return cls(model, ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory)), max_context)
+
     # --- sessions ---------------------------------------------------------------------------------------
     def start_session(self, system: SystemPrompt) -> Session:
         ids = self.template.system(system).ids
