@@ -14,7 +14,7 @@ from npc_server.backbone.text_tokenizer import TextTokenizer, corpus_texts
 from npc_server.training.lm_common import add_data_args, corpus_dir, load_bundle, prepare_token_cache, save_bundle
 from npc_server.training.lm_data import collate, fit_length, persona_texts, pretrain_examples
 from npc_server.training.losses import lm_loss
-from npc_server.training.loop import add_train_args, config_from_args, setup_distributed, teardown_distributed, train
+from npc_server.training.loop import add_train_args, barrier, config_from_args, setup_distributed, teardown_distributed, train
 
 
 def main(argv: list[str]) -> int:
@@ -38,9 +38,13 @@ def main(argv: list[str]) -> int:
     else:
         if args.text_tokenizer:
             tok = TextTokenizer.from_pretrained(args.text_tokenizer)
-        else:  # deterministic, so every rank trains the same tokenizer
-            texts = corpus_texts(corpus) + list(persona_texts(args.personas).values())
-            tok = TextTokenizer.train(texts, vocab_size=args.text_vocab)
+        else:  # rank 0 trains it, every rank loads the same file
+            tok_dir = cfg.out_dir / "text_tokenizer"
+            if rank == 0:
+                texts = corpus_texts(corpus) + list(persona_texts(args.personas).values())
+                TextTokenizer.train(texts, vocab_size=args.text_vocab).save(tok_dir)
+            barrier()
+            tok = TextTokenizer.from_pretrained(tok_dir)
         config = preset(args.preset, n_text=max(args.text_vocab, tok.vocab_size))
         torch.manual_seed(cfg.seed)
         model = build_model(config)
