@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from npc_server.backbone.template import Controls, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText"]
 
@@ -51,7 +51,7 @@ class EngineState:
 
     session: object  # backbone.generator.Session
     lock: threading.Lock = field(default_factory=threading.Lock)
-    answer_segment: int = -1  # index of the segment holding the answer in flight
+    in_flight: bool = False  # an answer's tokens are in the session (its last segment)
     prompt_len: int = 0  # tokens of that segment before the answer body
     mode: Mode = Mode.AUDIO_TEXT
     progress: list[_Spoken] = field(default_factory=list)
@@ -147,7 +147,6 @@ class Engine:
         turn_controls = controls if controls != session.system.controls else None
         user = UserTurn(audio=audio_ids, text=text or None, controls=turn_controls)
         answer_mode = _MODES[mode]
-        state.answer_segment = len(session.segments)
         state.prompt_len = len(self.generator.template.user(user).ids) + len(
             self.generator.template.assistant_prefix(answer_mode).ids
         )
@@ -165,6 +164,7 @@ class Engine:
         events = self.generator.respond(session, user, mode=answer_mode, sampling=sampling)
         try:
             for ev in events:
+                state.in_flight = True
                 kind = type(ev).__name__
                 if kind == "TextDelta":
                     text_so_far += ev.text
@@ -186,6 +186,7 @@ class Engine:
                         if wav.size:
                             yield EngineAudio(wav, self.sample_rate)
                     state.progress = []
+                    state.in_flight = False
                     state.turns.append((text or "<audio>", ev.text))
                     yield EngineDone(
                         spoken_text=ev.text,
@@ -203,18 +204,33 @@ class Engine:
 
     def interrupted(self, state: EngineState, spoken_seconds: float) -> None:
         """The client stopped listening after `spoken_seconds` of audio: rewrite the answer in the history to
-        what was actually spoken (text and audio up to the last chunk that started playing)."""
+        what was actually spoken (text and audio up to the chunk that was playing)."""
         session = state.session
-        if state.answer_segment < 0 or state.answer_segment >= len(session.segments):
+        if not state.in_flight:
             return  # the answer never started: nothing was added to the conversation
-        heard = [p for p in state.progress if p.audio_end_s - 1e-9 <= spoken_seconds] or []
-        # the chunk that was playing when the client stopped counts as spoken too
-        playing = next((p for p in state.progress if p.audio_end_s > spoken_seconds), None)
-        last = playing if (playing is not None and spoken_seconds > 0) else (heard[-1] if heard else None)
+        # the chunk that was playing when the client stopped counts as spoken
+        last = None
+        for p in state.progress:
+            last = p
+            if p.audio_end_s >= spoken_seconds:
+                break
+        if spoken_seconds <= 0:
+            last = None
         spoken_text = last.text if last else ""
         spoken_codes = last.codes if last else []
-        keep = sum(len(s) for s in session.segments[: state.answer_segment]) + state.prompt_len
-        self.generator.replace_answer(session, keep, spoken_text, spoken_codes, state.mode)
+        # During an answer the KV cache holds exactly the tokens of `segments`, the answer being the last one.
+        template = self.generator.template
+        keep = sum(len(seg) for seg in session.segments[:-1]) + state.prompt_len
+        remove = session.cache.get_seq_length() - keep
+        if remove > 0:
+            session.cache.crop(-remove)  # transformers >= 5: a negative count of tokens to drop
+        session.segments[-1] = session.segments[-1][: state.prompt_len]
+        session.pending = []
+        body = template.assistant_body(
+            AssistantTurn(text=spoken_text, audio=spoken_codes, mode=state.mode), target=False
+        ).ids
+        self.generator.prefill(session, body[:-1])
+        session.pending = body[-1:]  # like a finished answer: its last token is fed with the next turn
         state.turns.append(("<interrupted>", spoken_text))
         state.progress = []
-        state.answer_segment = -1
+        state.in_flight = False

@@ -181,6 +181,8 @@ class NpcClient:
             if value is not None:
                 setattr(overrides, name, value)
         if isinstance(audio, np.ndarray):
+            if not np.all(np.isfinite(audio)):
+                raise ValueError("audio contains NaN or infinite samples")
             data = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
             fmt = pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=sample_rate, channels=1)
         elif audio is None:

@@ -135,6 +135,8 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
                     yield event_to_proto(ev)
             finally:
                 events.close()
+        except grpc.RpcError:  # the client's side of the stream broke (cancelled, too large): nothing to answer
+            return
         except Exception as exc:  # noqa: BLE001
             self._fail(context, exc)
 
@@ -186,7 +188,8 @@ def start_grpc(service: NpcService, host: str, port: int, max_workers: int = 16)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[
-            ("grpc.max_receive_message_length", limits.max_chunk_bytes + 4096),
+            # above our own chunk limit, so an oversized chunk gets our readable message, not a transport error
+            ("grpc.max_receive_message_length", 2 * limits.max_chunk_bytes + 65536),
             ("grpc.max_send_message_length", 8 << 20),
         ],
         maximum_concurrent_rpcs=max_workers * 4,

@@ -1,0 +1,308 @@
+"""A live gRPC server on loopback (tiny untrained model): streaming, sessions, cancellation, reload, every error."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from npc_server.audio import load_audio
+from npc_server.engine import Engine
+from npc_server.paths import DEFAULT_PERSONAS_DIR
+from npc_server.personas import PersonaStore
+from npc_server.service.api import Limits
+from npc_server.service.core import NpcService
+from npc_server.service.grpc_server import start_grpc
+from npc_server.service.protos import pb, rpc
+from sdk import AudioEvent, EndEvent, NpcClient, NpcError, TextEvent
+
+TOKEN = "test-token"
+
+
+def short_personas(folder: Path) -> Path:
+    """The shipped personas with answers capped at 1 s, so an untrained model's answers stay short."""
+    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
+        text = re.sub(r"max_answer_seconds: \d+", "max_answer_seconds: 1", f.read_text())
+        (folder / f.name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    personas = short_personas(tmp_path_factory.mktemp("personas"))
+    engine = Engine.from_pretrained(tiny_model_dir)
+    limits = Limits(max_audio_seconds=10, max_chunk_bytes=64 * 1024, max_text_chars=200, max_sessions_per_client=3)
+    service = NpcService(engine, PersonaStore(personas), limits, auth_token=TOKEN)
+    grpc_server, port = start_grpc(service, "127.0.0.1", 0)
+    yield {"service": service, "port": port, "personas": personas, "target": f"127.0.0.1:{port}"}
+    grpc_server.stop(0)
+    service.shutdown()
+
+
+@pytest.fixture()
+def client(server):
+    with NpcClient(server["target"], token=TOKEN, client_id="tester") as c:
+        yield c
+
+
+def collect(speech):
+    audio, text, end = [], [], None
+    for ev in speech:
+        if isinstance(ev, AudioEvent):
+            audio.append(ev)
+        elif isinstance(ev, TextEvent):
+            text.append(ev.text)
+        else:
+            end = ev
+    return audio, "".join(text), end
+
+
+def test_health_and_personas(client):
+    h = client.health()
+    assert h["status"] == "ok" and h["personas"] >= 5
+    ids = {p["id"] for p in client.list_personas()}
+    assert {"innkeeper", "town_guard", "merchant", "blacksmith", "quest_giver"} <= ids
+
+
+def test_spoken_question_streams_text_audio_and_end(client, question_wav):
+    audio, text, end = collect(client.speak(npc="innkeeper", audio=question_wav, output_sample_rate=16000))
+    assert isinstance(end, EndEvent) and not end.interrupted
+    assert audio, "no audio chunks"
+    assert [a.sequence for a in audio] == list(range(len(audio)))
+    assert all(a.sample_rate == 16000 for a in audio)
+    samples = sum(len(a.pcm) // 2 for a in audio)
+    assert end.audio_seconds == pytest.approx(samples / 16000, abs=1e-6)
+    assert end.text == text
+    t = end.timings
+    assert 0 < t["time_to_first_audio_ms"] <= t["total_ms"]
+    assert t["prefill_tokens"] > 0 and t["generated_tokens"] > 0 and t["tokenize_ms"] > 0
+
+
+def test_pcm_input_and_modes(client, question_wav):
+    wav, sr = load_audio(question_wav)
+    audio, text, end = collect(client.speak(npc="merchant", audio=wav, sample_rate=sr, mode="text_only"))
+    assert audio == [] and end.audio_seconds == 0
+    audio, text, end = collect(client.speak(npc="merchant", audio=wav, sample_rate=sr, mode="audio_only"))
+    assert audio and text == ""
+    # typed text alone is a valid question
+    _, _, end = collect(client.speak(npc="blacksmith", text="How much is a sword?"))
+    assert end is not None
+
+
+def test_session_follow_up_prefills_only_the_new_turn(client, question_wav):
+    sid = client.open_session("innkeeper")
+    _, _, first = collect(client.speak(npc="innkeeper", audio=question_wav, session=sid))
+    _, _, second = collect(client.speak(npc="innkeeper", audio=question_wav, session=sid))
+    _, _, oneshot = collect(client.speak(npc="innkeeper", audio=question_wav))
+    assert first.session_id == sid == second.session_id
+    # a one-shot question prefills system + question; a follow-up only its question (+ 1 pending token)
+    assert second.timings["prefill_tokens"] <= first.timings["prefill_tokens"] + 1
+    assert oneshot.timings["prefill_tokens"] == first.timings["prefill_tokens"]
+    assert client.close_session(sid)
+    with pytest.raises(NpcError) as e:
+        collect(client.speak(npc="innkeeper", audio=question_wav, session=sid))
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_cancel_mid_answer_records_what_was_spoken(server, client, question_wav):
+    service = server["service"]
+    sid = client.open_session("quest_giver")
+    speech = client.speak(npc="quest_giver", audio=question_wav, session=sid, output_sample_rate=16000)
+    got = 0
+    for ev in speech:
+        if isinstance(ev, AudioEvent):
+            got += 1
+            speech.cancel()
+            break
+    assert got == 1
+    session = service.sessions.get(sid, "tester")
+    deadline = time.time() + 10
+    while session.busy.locked() and time.time() < deadline:
+        time.sleep(0.02)
+    state = session.state
+    assert state.turns and state.turns[-1][0] == "<interrupted>"
+    # the KV cache holds exactly the (rewritten) conversation
+    gen_session = state.session
+    assert gen_session.cache.get_seq_length() == sum(len(s) for s in gen_session.segments)
+    # and the conversation goes on
+    _, _, end = collect(client.speak(npc="quest_giver", audio=question_wav, session=sid))
+    assert end is not None and not end.interrupted
+
+
+def test_reload_personas(server, client):
+    folder: Path = server["personas"]
+    src = (folder / "blacksmith.yaml").read_text()
+    (folder / "smith2.yaml").write_text(src.replace("id: blacksmith", "id: smith_two"))
+    (folder / "broken.yaml").write_text(src.replace("id: blacksmith", "id: broken").replace("speed: 0.85", "speed: 7"))
+    try:
+        r = client.reload_personas()
+        assert "smith_two" in r["loaded"] and "smith_two" in r["changed"]
+        assert any(re.search(r"broken\.yaml:\d+: voice\.speed: must be between", e) for e in r["errors"])
+        assert "smith_two" in {p["id"] for p in client.list_personas()}
+    finally:
+        (folder / "smith2.yaml").unlink()
+        (folder / "broken.yaml").unlink()
+        client.reload_personas()
+
+
+def _nan_wav() -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.full(1600, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "kwargs,code,words",
+    [
+        (dict(npc="dragon"), "NOT_FOUND", "unknown NPC 'dragon'"),
+        (dict(npc="innkeeper", session="nope"), "NOT_FOUND", "unknown session"),
+        (dict(npc="innkeeper", emotion="angry"), "INVALID_ARGUMENT", "does not allow emotion 'angry'"),
+        (dict(npc="innkeeper", speed=9.0), "INVALID_ARGUMENT", "speed must be between"),
+        (dict(npc="innkeeper", pitch=-40.0), "INVALID_ARGUMENT", "pitch must be between"),
+        (dict(npc="innkeeper", language="klingon"), "INVALID_ARGUMENT", "unknown language"),
+        (dict(npc="innkeeper", output_sample_rate=12345), "INVALID_ARGUMENT", "output_sample_rate"),
+        (dict(npc="innkeeper", text="x" * 500), "INVALID_ARGUMENT", "limit is 200"),
+        (dict(npc="innkeeper", audio=b"not a wav at all"), "INVALID_ARGUMENT", "cannot read audio"),
+        (dict(npc="innkeeper", audio=np.zeros(16000 * 11, np.float32)), "INVALID_ARGUMENT", "limit is 10.0 s"),
+        (dict(npc="innkeeper", audio=_nan_wav()), "INVALID_ARGUMENT", "audio contains NaN"),
+        (dict(npc="innkeeper", audio=np.zeros(1600, np.float32), sample_rate=4000), "INVALID_ARGUMENT", "sample_rate"),
+        (dict(npc="innkeeper"), "INVALID_ARGUMENT", "needs audio, text or both"),
+        (dict(npc="innkeeper", text="hi", chunk_bytes=1), None, None),  # tiny chunks are fine
+    ],
+)
+def test_bad_requests_get_clear_statuses(client, kwargs, code, words):
+    if code is None:
+        return
+    with pytest.raises(NpcError) as e:
+        collect(client.speak(**kwargs))
+    assert e.value.code == code
+    assert words in e.value.message
+
+
+def test_oversized_chunk_rejected(client, question_wav):
+    big = np.zeros(70_000, np.float32)  # 140 kB in one chunk > 64 kB limit
+    with pytest.raises(NpcError) as e:
+        collect(client.speak(npc="innkeeper", audio=big, chunk_bytes=200_000))
+    assert e.value.code == "INVALID_ARGUMENT" and "exceeds the limit" in e.value.message
+
+
+def test_auth_required(server):
+    with NpcClient(server["target"]) as anon:
+        with pytest.raises(NpcError) as e:
+            anon.health()
+        assert e.value.code == "UNAUTHENTICATED"
+    with NpcClient(server["target"], token="wrong") as bad:
+        with pytest.raises(NpcError) as e:
+            collect(bad.speak(npc="innkeeper", text="hello"))
+        assert e.value.code == "UNAUTHENTICATED"
+
+
+def test_sessions_per_client_limit(server):
+    with NpcClient(server["target"], token=TOKEN, client_id="greedy") as c:
+        sids = [c.open_session("merchant") for _ in range(3)]
+        # the 4th evicts the least recently used idle one (limit 3)
+        c.open_session("merchant")
+        with pytest.raises(NpcError):
+            collect(c.speak(npc="merchant", text="hi", session=sids[0]))
+
+
+def test_protocol_violations_and_garbage(server):
+    channel = grpc.insecure_channel(server["target"])
+    stub = rpc.NpcVoiceStub(channel)
+    md = [("authorization", f"Bearer {TOKEN}")]
+    # first message must be a config
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Speak(iter([pb.SpeakRequest(audio=b"\x00\x00")]), metadata=md, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # config twice
+    cfg = pb.SpeakConfig(npc_id="innkeeper", text="hi")
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Speak(iter([pb.SpeakRequest(config=cfg), pb.SpeakRequest(config=cfg)]), metadata=md, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # odd byte count of s16le
+    cfg = pb.SpeakConfig(npc_id="innkeeper", input_format=pb.AudioFormat(encoding=pb.PCM_S16LE, sample_rate=16000))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Speak(iter([pb.SpeakRequest(config=cfg), pb.SpeakRequest(audio=b"\x01\x02\x03")]), metadata=md,
+                        timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "multiple of 2 bytes" in e.value.details()
+
+    # fuzz: random configs and random audio bytes; every answer is a status or a normal end, never a crash
+    rng = random.Random(0)
+    npcs = ["innkeeper", "", "x" * 300, "merchant", "\x00\xff"]
+    for i in range(40):
+        fmt = pb.AudioFormat(encoding=rng.choice([0, 1, 2, 7]), sample_rate=rng.choice([0, 1, 8000, 16000, 10**9]),
+                             channels=rng.choice([0, 1, 2, 5, -1]))
+        cfg = pb.SpeakConfig(npc_id=rng.choice(npcs), session_id=rng.choice(["", "s" * 200, "abc"]),
+                             input_format=fmt, mode=rng.choice([0, 1, 2, 9]),
+                             output_sample_rate=rng.choice([0, 16000, -5]), text=rng.choice(["", "hi", "é" * 50]))
+        reqs = [pb.SpeakRequest(config=cfg)] + [
+            pb.SpeakRequest(audio=rng.randbytes(rng.choice([1, 2, 100, 3000]))) for _ in range(rng.randint(0, 3))
+        ]
+        try:
+            for _ in stub.Speak(iter(reqs), metadata=md, timeout=30):
+                pass
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                  grpc.StatusCode.FAILED_PRECONDITION), (exc.code(), exc.details())
+    assert stub.Health(pb.HealthRequest(), metadata=md, timeout=10).status == "ok"
+    channel.close()
+
+
+def test_serve_command_and_say(tiny_model_dir, tmp_path, question_wav):
+    """The real `npc-server serve` process, then `npc-server say` against it."""
+    personas = short_personas(tmp_path)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "NPC_VOICE_TOKEN": "cli-token"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npc_server.cli", "serve", "--port", "0", "--bridge-port", "0",
+         "--model-dir", str(tiny_model_dir), "--personas", str(personas), "--ready-file", str(ready)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert ready.exists(), proc.stdout.read() if proc.poll() is not None else "server did not start"
+        grpc_port = ready.read_text().split()[0]
+        out = tmp_path / "answer.wav"
+        r = subprocess.run(
+            [sys.executable, "-m", "npc_server.cli", "say", "--npc", "innkeeper", "--server", f"127.0.0.1:{grpc_port}",
+             str(question_wav), "-o", str(out)], env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "time to first audio" in r.stdout
+        wav, sr = load_audio(out)
+        assert len(wav) > 0
+        r = subprocess.run(
+            [sys.executable, "-m", "npc_server.cli", "say", "--npc", "ghost", "--server", f"127.0.0.1:{grpc_port}",
+             "--text", "hi"], env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 1 and "NOT_FOUND: unknown NPC 'ghost'" in r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_serve_refuses_without_token_off_loopback(tiny_model_dir):
+    env = {k: v for k, v in os.environ.items() if k != "NPC_VOICE_TOKEN"}
+    r = subprocess.run([sys.executable, "-m", "npc_server.cli", "serve", "--model-dir", str(tiny_model_dir)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no auth token" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "npc_server.cli", "serve", "--host", "0.0.0.0", "--insecure-loopback",
+                        "--model-dir", str(tiny_model_dir)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "only works on a loopback address" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "npc_server.cli", "serve", "--insecure-loopback",
+                        "--model-dir", "/nonexistent"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lacks trained component" in r.stderr
