@@ -193,3 +193,46 @@ def test_ddp_two_processes_keep_weights_in_sync(corpus, pretrained, tmp_path):
     init = load_file(str(pretrained / "model" / "model.safetensors"))
     trained = load_file(str(out / "model" / "model.safetensors"))
     assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+def test_tokenize_corpus_with_audio_tokenizer_on_real_speech(tmp_path):
+    """tokenize_corpus against the AudioTokenizer contract (untrained tiny tokenizer, espeak-ng speech)."""
+    import soundfile as sf
+
+    from npc_server.tokenizer import AudioTokenizer, split_interleaved
+    from npc_server.tokenizer import preset as tokenizer_preset
+    from npc_server.training.lm_data import load_manifest, pretrain_examples, tokenize_corpus
+
+    corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=3, seed=0)
+    rows = load_manifest(corpus)
+    for row in rows.values():
+        wav = corpus / row["audio"]
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["espeak-ng", "-w", str(wav), row["text"]], check=True)
+        row["duration"] = sf.info(str(wav)).duration
+    tok_dir = tmp_path / "audio_tokenizer"
+    torch.manual_seed(0)
+    AudioTokenizer(tokenizer_preset("tiny")).save_pretrained(tok_dir)
+    tokenizer = AudioTokenizer.from_pretrained(tok_dir)
+    assert tokenize_corpus(corpus, tokenizer, tmp_path / "tokens") == len(rows)
+    assert tokenize_corpus(corpus, tokenizer, tmp_path / "tokens") == 0  # resumable: nothing left to do
+    cache = TokenCache(tmp_path / "tokens")
+    for uid, row in rows.items():
+        toks = cache.get(uid)
+        ling, sem = split_interleaved(torch.from_numpy(toks["interleaved"]))
+        assert torch.equal(ling, torch.from_numpy(toks["linguistic"]))
+        assert torch.equal(sem, torch.from_numpy(toks["semantic"]))
+        assert abs(len(toks["semantic"]) / 25.0 - row["duration"]) < 0.3
+    _, _, _, template = load_bundle_for_test(tmp_path)
+    examples = pretrain_examples(corpus, cache, template)
+    assert any(template.layout.audio_offset <= i for e in examples for i in e.ids)
+
+
+def load_bundle_for_test(tmp_path):
+    from npc_server.backbone.model import build_model, preset
+    from npc_server.backbone.template import ChatTemplate
+    from npc_server.backbone.text_tokenizer import TextTokenizer
+
+    tok = TextTokenizer.train(["How much is a room? A room costs ten gold."] * 3, vocab_size=300)
+    config = preset("tiny", 512)
+    return build_model(config), config, tok, ChatTemplate(config.layout, tok)

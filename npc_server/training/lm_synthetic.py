@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from npc_server.tokenizer import interleave
 from npc_server.training.lm_data import load_manifest, save_tokens
 
-LING_HZ = 50 / 3  # 16.7 Hz
-SEM_HZ = 25.0
 CHARS_PER_SECOND = 14.0
 
 _PERSONAS = [
@@ -32,26 +31,16 @@ _ITEMS = [("a room", 10), ("a bowl of stew", 2), ("a sword", 40), ("a shield", 2
 _PLACES = [("the smithy", "down by the river"), ("the chapel", "up the hill"), ("the market", "in the middle of town")]
 
 
-def _interleave(ling: np.ndarray, sem: np.ndarray) -> np.ndarray:
-    """Groups of 2 linguistic + 3 semantic ids (semantic shifted by 1024), as in the tokenizer contract."""
-    out = []
-    groups = max(-(-len(ling) // 2), -(-len(sem) // 3))
-    for g in range(groups):
-        out += [int(c) for c in ling[2 * g:2 * g + 2]]
-        out += [1024 + int(c) for c in sem[3 * g:3 * g + 3]]
-    return np.asarray(out, dtype=np.int64)
-
-
 def text_tokens(text: str, speaker: str, pitch_st: float = 0.0, speed: float = 1.0) -> dict[str, np.ndarray]:
     """Deterministic pseudo audio tokens of a text (see module docstring)."""
     chars = [c for c in text.lower() if not c.isspace()] or ["."]
     duration = max(0.3, len(text) / CHARS_PER_SECOND / speed)
-    n_l = max(2, int(round(duration * LING_HZ)))
-    n_s = max(3, int(round(duration * SEM_HZ)))
+    groups = max(1, int(round(duration / 0.12)))  # whole 120 ms groups, like the tokenizer
+    n_l, n_s = 2 * groups, 3 * groups
     spk = zlib.crc32(f"{speaker}:{round(pitch_st)}".encode())
     ling = np.array([zlib.crc32(chars[i * len(chars) // n_l].encode()) % 1024 for i in range(n_l)])
     sem = np.array([(zlib.crc32(chars[i * len(chars) // n_s].encode()) + spk) % 4096 for i in range(n_s)])
-    return {"linguistic": ling, "semantic": sem, "interleaved": _interleave(ling, sem)}
+    return {"linguistic": ling, "semantic": sem, "interleaved": interleave(ling, sem).numpy()}
 
 
 def synthetic_token_cache(corpus_dir: str | Path, out_dir: str | Path) -> int:
