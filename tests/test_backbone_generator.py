@@ -181,3 +181,16 @@ def test_from_pretrained(parts, tmp_path):
     b = Generator(model, template).generate(Generator(model, template).start_session(SYSTEM), Q1,
                                             sampling=SamplingConfig(temperature=0.0, max_new_tokens=30))
     assert a.ids == b.ids
+
+
+def test_add_turn_restores_history_like_a_full_prompt(gen, parts):
+    from npc_server.backbone.template import AssistantTurn
+
+    model, _, template = parts
+    session = gen.start_session(SYSTEM)
+    user, answer = UserTurn(text="Hello there."), AssistantTurn(text="Good day.", mode=Mode.TEXT)
+    gen.add_turn(session, user, answer)
+    logits = gen.prefill(session, template.user(Q2).ids + template.assistant_prefix(Mode.AUDIO_TEXT).ids)
+    expected = template.conversation(SYSTEM, [(user, answer), (Q2, None)]).ids
+    assert session.ids == expected
+    torch.testing.assert_close(logits[-1], _full_logits(model, expected)[-1], atol=1e-4, rtol=1e-4)

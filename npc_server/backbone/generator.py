@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from npc_server.backbone.template import BlockGrammar, ChatTemplate, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import AssistantTurn, BlockGrammar, ChatTemplate, Mode, SystemPrompt, UserTurn
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,14 @@ class Generator:
         session.pending = []
         session.segments.append(list(ids))
         return logits
+
+    def add_turn(self, session: Session, user: UserTurn, answer: AssistantTurn) -> None:
+        """Add a finished turn (e.g. restored history) to the session without generating."""
+        ids = self.template.user(user).ids + self.template.assistant(answer, target=False).ids
+        self._ensure_room(session, len(ids), 0)
+        body = ids[:-1]
+        self.prefill(session, body)
+        session.pending = ids[-1:]  # the closing <|end|>, fed with the next turn like a generated one
 
     def _ensure_room(self, session: Session, new_tokens: int, budget: int) -> None:
         """Drop the oldest turns (keeping the system prompt) and re-prefill when the context would overflow."""
