@@ -155,34 +155,59 @@ class FlowExample:
     pitch_st: float
 
 
-def build_flow_cache(
-    rows: list[dict], corpus: Path, tokenizer, flow_cfg: FlowConfig, mel_cfg: MelConfig, pitch_aug: float, seed: int,
-) -> list[FlowExample]:
-    """Semantic tokens (from `tokenizer.encode(wav, sr).semantic`) and 24 kHz log-mels of the given utterances; a
-    `pitch_aug` fraction is also added PSOLA-shifted by +-1..7 semitones with the same tokens (pitch targets)."""
+def build_mel_cache(rows: list[dict], corpus: Path, mel_cfg: MelConfig, pitch_aug: float, seed: int) -> dict:
+    """24 kHz log-mels of the given utterances (float16); a `pitch_aug` fraction also gets a PSOLA-shifted copy
+    (+-1..7 semitones) that keeps the tokens of the original: the targets of the pitch conditioning.
+    Needs no tokenizer, so it can run as soon as the corpus exists."""
     logmel = LogMel(mel_cfg)
     rng = random.Random(seed)
-    out: list[FlowExample] = []
-    fpt = flow_cfg.frames_per_token
-    for r in tqdm(rows, desc="tokens + mels", unit="utt"):
+    cache = {}
+    for r in tqdm(rows, desc="mels", unit="utt"):
         wav, sr = load_audio(corpus / r["audio"])
-        with torch.no_grad():
-            codes = tokenizer.encode(wav, sr).semantic.long()
-        voice = flow_cfg.voices.index(r["speaker"]) if r["speaker"] in flow_cfg.voices else flow_cfg.voices.index(
-            OTHER_VOICE)
         variants = [(wav, 0.0)]
         if rng.random() < pitch_aug:
             st = rng.choice([-1, 1]) * rng.uniform(1.0, 7.0)
             variants.append((psola_pitch_shift(wav, sr, st), st))
+        mels = []
         for w, st in variants:
-            w24 = resample(w, sr, mel_cfg.sample_rate)
             with torch.no_grad():
-                mel = logmel(torch.from_numpy(w24))[0]
-            n_tok = min(len(codes), mel.shape[-1] // fpt)
-            if n_tok < 4:
-                continue
-            out.append(FlowExample(mel[:, : n_tok * fpt].half(), codes[:n_tok].to(torch.int16), voice, st))
+                mels.append((logmel(torch.from_numpy(resample(w, sr, mel_cfg.sample_rate)))[0].half(), st))
+        cache[r["id"]] = {"speaker": r["speaker"], "audio": r["audio"], "mels": mels}
+    return cache
+
+
+def build_token_cache(mel_cache: dict, corpus: Path, tokenizer) -> dict[str, torch.Tensor]:
+    """Semantic tokens (`tokenizer.encode(wav, sr).semantic`, 25 Hz) of every utterance in the mel cache."""
+    out = {}
+    for uid, item in tqdm(mel_cache.items(), desc="semantic tokens", unit="utt"):
+        wav, sr = load_audio(corpus / item["audio"])
+        with torch.no_grad():
+            out[uid] = tokenizer.encode(wav, sr).semantic.long().cpu().to(torch.int16)
     return out
+
+
+def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: FlowConfig) -> list[FlowExample]:
+    other = flow_cfg.voices.index(OTHER_VOICE)
+    fpt = flow_cfg.frames_per_token
+    out = []
+    for uid, item in mel_cache.items():
+        if uid not in tokens:
+            continue
+        codes = tokens[uid]
+        voice = flow_cfg.voices.index(item["speaker"]) if item["speaker"] in flow_cfg.voices else other
+        for mel, st in item["mels"]:
+            n_tok = min(len(codes), mel.shape[-1] // fpt)
+            if n_tok >= 4:
+                out.append(FlowExample(mel[:, : n_tok * fpt], codes[:n_tok], voice, st))
+    return out
+
+
+def build_flow_cache(
+    rows: list[dict], corpus: Path, tokenizer, flow_cfg: FlowConfig, mel_cfg: MelConfig, pitch_aug: float, seed: int,
+) -> list[FlowExample]:
+    """Mels + tokens of the given utterances as training examples (see build_mel_cache / build_token_cache)."""
+    mel_cache = build_mel_cache(rows, corpus, mel_cfg, pitch_aug, seed)
+    return join_caches(mel_cache, build_token_cache(mel_cache, corpus, tokenizer), flow_cfg)
 
 
 def flow_batch(examples: list[FlowExample], batch: int, seg_tokens: int, fpt: int, rng: random.Random):
@@ -321,12 +346,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "vocoder")
-    p.add_argument("--stage", choices=["all", "generator", "flow"], default="all")
+    p.add_argument("--stage", choices=["all", "generator", "mels", "flow"], default="all",
+                   help="mels: only precompute the flow targets (no tokenizer needed yet)")
     p.add_argument("--minutes", type=float, default=50.0, help="total training time (split 50/50 with --stage all)")
     p.add_argument("--max-hours", type=float, default=2.0, help="hours of corpus audio to use per stage")
     p.add_argument("--bootstrap", type=int, default=0,
                    help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
+    p.add_argument("--rebuild-tokens", action="store_true",
+                   help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
     p.add_argument("--init", type=Path, default=None, help="start from an existing vocoder directory")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gen-segment", type=float, default=0.8, help="generator training segment, seconds")
@@ -345,7 +373,7 @@ def main(argv: list[str]) -> int:
     bf16 = not args.no_bf16
     mel_cfg = MelConfig()
     vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
-    minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes}[args.stage]
+    minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0}[args.stage]
 
     if args.stage in ("all", "generator"):
         paths: list[Path] = []
@@ -376,21 +404,30 @@ def main(argv: list[str]) -> int:
         print(f"generator: {stats}")
         _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}})
 
-    if args.stage in ("all", "flow"):
-        cache_path = args.run_dir / "flow_cache.pt"
-        if cache_path.exists():
-            examples = [FlowExample(**e) for e in torch.load(cache_path, weights_only=False)]
-            print(f"loaded {len(examples)} cached examples from {cache_path}")
+    if args.stage in ("all", "flow", "mels"):
+        mel_path = args.run_dir / "mel_cache.pt"
+        if mel_path.exists():
+            mel_cache = torch.load(mel_path, weights_only=False)
+            print(f"loaded mels of {len(mel_cache)} utterances from {mel_path}")
         else:
             rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+            mel_cache = build_mel_cache(rows, args.corpus, mel_cfg, args.pitch_aug, args.seed)
+            torch.save(mel_cache, mel_path)
+        if args.stage == "mels":
+            return 0
+        tok_path = args.run_dir / "token_cache.pt"
+        if tok_path.exists() and not args.rebuild_tokens:
+            tokens = torch.load(tok_path, weights_only=False)
+            print(f"loaded tokens of {len(tokens)} utterances from {tok_path}")
+        else:
             from npc_server.tokenizer import AudioTokenizer
 
             tokenizer = AudioTokenizer.from_pretrained(args.tokenizer)
             if hasattr(tokenizer, "eval"):
                 tokenizer.eval()
-            examples = build_flow_cache(rows, args.corpus, tokenizer, vocoder.flow.config, mel_cfg,
-                                        args.pitch_aug, args.seed)
-            torch.save([e.__dict__ for e in examples], cache_path)
+            tokens = build_token_cache(mel_cache, args.corpus, tokenizer)
+            torch.save(tokens, tok_path)
+        examples = join_caches(mel_cache, tokens, vocoder.flow.config)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
         fpt = vocoder.flow.config.frames_per_token
