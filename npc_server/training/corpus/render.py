@@ -148,21 +148,33 @@ def trim_silence(wav: np.ndarray, sr: int = SR, pad_s: float = 0.08, threshold_d
 
 def change_voice(wav: np.ndarray, sr: int, pitch_st: float = 0.0, pitch_range: float = 1.0,
                  formant_ratio: float = 1.0, floor: float = 40.0, ceiling: float = 600.0) -> np.ndarray:
-    """PSOLA with praat's Change gender: new median F0 (by semitones), F0 range factor, formant shift."""
+    """Deterministic PSOLA (praat Manipulation): median F0 moved by semitones, F0 excursions scaled (in log
+    frequency) by pitch_range, formants scaled by formant_ratio with the resample trick, which also shortens the
+    audio by formant_ratio: synthesise at speed / formant_ratio to keep the tempo (`render` does). Praat's PSOLA
+    duration changes draw random numbers, so durations are left to the engines to stay reproducible."""
     if abs(pitch_st) < 1e-3 and abs(pitch_range - 1) < 1e-3 and abs(formant_ratio - 1) < 1e-3:
         return wav
     import parselmouth
     from parselmouth.praat import call
 
-    snd = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr)
-    f0 = snd.to_pitch(time_step=0.01, pitch_floor=floor, pitch_ceiling=ceiling).selected_array["frequency"]
+    f0 = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch(
+        time_step=0.01, pitch_floor=floor, pitch_ceiling=ceiling).selected_array["frequency"]
     voiced = f0[f0 > 0]
     if voiced.size < 3:
         return wav  # nothing voiced to move
-    median = float(np.median(voiced))
-    new_median = median * 2.0 ** (pitch_st / 12.0)
-    out = call(snd, "Change gender", floor, ceiling, float(formant_ratio), new_median, float(pitch_range), 1.0)
-    y = out.values[0].astype(np.float32)
+    target = float(np.median(voiced)) * 2.0 ** (pitch_st / 12.0)
+    src = wav
+    if abs(formant_ratio - 1) >= 1e-3:  # play faster/slower: formants, F0 and tempo all scale by the ratio
+        src = resample(wav, sr, int(round(sr / formant_ratio)))
+    snd = parselmouth.Sound(src.astype(np.float64), sampling_frequency=sr)
+    man = call(snd, "To Manipulation", 0.01, floor * max(formant_ratio, 1.0), ceiling * max(formant_ratio, 1.0))
+    tier = call(man, "Extract pitch tier")
+    if call(tier, "Get number of points") < 3:
+        return wav
+    med = float(np.median([call(tier, "Get value at index", i) for i in range(1, call(tier, "Get number of points") + 1)]))
+    call(tier, "Formula", f"{target} * (self / {med}) ^ {float(pitch_range)}")
+    call([tier, man], "Replace pitch tier")
+    y = call(man, "Get resynthesis (overlap-add)").values[0].astype(np.float32)
     if not np.all(np.isfinite(y)):
         raise AudioError("PSOLA produced non-finite samples")
     return y
@@ -229,13 +241,14 @@ def add_noise(wav: np.ndarray, rng: np.random.Generator, snr_db: float, pink: bo
 def render(text: str, engine: str, espeak_voice: str, prosody: Prosody, piper: PiperEngine | None = None,
            espeak_pitch: int = 50, noise_scale: float = 0.667) -> np.ndarray:
     """Synthesise text with one engine and apply the prosody; returns float32 at SR (not yet loudness-set)."""
+    speed = prosody.speed / prosody.formant_ratio  # the formant shift speeds the audio up by formant_ratio
     if engine == "piper":
         if piper is None:
             raise ValueError("piper engine requested but no PiperEngine given")
-        wav = piper.synth(text, speed=prosody.speed, noise_scale=noise_scale)
+        wav = piper.synth(text, speed=speed, noise_scale=noise_scale)
         wav = trim_silence_fixed(wav)
     elif engine == "espeak":
-        wav = espeak_synth(text, espeak_voice, wpm=ESPEAK_DEFAULT_WPM * prosody.speed, pitch=espeak_pitch)
+        wav = espeak_synth(text, espeak_voice, wpm=ESPEAK_DEFAULT_WPM * speed, pitch=espeak_pitch)
         wav = trim_silence(wav)
     else:
         raise ValueError(f"unknown engine {engine!r}")
