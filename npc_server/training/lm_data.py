@@ -34,7 +34,7 @@ from npc_server.backbone.template import (
     SystemPrompt,
     UserTurn,
 )
-from npc_server.controls import ACCENTS
+from npc_server.controls import ACCENTS, EMOTIONS, PITCH_RANGE_ST, SPEED_RANGE
 from npc_server.voices import VOICE_BANK
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,18 @@ def persona_texts(personas_dir: str | Path | None) -> dict[str, str]:
 
 
 def controls_of(row: dict, voice: str) -> Controls:
+    """Control tokens of a corpus row. Player rows may carry accents outside ACCENTS (e.g. "us-nyc") and speeds or
+    pitches of the player's voice: those fall back to the language's default accent and are clamped to range."""
     c = row.get("controls", {})
     language = row.get("language", "en")
-    accent = row.get("accent") or ACCENTS[language][0]
-    return Controls(voice=voice, language=language, accent=accent, emotion=c.get("emotion", "neutral"),
-                    speed=float(c.get("speed", 1.0)), pitch_st=float(c.get("pitch_st", 0.0)))
+    accent = row.get("accent")
+    if accent not in ACCENTS[language]:
+        accent = ACCENTS[language][0]
+    speed = min(max(float(c.get("speed", 1.0)), SPEED_RANGE[0]), SPEED_RANGE[1])
+    pitch = min(max(float(c.get("pitch_st", 0.0)), PITCH_RANGE_ST[0]), PITCH_RANGE_ST[1])
+    emotion = c.get("emotion", "neutral")
+    return Controls(voice=voice, language=language, accent=accent, emotion=emotion if emotion in EMOTIONS else "neutral",
+                    speed=speed, pitch_st=pitch)
 
 
 def _bucket(key: str, n: int = 100) -> int:
