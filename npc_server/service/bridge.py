@@ -6,6 +6,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +23,7 @@ log = logging.getLogger("npc_server.bridge")
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 2 << 20
+FINISHED_IDS_KEPT = 256  # late audio/end_audio/cancel for these recently ended speak ids are ignored, not errors
 _END = object()
 
 
@@ -156,15 +158,19 @@ class Bridge:
         if client is None:
             return
         speaks: dict[Any, _Speak] = {}
+        finished: OrderedDict = OrderedDict()  # ids of answers that ended (error or end frame already sent)
         tasks: set[asyncio.Task] = set()
         try:
             async for raw in ws:
                 frame: dict | None = None
                 try:
                     frame = self._decode(raw)
-                    await self._dispatch(frame, client, speaks, tasks, send)
+                    await self._dispatch(frame, client, speaks, finished, tasks, send)
                 except ApiError as exc:
                     await send(_err(exc.code, exc.message, frame.get("id") if frame else None))
+                except Exception as exc:  # noqa: BLE001 - a bug in one request must not drop the connection
+                    log.exception("bridge request failed")
+                    await send(_err(ErrorCode.INTERNAL, f"internal error: {exc}", frame.get("id") if frame else None))
         except ConnectionClosed:
             pass
         finally:
@@ -183,6 +189,8 @@ class Bridge:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "frame is not valid msgpack") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "frame must be a map with a string 'type'")
+        if not isinstance(frame.get("id"), (type(None), bool, int, float, str, bytes)):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "id must be a scalar (an integer or a string)")
         return frame
 
     async def _handshake(self, ws: ServerConnection, send) -> str | None:
@@ -212,19 +220,23 @@ class Bridge:
                     "sample_rate": int(self.service.engine.sample_rate)})
         return client
 
-    async def _dispatch(self, frame: dict, client: str, speaks: dict, tasks: set, send) -> None:
+    async def _dispatch(self, frame: dict, client: str, speaks: dict, finished: OrderedDict, tasks: set,
+                        send) -> None:
         kind, req_id = frame["type"], frame.get("id")
         svc = self.service
         if kind == "speak":
             if req_id is None or req_id in speaks:
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak needs an 'id' not already in use on this connection")
             cfg = config_from_frame(frame.get("config"))
+            finished.pop(req_id, None)
             sp = speaks[req_id] = _Speak()
-            task = asyncio.create_task(self._run_speak(client, cfg, sp, req_id, speaks, send))
+            task = asyncio.create_task(self._run_speak(client, cfg, sp, req_id, speaks, finished, send))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif kind in ("audio", "end_audio", "cancel"):
             sp = speaks.get(req_id)
+            if sp is None and req_id in finished:
+                return  # the answer already ended (e.g. an early error); the client could not know yet
             if sp is None:
                 raise ApiError(ErrorCode.NOT_FOUND, f"no speak request with id {req_id!r} on this connection")
             if kind == "audio":
@@ -266,7 +278,8 @@ class Bridge:
         else:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown frame type {kind!r}")
 
-    async def _run_speak(self, client: str, cfg: api.SpeakConfig, sp: _Speak, req_id, speaks: dict, send) -> None:
+    async def _run_speak(self, client: str, cfg: api.SpeakConfig, sp: _Speak, req_id, speaks: dict,
+                         finished: OrderedDict, send) -> None:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
 
@@ -290,13 +303,23 @@ class Bridge:
                 frame = await out.get()
                 if frame is _END:
                     break
+                if frame["type"] in ("end", "error"):  # free the id before the client can see the last frame
+                    self._finish(req_id, sp, speaks, finished)
                 try:
                     await send(frame)
                 except ConnectionClosed:
                     sp.cancelled.set()
         finally:
             await worker
-            speaks.pop(req_id, None)
+            self._finish(req_id, sp, speaks, finished)
+
+    @staticmethod
+    def _finish(req_id, sp: _Speak, speaks: dict, finished: OrderedDict) -> None:
+        if speaks.get(req_id) is sp:
+            del speaks[req_id]
+            finished[req_id] = True
+            while len(finished) > FINISHED_IDS_KEPT:
+                finished.popitem(last=False)
 
 
 def start_bridge(service: NpcService, host: str, port: int) -> tuple[Bridge, int]:
