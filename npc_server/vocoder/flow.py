@@ -1,5 +1,5 @@
 """Conditional flow-matching decoder: semantic tokens + voice + pitch shift -> log-mel, a 1-D U-Net of ResNet and
-local-attention transformer blocks integrated with a few Euler steps."""
+local-attention transformer blocks integrated with a few Euler steps from a token-conditioned prior (Matcha-style)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class FlowConfig:
     res_blocks: int = 2  # ResNet blocks per U-Net level (full and half frame rate)
     transformer_layers: int = 2  # at half frame rate
     n_heads: int = 4
-    attn_window: int = 24  # half-rate frames each side a position may attend to (keeps streaming local)
+    attn_window: int = 12  # 25 Hz frames each side a position may attend to (keeps streaming local)
     kernel_size: int = 5
     pitch_scale_st: float = 12.0
     mel_mean: float = -5.0
     mel_std: float = 2.5
     sigma_min: float = 1e-4
+    prior_noise: float = 1.0  # the flow starts at mu + prior_noise * noise, mu = the encoder's mel estimate
+    prior_weight: float = 1.0  # weight of the encoder's mel regression loss
     n_steps: int = 6
 
     def to_dict(self) -> dict:
@@ -110,14 +112,14 @@ class FlowDecoder(nn.Module):
         d = c.dim
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
         self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
-        self.cond_blocks = nn.ModuleList(
-            nn.Sequential(ChannelNorm(d), nn.SiLU(), nn.Conv1d(d, d, 3, padding=1)) for _ in range(c.cond_layers)
-        )
+        self.cond_blocks = nn.ModuleList(ResBlock1D(d, 3, d) for _ in range(c.cond_layers))
         self.cond_up = nn.Conv1d(d, d, 5, padding=2)
+        self.cond_post = ResBlock1D(d, c.kernel_size, d)
+        self.prior_out = nn.Conv1d(d, 2 * c.n_mels, 1)
         self.voice_embed = nn.Embedding(len(c.voices), d)
         self.pitch_mlp = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.x_in = nn.Conv1d(c.n_mels, d, 3, padding=1)
+        self.x_in = nn.Conv1d(4 * c.n_mels, d, 3, padding=1)
         self.down_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
         self.down = nn.Conv1d(d, d, 4, stride=2, padding=1)
         self.mid_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
@@ -126,7 +128,7 @@ class FlowDecoder(nn.Module):
         self.skip = nn.Conv1d(2 * d, d, 1)
         self.up_blocks = nn.ModuleList(ResBlock1D(d, c.kernel_size, d) for _ in range(c.res_blocks))
         self.out_norm = ChannelNorm(d)
-        self.x_out = nn.Conv1d(d, c.n_mels, 3, padding=1)
+        self.x_out = nn.Conv1d(d, 2 * c.n_mels, 3, padding=1)
         nn.init.zeros_(self.x_out.weight)
         nn.init.zeros_(self.x_out.bias)
 
@@ -138,13 +140,27 @@ class FlowDecoder(nn.Module):
             known = ", ".join(v for v in self.config.voices if v != OTHER_VOICE)
             raise ValueError(f"unknown voice {voice!r}; known voices: {known}") from None
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> frame-rate condition [B, dim, T * frames_per_token]."""
+    def encode_tokens(self, tokens: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T], global condition g [B, dim] -> (condition [B, dim, 2T], prior mean mu [B, 2 n_mels, 2T]).
+
+        The U-Net works on pairs of mel frames (50 Hz, 2 x n_mels channels): half the cost of 100 Hz."""
         h = self.cond_in(self.token_embed(tokens).transpose(1, 2))
         for block in self.cond_blocks:
-            h = h + block(h)
-        h = h.repeat_interleave(self.config.frames_per_token, dim=2)
-        return h + self.cond_up(h)
+            h = block(h, g)
+        h = h.repeat_interleave(self.config.frames_per_token // 2, dim=2)
+        h = self.cond_post(h + self.cond_up(h), g)
+        return h, self.prior_out(h)
+
+    @staticmethod
+    def pair_frames(x: torch.Tensor) -> torch.Tensor:
+        """[B, C, F] -> [B, 2C, F/2]: frames 2k and 2k+1 stacked as channels (2c, 2c+1)."""
+        B, C, F_ = x.shape
+        return x.view(B, C, F_ // 2, 2).transpose(2, 3).reshape(B, 2 * C, F_ // 2)
+
+    @staticmethod
+    def unpair_frames(x: torch.Tensor) -> torch.Tensor:
+        B, C2, H = x.shape
+        return x.view(B, C2 // 2, 2, H).transpose(2, 3).reshape(B, C2 // 2, 2 * H)
 
     def global_condition(self, voice: torch.Tensor, pitch_st: torch.Tensor) -> torch.Tensor:
         p = (pitch_st.float() / self.config.pitch_scale_st).unsqueeze(-1)
@@ -155,12 +171,12 @@ class FlowDecoder(nn.Module):
         return (idx[None, :] - idx[:, None]).abs() <= self.config.attn_window
 
     # -- velocity -----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """x [B, n_mels, F] normalised mel at time t [B]; cond [B, dim, F]; g [B, dim] -> velocity [B, n_mels, F]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor):
+        """Velocity at time t [B] of paired normalised mel x [B, 2 n_mels, H]; cond [B, dim, H], mu like x, g [B, dim]."""
         if x.shape[-1] % 2:
-            raise ValueError(f"the number of mel frames must be even, got {x.shape[-1]}")
+            raise ValueError(f"the number of paired mel frames must be even, got {x.shape[-1]}")
         gt = g + self.time_mlp(timestep_embedding(t, self.config.dim))
-        h = self.x_in(x) + cond
+        h = self.x_in(torch.cat([x, mu], dim=1)) + cond
         for block in self.down_blocks:
             h = block(h, gt)
         skip = h
@@ -186,19 +202,22 @@ class FlowDecoder(nn.Module):
         pitch_st: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """mel [B, n_mels, F] raw log-mel with F = T * frames_per_token; mask [B, F] (1 = real frame)."""
+        """OT-CFM loss + prior regression loss. mel [B, n_mels, F] raw log-mel, F = T * frames_per_token;
+        mask [B, F] (1 = real frame)."""
         c = self.config
-        x1 = (mel - c.mel_mean) / c.mel_std
-        x0 = torch.randn_like(x1)
+        x1 = self.pair_frames((mel - c.mel_mean) / c.mel_std)
+        g = self.global_condition(voice, pitch_st)
+        cond, mu = self.encode_tokens(tokens, g)
+        x0 = mu.detach() + c.prior_noise * torch.randn_like(x1)
         t = torch.rand(x1.shape[0], device=x1.device)
         tt = t[:, None, None]
         xt = (1 - (1 - c.sigma_min) * tt) * x0 + tt * x1
         target = x1 - (1 - c.sigma_min) * x0
-        pred = self(xt, t, self.encode_tokens(tokens), self.global_condition(voice, pitch_st))
-        err = (pred.float() - target) ** 2
+        pred = self(xt, t, cond, mu, g)
+        err = (pred.float() - target) ** 2 + c.prior_weight * (mu.float() - x1) ** 2
         if mask is None:
             return err.mean()
-        m = mask[:, None, :].to(err.dtype)
+        m = mask[:, None, ::2].to(err.dtype)
         return (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
 
     # -- sampling -----------------------------------------------------------------------------------------
@@ -207,15 +226,15 @@ class FlowDecoder(nn.Module):
         self, tokens: torch.Tensor, voice: torch.Tensor, pitch_st: torch.Tensor, noise: torch.Tensor,
         n_steps: int | None = None,
     ) -> torch.Tensor:
-        """Euler integration from noise [B, n_mels, F] at t=0 to t=1 -> raw log-mel [B, n_mels, F]."""
+        """Euler integration from mu + noise [B, n_mels, F] at t=0 to t=1 -> raw log-mel [B, n_mels, F]."""
         c = self.config
         n_steps = n_steps or c.n_steps
-        cond = self.encode_tokens(tokens)
         g = self.global_condition(voice, pitch_st)
-        x = noise
+        cond, mu = self.encode_tokens(tokens, g)
+        x = mu + c.prior_noise * self.pair_frames(noise)
         # cosine schedule: smaller steps near t=0 where the field changes fastest
         ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
         for i in range(n_steps):
             t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
-            x = x + float(ts[i + 1] - ts[i]) * self(x, t, cond, g)
-        return x * c.mel_std + c.mel_mean
+            x = x + float(ts[i + 1] - ts[i]) * self(x, t, cond, mu, g)
+        return self.unpair_frames(x) * c.mel_std + c.mel_mean
