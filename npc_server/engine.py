@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -84,14 +85,13 @@ class Engine:
         self.sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=768)
         self.name = name
         self.sample_rate = int(vocoder.sample_rate)
+        self._prefix_cache: dict[SystemPrompt, object] = {}  # system prompt -> prefilled generator session
+        self._prefix_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, threads: int | None = None) -> "Engine":
         """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json)."""
         from npc_server.backbone.generator import Generator
-        from npc_server.backbone.model import load_backbone
-        from npc_server.backbone.template import ChatTemplate
-        from npc_server.backbone.text_tokenizer import TextTokenizer
         from npc_server.tokenizer import AudioTokenizer
         from npc_server.vocoder import Vocoder
 
@@ -102,9 +102,7 @@ class Engine:
         if threads:
             torch.set_num_threads(threads)
         tokenizer = AudioTokenizer.from_pretrained(model_dir / "tokenizer")
-        model, config = load_backbone(model_dir / "backbone")
-        text = TextTokenizer.from_pretrained(model_dir / "backbone")
-        generator = Generator(model, ChatTemplate(config.layout, text))
+        generator = Generator.from_pretrained(model_dir / "backbone")
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 
@@ -122,8 +120,21 @@ class Engine:
         return SystemPrompt(persona=persona.role, text=persona.prompt_text(), controls=controls)
 
     def new_state(self, persona) -> EngineState:
-        """Prefill the persona's system prompt once; follow-up turns only prefill the new turn."""
-        return EngineState(session=self.generator.start_session(self.system_prompt(persona)))
+        """A conversation with `persona`. The system prompt's KV cache is computed once per persona version
+        (prefix cache) and copied into each new conversation; follow-up turns only prefill the new turn."""
+        system = self.system_prompt(persona)
+        with self._prefix_lock:
+            base = self._prefix_cache.get(system)
+            if base is None:
+                base = self.generator.start_session(system)
+                if len(self._prefix_cache) >= 64:
+                    self._prefix_cache.pop(next(iter(self._prefix_cache)))
+                self._prefix_cache[system] = base
+        session = copy.copy(base)
+        session.cache = copy.deepcopy(base.cache)
+        session.segments = [list(seg) for seg in base.segments]
+        session.pending = list(base.pending)
+        return EngineState(session=session)
 
     # ---- answering ---------------------------------------------------------------------------------------
 

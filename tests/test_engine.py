@@ -1,0 +1,40 @@
+"""The answer pipeline on a tiny model: prefix-cached personas equal a fresh prefill, states are independent."""
+
+from __future__ import annotations
+
+import torch
+
+from npc_server.audio import load_audio
+from npc_server.engine import Engine, EngineAudio, EngineDone, EngineText
+from npc_server.personas import parse_persona
+from npc_server.paths import DEFAULT_PERSONAS_DIR
+
+
+def _answer(engine, state, persona, wav):
+    controls = engine.system_prompt(persona).controls
+    events = list(engine.answer(state, persona, controls, audio=wav))
+    return events, events[-1]
+
+
+def test_prefix_cache_equals_fresh_prefill(tiny_model_dir, question_wav):
+    engine = Engine.from_pretrained(tiny_model_dir)
+    path = DEFAULT_PERSONAS_DIR / "blacksmith.yaml"
+    persona = parse_persona(path.read_text().replace("max_answer_seconds: 10", "max_answer_seconds: 1"), str(path))
+    wav, _ = load_audio(question_wav, target_sr=16000)
+
+    first = engine.new_state(persona)  # computes and caches the system prompt
+    second = engine.new_state(persona)  # copies the cached prefix
+    assert len(engine._prefix_cache) == 1
+    assert second.session.cache is not first.session.cache
+    fresh = engine.generator.start_session(engine.system_prompt(persona))
+    for a, b in zip(second.session.cache.layers, fresh.cache.layers):
+        assert torch.allclose(a.keys, b.keys) and torch.allclose(a.values, b.values)
+
+    ev1, end1 = _answer(engine, first, persona, wav)
+    ev2, end2 = _answer(engine, second, persona, wav)
+    assert isinstance(end1, EngineDone) and end1.spoken_text == end2.spoken_text  # greedy: identical answers
+    # answering in one conversation did not touch the other's cache
+    assert first.session.cache.get_seq_length() == second.session.cache.get_seq_length()
+    assert any(isinstance(e, EngineText) for e in ev1) and any(isinstance(e, EngineAudio) for e in ev1)
+    n_audio = sum(len(e.wav) for e in ev1 if isinstance(e, EngineAudio))
+    assert n_audio > 0 and all(e.sample_rate == engine.sample_rate for e in ev1 if isinstance(e, EngineAudio))
