@@ -17,11 +17,11 @@ import numpy as np
 from npc_server.audio.io import save_wav
 from npc_server.training.corpus import render as R
 from npc_server.training.corpus.players import pick_player, player_pool
-from npc_server.training.corpus.text import Dialogue, generate_dialogues
+from npc_server.training.corpus.text import PREFIX_STABLE_FROM, Dialogue, generate_dialogues
 from npc_server.voices import ESPEAK_BASE_VOICES, VOICE_BANK, voice_supports
 
 CORPUS_VERSION = 1
-SIZES = {"tiny": 16, "small": 600, "default": 10000}
+SIZES = {"tiny": 16, "small": 600, "default": 15000}
 
 
 @dataclass
@@ -184,8 +184,11 @@ def generate(root: Path, n_dialogues: int, seed: int = 0, workers: int = 2, resu
             raise FileExistsError(f"{root} already holds a corpus: pass --resume to finish it or --overwrite to start again")
         else:
             old = json.loads(plan_path.read_text()) if plan_path.exists() else None
-            if old is not None and old != plan:
-                raise ValueError(f"cannot resume {root}: it was started with {old}, now asked for {plan}")
+            shrink = (old is not None and {**old, "dialogues": n_dialogues} == plan
+                      and PREFIX_STABLE_FROM <= n_dialogues < old["dialogues"])
+            if old is not None and old != plan and not shrink:
+                raise ValueError(f"cannot resume {root}: it was started with {old}, now asked for {plan} "
+                                 f"(only the same seed, or fewer dialogues from {PREFIX_STABLE_FROM} on, can resume)")
     root.mkdir(parents=True, exist_ok=True)
     (root / "report.json").unlink(missing_ok=True)  # report.json marks a complete corpus: written last
     _write_atomic(plan_path, json.dumps(plan) + "\n")
@@ -195,11 +198,16 @@ def generate(root: Path, n_dialogues: int, seed: int = 0, workers: int = 2, resu
     _write_atomic(root / "dialogues.jsonl", "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in dialogues))
     _write_atomic(root / "players.json", json.dumps([v.to_json() for v in player_pool()], indent=1) + "\n")
 
-    done = {e["id"] for e in _read_manifest(manifest_path) if (root / e["audio"]).exists()}
-    if done and len(done) != len(_read_manifest(manifest_path)):
-        # entries whose audio vanished: rewrite the manifest without them
-        kept = [e for e in _read_manifest(manifest_path) if e["id"] in done]
+    wanted = {j.id for j in jobs}
+    existing = _read_manifest(manifest_path)
+    kept = [e for e in existing if e["id"] in wanted and (root / e["audio"]).exists()]
+    if len(kept) != len(existing):
+        # entries whose audio vanished, or beyond a shrunk plan: rewrite the manifest without them
+        for e in existing:
+            if e["id"] not in wanted:
+                (root / e["audio"]).unlink(missing_ok=True)
         _write_atomic(manifest_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
+    done = {e["id"] for e in kept}
     todo = [j for j in jobs if j.id not in done]
     new_audio_s = 0.0
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="corpus", unit="utt", disable=not progress,

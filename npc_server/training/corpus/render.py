@@ -157,21 +157,21 @@ def change_voice(wav: np.ndarray, sr: int, pitch_st: float = 0.0, pitch_range: f
     import parselmouth
     from parselmouth.praat import call
 
-    f0 = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch(
-        time_step=0.01, pitch_floor=floor, pitch_ceiling=ceiling).selected_array["frequency"]
-    voiced = f0[f0 > 0]
-    if voiced.size < 3:
-        return wav  # nothing voiced to move
-    target = float(np.median(voiced)) * 2.0 ** (pitch_st / 12.0)
     src = wav
     if abs(formant_ratio - 1) >= 1e-3:  # play faster/slower: formants, F0 and tempo all scale by the ratio
         src = resample(wav, sr, int(round(sr / formant_ratio)))
+    lo, hi = floor * max(formant_ratio, 1.0), ceiling * max(formant_ratio, 1.0)
     snd = parselmouth.Sound(src.astype(np.float64), sampling_frequency=sr)
-    man = call(snd, "To Manipulation", 0.01, floor * max(formant_ratio, 1.0), ceiling * max(formant_ratio, 1.0))
+    f0 = snd.to_pitch(time_step=0.01, pitch_floor=lo, pitch_ceiling=hi).selected_array["frequency"]
+    voiced = f0[f0 > 0]
+    if voiced.size < 3:
+        return wav  # nothing voiced to move
+    med = float(np.median(voiced))  # median F0 after the resample trick
+    target = med / formant_ratio * 2.0 ** (pitch_st / 12.0)  # the original median, shifted
+    man = call(snd, "To Manipulation", 0.01, lo, hi)
     tier = call(man, "Extract pitch tier")
     if call(tier, "Get number of points") < 3:
         return wav
-    med = float(np.median([call(tier, "Get value at index", i) for i in range(1, call(tier, "Get number of points") + 1)]))
     call(tier, "Formula", f"{target} * (self / {med}) ^ {float(pitch_range)}")
     call([tier, man], "Replace pitch tier")
     y = call(man, "Get resynthesis (overlap-add)").values[0].astype(np.float32)

@@ -670,9 +670,16 @@ def generate_one(rng: random.Random, index: int) -> Dialogue:
                     answer_text=a, expected=expected, rejected_text=rej, extra=extra)
 
 
+PREFIX_STABLE_FROM = 200  # from this size on, a corpus of n turns is the first n turns of any larger one
+
+
 def generate_dialogues(n: int, seed: int = 0) -> list[Dialogue]:
-    """n dialogue turns, deterministic for a seed, with each split filled to its share (at least one each)."""
+    """n dialogue turns, deterministic for a seed. From PREFIX_STABLE_FROM turns on they are the first n of one
+    seeded stream (splits by question hash, about SPLIT_FRACTIONS); below that each split is filled to its share
+    (at least one each) so tiny corpora still have all three splits."""
     rng = random.Random(f"npc-corpus-text:{seed}")
+    if n >= PREFIX_STABLE_FROM:
+        return [generate_one(rng, i) for i in range(n)]
     quotas = {s: max(1, round(n * f)) for s, f in SPLIT_FRACTIONS.items()}
     quotas["train"] = max(1, n - quotas["valid"] - quotas["heldout"])
     out: list[Dialogue] = []
