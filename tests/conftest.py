@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -55,3 +56,14 @@ def build_tiny_model(directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def capped_personas(folder: Path, seconds: int = 1, long_npc: str | None = None, long_seconds: int = 8) -> Path:
+    """The shipped personas with answers capped at `seconds` (an untrained model babbles), except `long_npc`."""
+    from npc_server.paths import DEFAULT_PERSONAS_DIR
+
+    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
+        text = f.read_text()
+        cap = long_seconds if long_npc and f"id: {long_npc}" in text else seconds
+        (folder / f.name).write_text(re.sub(r"max_answer_seconds: \d+", f"max_answer_seconds: {cap}", text))
+    return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,27 +14,20 @@ from websockets.sync.client import connect
 
 from npc_server.audio import load_audio
 from npc_server.engine import Engine
-from npc_server.paths import DEFAULT_PERSONAS_DIR
 from npc_server.personas import PersonaStore
 from npc_server.service.api import Limits
 from npc_server.service.bridge import start_bridge
 from npc_server.service.core import NpcService
 
+from conftest import capped_personas
+
 TOKEN = "bridge-token"
 CANCEL_NPC = "quest_giver"  # the one persona allowed a long answer, so a cancel lands mid-answer
 
 
-def bridge_personas(folder: Path) -> Path:
-    """The shipped personas with answers capped at 1 s (an untrained model babbles), except CANCEL_NPC at 8 s."""
-    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
-        cap = 8 if f"id: {CANCEL_NPC}" in f.read_text() else 1
-        (folder / f.name).write_text(re.sub(r"max_answer_seconds: \d+", f"max_answer_seconds: {cap}", f.read_text()))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def bridge(tiny_model_dir, tmp_path_factory):
-    personas = bridge_personas(tmp_path_factory.mktemp("bridge_personas"))
+    personas = capped_personas(tmp_path_factory.mktemp("bridge_personas"), long_npc=CANCEL_NPC)
     service = NpcService(Engine.from_pretrained(tiny_model_dir), PersonaStore(personas),
                          Limits(max_audio_seconds=10, max_sessions_per_client=3), auth_token=TOKEN)
     server, port = start_bridge(service, "127.0.0.1", 0)
