@@ -101,3 +101,14 @@ def test_prices_and_numbers():
     assert gold(ITEMS["sword"].price) == "twenty-five gold"
     with pytest.raises(ValueError):
         gold(3, "fr")
+
+
+def test_larger_corpus_extends_smaller_one():
+    """From PREFIX_STABLE_FROM turns on, a smaller corpus is a prefix of a larger one (so a run can be shrunk)."""
+    from npc_server.training.corpus.generate import build
+    from npc_server.training.corpus.text import PREFIX_STABLE_FROM
+
+    small_d, small_j = build(PREFIX_STABLE_FROM, seed=1)
+    big_d, big_j = build(PREFIX_STABLE_FROM + 50, seed=1)
+    assert [d.to_json() for d in small_d] == [d.to_json() for d in big_d[:PREFIX_STABLE_FROM]]
+    assert small_j == big_j[: len(small_j)]
