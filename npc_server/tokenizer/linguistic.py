@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from npc_server.tokenizer.modules import ConvReadout, EncoderConfig, StreamingEncoder
-from npc_server.tokenizer.quantizers import VectorQuantizer, VQConfig
+from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
 
 
 def _ling_encoder() -> EncoderConfig:
@@ -18,11 +18,24 @@ def _ling_encoder() -> EncoderConfig:
 @dataclass
 class LinguisticConfig:
     encoder: EncoderConfig = field(default_factory=_ling_encoder)
+    quantizer: str = "fsq"  # "fsq" (finite scalar, levels below) or "vq" (EMA codebook)
+    fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[4, 4, 4, 4, 4]))
     vq: VQConfig = field(default_factory=lambda: VQConfig(codebook_size=1024, dim=64))
     n_phones: int = 64  # phone inventory size (CTC blank is an extra class 0)
     readout_hidden: int = 256
     readout_layers: int = 3
     ctc_upsample: int = 3  # CTC outputs per 60 ms token (phones can be faster than 16.7 Hz)
+
+    @property
+    def q_dim(self) -> int:
+        return self.fsq.dim if self.quantizer == "fsq" else self.vq.dim
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size if self.quantizer == "fsq" else self.vq.codebook_size
+
+    def __post_init__(self) -> None:
+        self.encoder.out_dim = self.q_dim
 
 
 class LinguisticTokenizer(nn.Module):
@@ -32,14 +45,14 @@ class LinguisticTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = StreamingEncoder(cfg.encoder)
-        self.vq = VectorQuantizer(cfg.vq)
-        self.readout = ConvReadout(cfg.vq.dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
+        self.vq = make_quantizer(cfg.quantizer, cfg.vq, cfg.fsq)
+        self.readout = ConvReadout(cfg.q_dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None, state=None):
         """mel [B, n_mels, T] -> dict(z (unit, continuous), zq (straight-through), codes, vq_loss), new state."""
         z, state = self.encoder(mel, state)
         zq, codes, vq_loss = self.vq(z, mask)
-        return {"z": nn.functional.normalize(z.float(), dim=-1), "zq": zq, "codes": codes, "vq_loss": vq_loss}, state
+        return {"z": self.vq.soft(z), "zq": zq, "codes": codes, "vq_loss": vq_loss}, state
 
     def encode(self, mel: torch.Tensor, state=None):
         z, state = self.encoder(mel, state)

@@ -94,7 +94,7 @@ class EncoderConfig:
     ff_mult: int = 3
     conv_kernel: int = 5
     chunk: int = 8  # tokens per attention chunk (= one processing block)
-    left_chunks: int = 4
+    left_chunks: int = 2
     out_dim: int = 64  # quantiser dimension
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(cfg.codebook_size))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def soft(self, z: torch.Tensor) -> torch.Tensor:
+        """The continuous value the code approximates (for auxiliary losses)."""
+        return F.normalize(z.float(), dim=-1)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., dim] -> codes [...] (int64)."""
@@ -105,3 +109,75 @@ def codebook_usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
         "perplexity": perplexity,
         "perplexity_fraction": perplexity / codebook_size,
     }
+
+
+@dataclass
+class FSQConfig:
+    levels: list[int] = field(default_factory=lambda: [4, 4, 4, 4, 4])  # product = codebook size
+
+    @property
+    def codebook_size(self) -> int:
+        n = 1
+        for level in self.levels:
+            n *= level
+        return n
+
+    @property
+    def dim(self) -> int:
+        return len(self.levels)
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """Finite scalar quantisation (Mentzer et al. 2023): each dimension is bounded and rounded to `levels[i]` values.
+
+    No codebook to learn, so no collapse: every code is a point of a fixed grid. Gradients pass straight through
+    the rounding. Same interface as VectorQuantizer (encode / embed / forward -> (zq, codes, loss=0)).
+    """
+
+    def __init__(self, cfg: FSQConfig):
+        super().__init__()
+        self.cfg = cfg
+        levels = torch.tensor(cfg.levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor([1] + cfg.levels[:-1], dtype=torch.long), dim=0)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        half = (self.levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def soft(self, z: torch.Tensor) -> torch.Tensor:
+        """The continuous (bounded, unrounded) value, on the scale of `embed`."""
+        return self._bound(z.float()) / (self.levels // 2)
+
+    def _round(self, z: torch.Tensor) -> torch.Tensor:
+        b = self._bound(z.float())
+        return b + (torch.round(b) - b).detach()  # integer grid values, straight-through gradient
+
+    def _to_codes(self, q: torch.Tensor) -> torch.Tensor:
+        return ((q.round().long() + (self.levels.long() // 2)) * self.basis).sum(-1)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._to_codes(self._round(z))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [...] -> grid points scaled to about [-1, 1]: [..., dim]."""
+        digits = (codes.long()[..., None] // self.basis) % self.levels.long()
+        return (digits - self.levels.long() // 2).float() / (self.levels // 2)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, update: bool = True):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            q = self._round(z)
+            codes = self._to_codes(q)
+            zq = q / (self.levels // 2)
+        return zq, codes, z.new_zeros(()).float()
+
+
+def make_quantizer(kind: str, vq: VQConfig, fsq: FSQConfig) -> nn.Module:
+    if kind == "vq":
+        return VectorQuantizer(vq)
+    if kind == "fsq":
+        return FiniteScalarQuantizer(fsq)
+    raise ValueError(f"unknown quantizer {kind!r} (use 'fsq' or 'vq')")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from npc_server.tokenizer.modules import ConvReadout, EncoderConfig, ReconDecoder, StreamingEncoder
-from npc_server.tokenizer.quantizers import VectorQuantizer, VQConfig
+from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
 
 
 def _sem_encoder() -> EncoderConfig:
@@ -18,6 +18,8 @@ def _sem_encoder() -> EncoderConfig:
 @dataclass
 class SemanticConfig:
     encoder: EncoderConfig = field(default_factory=_sem_encoder)
+    quantizer: str = "fsq"  # "fsq" (finite scalar, levels below) or "vq" (EMA codebook)
+    fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[8, 8, 8, 8]))
     vq: VQConfig = field(default_factory=lambda: VQConfig(codebook_size=4096, dim=64))
     n_phones: int = 64
     decoder_hidden: int = 256
@@ -32,6 +34,18 @@ class SemanticConfig:
         return self.encoder.n_mels + 3
 
 
+    @property
+    def q_dim(self) -> int:
+        return self.fsq.dim if self.quantizer == "fsq" else self.vq.dim
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size if self.quantizer == "fsq" else self.vq.codebook_size
+
+    def __post_init__(self) -> None:
+        self.encoder.out_dim = self.q_dim
+
+
 class SemanticTokenizer(nn.Module):
     """log-mel -> 25 Hz vectors -> codes 0..4095; a decoder reconstructs 10 ms frames (mel, F0, voicing, energy)."""
 
@@ -39,9 +53,9 @@ class SemanticTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = StreamingEncoder(cfg.encoder)
-        self.vq = VectorQuantizer(cfg.vq)
-        self.decoder = ReconDecoder(cfg.vq.dim, cfg.decoder_hidden, cfg.n_targets, cfg.encoder.stride, cfg.decoder_layers)
-        self.readout = ConvReadout(cfg.vq.dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
+        self.vq = make_quantizer(cfg.quantizer, cfg.vq, cfg.fsq)
+        self.decoder = ReconDecoder(cfg.q_dim, cfg.decoder_hidden, cfg.n_targets, cfg.encoder.stride, cfg.decoder_layers)
+        self.readout = ConvReadout(cfg.q_dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None, state=None):
         z, state = self.encoder(mel, state)

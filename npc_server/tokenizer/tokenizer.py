@@ -9,7 +9,7 @@ Interleaved order, one group per 120 ms: [L, L, S, S, S] (2 linguistic + 3 seman
 places audio id a at text_vocab_size + a (the equivalent of Step-Audio's 65536 + a).
 
 Timing: audio is resampled to 16 kHz and cut into 120 ms groups (1920 samples); an utterance of n samples gives
-ceil(n / 1920) groups, the last one zero-padded. Encoding runs block by block (`block_groups` groups, 480 ms
+ceil(n / 1920) groups, the last one zero-padded. Encoding runs block by block (`block_groups` groups, 960 ms
 by default): every layer is causal across blocks and attends inside its own block, so `stream()` fed with any
 chunking produces exactly the codes of `encode()` (which is the same stream fed at once).
 """
@@ -33,7 +33,6 @@ from npc_server.tokenizer.features import FeatureConfig, LogMel
 from npc_server.tokenizer.linguistic import LinguisticConfig, LinguisticTokenizer
 from npc_server.tokenizer.modules import EncoderConfig
 from npc_server.tokenizer.phones import PhoneInventory
-from npc_server.tokenizer.quantizers import VQConfig
 from npc_server.tokenizer.semantic import SemanticConfig, SemanticTokenizer
 
 LINGUISTIC_CODES = 1024
@@ -103,7 +102,7 @@ class AudioTokenizerConfig:
     linguistic: LinguisticConfig = field(default_factory=LinguisticConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     phones: list[str] = field(default_factory=list)  # CTC phone inventory (ids 1..n; 0 = blank)
-    block_groups: int = 4  # 120 ms groups per encoding block (also the attention chunk)
+    block_groups: int = 8  # 120 ms groups per encoding block (also the attention chunk): 960 ms
     max_seconds: float = 120.0
 
     def __post_init__(self) -> None:
@@ -115,6 +114,8 @@ class AudioTokenizerConfig:
         hop_ms = 1000 * self.features.hop_length / self.features.sample_rate
         if abs(self.linguistic.encoder.stride * hop_ms - 60) > 1e-6 or abs(self.semantic.encoder.stride * hop_ms - 40) > 1e-6:
             raise ValueError("linguistic tokens must be 60 ms and semantic tokens 40 ms")
+        if self.linguistic.codebook_size != LINGUISTIC_CODES or self.semantic.codebook_size != SEMANTIC_CODES:
+            raise ValueError(f"codebooks must have {LINGUISTIC_CODES} linguistic and {SEMANTIC_CODES} semantic codes")
 
     @property
     def group_samples(self) -> int:
@@ -154,13 +155,11 @@ def preset(name: str, phones: list[str] | None = None) -> AudioTokenizerConfig:
     if name == "tiny":
         ling = LinguisticConfig(
             encoder=EncoderConfig(strides=[1, 2, 3], kernels=[3, 4, 5], channels=64, dim=64, layers=1, heads=2, out_dim=16),
-            vq=VQConfig(codebook_size=1024, dim=16),
             readout_hidden=64,
             readout_layers=2,
         )
         sem = SemanticConfig(
             encoder=EncoderConfig(strides=[1, 2, 2], kernels=[3, 4, 4], channels=64, dim=64, layers=1, heads=2, out_dim=16),
-            vq=VQConfig(codebook_size=4096, dim=16),
             decoder_hidden=64,
             decoder_layers=1,
             readout_hidden=64,

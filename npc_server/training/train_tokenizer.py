@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             elapsed += dt
             bar.update(int(elapsed) - bar.n if int(elapsed) > bar.n else 0)
             rec = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-            usage_l = float((model.linguistic.vq.ema_count > 0.1 * model.linguistic.vq.ema_count.mean()).float().mean())
-            usage_s = float((model.semantic.vq.ema_count > 0.1 * model.semantic.vq.ema_count.mean()).float().mean())
+            usage_l = _batch_usage(out["ling"]["codes"], out["mask_l"], model.cfg.linguistic.codebook_size)
+            usage_s = _batch_usage(out["sem"]["codes"], out["mask_s"], model.cfg.semantic.codebook_size)
             bar.set_postfix(step=step, ctc=rec["ctc_l"], mel=rec["mel"], f0=rec["f0"], use_l=round(usage_l, 2), use_s=round(usage_s, 2))
             rec.update(step=step, epoch=epoch, elapsed=round(elapsed, 1), lr=lr, grad_norm=float(gn), sec=round(dt, 3),
                        usage_l=usage_l, usage_s=usage_s)
@@ -364,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
+
+
+def _batch_usage(codes: torch.Tensor, mask: torch.Tensor, size: int) -> float:
+    """Fraction of the codebook used in this batch (a lower bound of the usage over the corpus)."""
+    return codes[mask].unique().numel() / size
 
 
 def _checkpoint(path: Path, model, opt, step, elapsed, epoch, batch_in_epoch) -> None:
