@@ -194,3 +194,14 @@ def test_add_turn_restores_history_like_a_full_prompt(gen, parts):
     expected = template.conversation(SYSTEM, [(user, answer), (Q2, None)]).ids
     assert session.ids == expected
     torch.testing.assert_close(logits[-1], _full_logits(model, expected)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_can_extend_the_current_turn_segment(gen, parts):
+    model, _, template = parts
+    session = gen.start_session(SYSTEM)
+    gen.prefill(session, template.user(Q2).ids)
+    n_segments = len(session.segments)
+    logits = gen.prefill(session, template.assistant_prefix(Mode.TEXT).ids, new_segment=False)
+    assert len(session.segments) == n_segments
+    assert session.segments[-1] == template.user(Q2).ids + template.assistant_prefix(Mode.TEXT).ids
+    torch.testing.assert_close(logits[-1], _full_logits(model, session.ids)[-1], atol=1e-4, rtol=1e-4)

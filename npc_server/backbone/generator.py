@@ -137,14 +137,19 @@ class Generator:
         session.cache = getattr(out, _CACHE_ARG)
         return out.logits[0].float()
 
-    def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """Add tokens to the conversation (after any pending ones); returns the logits of all fed positions."""
+    def prefill(self, session: Session, ids: list[int], new_segment: bool = True) -> torch.Tensor:
+        """Add tokens to the conversation (after any pending ones); returns the logits of all fed positions.
+        `new_segment` starts a new turn segment (the unit of context eviction); False extends the current turn,
+        e.g. when an interrupted answer's remaining body is written back into its own turn."""
         feed = session.pending + list(ids)
         logits = self._forward(session, feed)
         if session.segments and session.pending:
             session.segments[-1].extend(session.pending)
         session.pending = []
-        session.segments.append(list(ids))
+        if new_segment or not session.segments:
+            session.segments.append(list(ids))
+        else:
+            session.segments[-1].extend(ids)
         return logits
 
     def add_turn(self, session: Session, user: UserTurn, answer: AssistantTurn) -> None:
