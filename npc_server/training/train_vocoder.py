@@ -302,7 +302,7 @@ def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        history.append(float(loss))
+        history.append(loss.item())
         if step % log_every == 0:
             bar.set_postfix(step=step, loss=f"{np.mean(history[-log_every:]):.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
         bar.update(int(time.time() - t0) - bar.n)

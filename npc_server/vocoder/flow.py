@@ -35,6 +35,7 @@ class FlowConfig:
     sigma_min: float = 1e-4
     prior_noise: float = 1.0  # the flow starts at mu + prior_noise * noise, mu = the encoder's mel estimate
     prior_weight: float = 1.0  # weight of the encoder's mel regression loss
+    temperature: float = 0.667  # noise scale at sampling time (Matcha-TTS practice; 1.0 = as trained)
     n_steps: int = 6
 
     def to_dict(self) -> dict:
@@ -231,7 +232,7 @@ class FlowDecoder(nn.Module):
         n_steps = n_steps or c.n_steps
         g = self.global_condition(voice, pitch_st)
         cond, mu = self.encode_tokens(tokens, g)
-        x = mu + c.prior_noise * self.pair_frames(noise)
+        x = mu + c.temperature * c.prior_noise * self.pair_frames(noise)
         # cosine schedule: smaller steps near t=0 where the field changes fastest
         ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
         for i in range(n_steps):
