@@ -49,10 +49,16 @@ def mcs(out: Path, sources: list[Path], library: bool = False) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@needs_mono
-def test_unity_client_core_with_mono(live, question_wav, tmp_path):
-    exe = tmp_path / "ConsoleTest.exe"
+@pytest.fixture(scope="module")
+def console_exe(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("mono") / "ConsoleTest.exe"
     mcs(exe, CORE + [UNITY / "Tests" / "ConsoleTest.cs"])
+    return exe
+
+
+@needs_mono
+def test_unity_client_core_with_mono(live, question_wav, console_exe):
+    exe = console_exe
     r = subprocess.run(["mono", str(exe), live["url"], TOKEN, str(question_wav), NPC, CANCEL_NPC],
                        capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
@@ -64,10 +70,9 @@ def test_unity_client_core_with_mono(live, question_wav, tmp_path):
 
 
 @needs_mono
-def test_unity_client_refuses_a_wrong_wav(live, tmp_path):
+def test_unity_client_refuses_a_wrong_wav(live, tmp_path, console_exe):
     """The console program fails loudly (exit 1, FAIL line) rather than passing on bad input."""
-    exe = tmp_path / "ConsoleTest.exe"
-    mcs(exe, CORE + [UNITY / "Tests" / "ConsoleTest.cs"])
+    exe = console_exe
     bogus = tmp_path / "bogus.wav"
     bogus.write_bytes(b"not a wav file at all")
     r = subprocess.run(["mono", str(exe), live["url"], TOKEN, str(bogus), NPC, CANCEL_NPC],
@@ -79,3 +84,39 @@ def test_unity_client_refuses_a_wrong_wav(live, tmp_path):
 def test_unity_monobehaviour_compiles_against_stub(tmp_path):
     sources = sorted((UNITY / "Runtime").glob("*.cs")) + [UNITY / "Tests" / "UnityEngineStub.cs"]
     mcs(tmp_path / "NpcVoice.dll", sources, library=True)
+
+
+@needs_godot
+def test_godot_client_headless(live, question_wav, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(GODOT / "test_project", project)
+    shutil.copytree(GODOT / "addons", project / "addons")
+    (tmp_path / "home").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "LANG": "en_US.UTF-8",
+           "NPC_VOICE_URL": live["url"], "NPC_VOICE_TOKEN": TOKEN, "NPC_VOICE_WAV": str(question_wav),
+           "NPC_VOICE_NPC": NPC, "NPC_VOICE_CANCEL_NPC": CANCEL_NPC}
+    r = subprocess.run([GODOT_BIN, "--path", str(project)], env=env, capture_output=True, text=True, timeout=150)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "SCRIPT ERROR" not in out, out
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT ok"))
+    fields = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
+    assert fields["audio_seconds"] > 0 and fields["subtitle_chars"] > 0
+    # every resampled frame went through AudioStreamGeneratorPlayback.push_buffer (the dummy driver mixes)
+    assert fields["frames_pushed"] == fields["frames_queued"] > 0
+    assert fields["frames_queued"] == pytest.approx(fields["audio_seconds"] * fields["mix_rate"], abs=4)
+    assert fields["played"] == 1 and fields["cancelled_seconds"] < 8
+
+
+@needs_godot
+def test_godot_client_reports_failure(live, tmp_path):
+    """A bad wav makes the GDScript test fail with exit code 1 (the harness can fail)."""
+    project = tmp_path / "project"
+    shutil.copytree(GODOT / "test_project", project)
+    shutil.copytree(GODOT / "addons", project / "addons")
+    bogus = tmp_path / "bogus.wav"
+    bogus.write_bytes(b"nothing here")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "en_US.UTF-8", "NPC_VOICE_URL": live["url"],
+           "NPC_VOICE_TOKEN": TOKEN, "NPC_VOICE_WAV": str(bogus), "NPC_VOICE_NPC": NPC, "NPC_VOICE_CANCEL_NPC": NPC}
+    r = subprocess.run([GODOT_BIN, "--path", str(project)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "FAIL" in r.stdout and "not a RIFF/WAVE file" in r.stdout
