@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 EXTRAS="${EXTRAS:-dev}"
 
-# System packages: espeak-ng (corpus voices, phonemes), sox; for the engine-bridge tests: headless Godot 3, mono.
+# System packages: espeak-ng (corpus voices, phonemes), sox; for the engine-bridge tests (tests/test_engine_clients.py):
+# headless Godot 3 and mono (mcs + runtime; System.Net.WebSockets.ClientWebSocket lives in libmono-system4.0-cil).
+# WITH_ENGINES=0 skips them (those tests are then skipped).
 APT_PKGS=(espeak-ng sox)
-if [ "${WITH_ENGINES:-0}" = "1" ]; then APT_PKGS+=(godot3-server mono-mcs mono-runtime); fi
+if [ "${WITH_ENGINES:-1}" = "1" ]; then
+  APT_PKGS+=(godot3-server mono-mcs mono-runtime libmono-system4.0-cil libmono-system-core4.0-cil)
+fi
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
