@@ -159,6 +159,12 @@ def test_cli_mels_then_flow_stage(corpus, tmp_path):
     assert tv.main(["--stage", "mels", *common]) == 0
     mel_cache = torch.load(run / "mel_cache.pt", weights_only=False)
     assert len(mel_cache) == 3
+    # warm-up on stand-in codes while the tokenizer is not trained yet: trains, exports nothing
+    assert tv.main(["--stage", "flow", "--proxy-tokens", "--minutes", "0.03", "--flow-segment-tokens", "20",
+                    *common]) == 0
+    proxy = torch.load(run / "token_cache_proxy.pt", weights_only=False)
+    assert set(proxy) == set(mel_cache) and all(int(t.max()) < 4096 for t in proxy.values())
+    assert (run / "ckpt_flow_proxy.pt").exists() and not (out / "model.safetensors").exists()
     # the tokenizer is trained elsewhere; its tokens land in the cache the flow stage reads
     torch.save(tv.build_token_cache(mel_cache, corpus, EnergyTokenizer()), run / "token_cache.pt")
     assert tv.main(["--stage", "flow", "--minutes", "0.05", "--flow-segment-tokens", "20", *common]) == 0

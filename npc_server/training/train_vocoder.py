@@ -186,6 +186,26 @@ def build_token_cache(mel_cache: dict, corpus: Path, tokenizer) -> dict[str, tor
     return out
 
 
+def proxy_token_cache(mel_cache: dict, n_codes: int, fpt: int, seed: int) -> dict[str, torch.Tensor]:
+    """Stand-in 25 Hz codes before the trained tokenizer exists: nearest neighbour of each 4-frame mel patch among
+    n_codes patches sampled from the data. Used only to warm up the flow decoder (its U-Net learns mel structure,
+    voices and pitch); the token embedding is re-initialised when the real tokens arrive."""
+    patches = {}
+    for uid, item in mel_cache.items():
+        mel = item["mels"][0][0].float()
+        n = mel.shape[-1] // fpt
+        patches[uid] = mel[:, : n * fpt].reshape(mel.shape[0], n, fpt).permute(1, 0, 2).reshape(n, -1)
+    pool = torch.cat(list(patches.values()))
+    g = torch.Generator().manual_seed(seed)
+    book = pool[torch.randperm(len(pool), generator=g)[:n_codes]]
+    book_sq = (book**2).sum(1)
+    out = {}
+    for uid, x in patches.items():
+        d = book_sq[None, :] - 2 * x @ book.T
+        out[uid] = d.argmin(1).to(torch.int16)
+    return out
+
+
 def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: FlowConfig) -> list[FlowExample]:
     other = flow_cfg.voices.index(OTHER_VOICE)
     fpt = flow_cfg.frames_per_token
@@ -331,7 +351,13 @@ def _load_or_new_vocoder(out: Path, init: Path | None, flow_cfg: FlowConfig, gen
     return Vocoder(FlowDecoder(flow_cfg), Generator(gen_cfg))
 
 
-def _export(vocoder: Vocoder, out: Path, info: dict) -> None:
+def _export(vocoder: Vocoder, out: Path, info: dict, component: str) -> None:
+    """Write the vocoder to `out`, taking only `component` ("flow" or "generator") from this run: the other one
+    is re-read from `out` so that two stages training at the same time do not undo each other."""
+    if (out / "model.safetensors").exists():
+        shipped = Vocoder.from_pretrained(out)
+        setattr(shipped, component, getattr(vocoder, component))
+        vocoder = shipped
     vocoder.save_pretrained(out)
     info_path = out / "training.json"
     old = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -355,6 +381,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
+    p.add_argument("--proxy-tokens", action="store_true",
+                   help="warm up the flow decoder on stand-in mel-patch codes while the tokenizer is not trained yet")
     p.add_argument("--init", type=Path, default=None, help="start from an existing vocoder directory")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gen-segment", type=float, default=0.8, help="generator training segment, seconds")
@@ -402,7 +430,7 @@ def main(argv: list[str]) -> int:
             lambda m, b: generator_loss(m, logmel, mrstft, b, bf16), args.run_dir, minutes, args.lr or 5e-4,
         )
         print(f"generator: {stats}")
-        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}})
+        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator")
 
     if args.stage in ("all", "flow", "mels"):
         mel_path = args.run_dir / "mel_cache.pt"
@@ -415,10 +443,14 @@ def main(argv: list[str]) -> int:
             torch.save(mel_cache, mel_path)
         if args.stage == "mels":
             return 0
-        tok_path = args.run_dir / "token_cache.pt"
+        fpt = vocoder.flow.config.frames_per_token
+        tok_path = args.run_dir / ("token_cache_proxy.pt" if args.proxy_tokens else "token_cache.pt")
         if tok_path.exists() and not args.rebuild_tokens:
             tokens = torch.load(tok_path, weights_only=False)
             print(f"loaded tokens of {len(tokens)} utterances from {tok_path}")
+        elif args.proxy_tokens:
+            tokens = proxy_token_cache(mel_cache, vocoder.flow.config.n_codes, fpt, args.seed)
+            torch.save(tokens, tok_path)
         else:
             from npc_server.tokenizer import AudioTokenizer
 
@@ -427,16 +459,22 @@ def main(argv: list[str]) -> int:
                 tokenizer.eval()
             tokens = build_token_cache(mel_cache, args.corpus, tokenizer)
             torch.save(tokens, tok_path)
+        flow_name = "flow_proxy" if args.proxy_tokens else "flow"
+        proxy_ckpt = args.run_dir / "ckpt_flow_proxy.pt"
+        if not args.proxy_tokens and not (args.run_dir / "ckpt_flow.pt").exists() and proxy_ckpt.exists():
+            state = torch.load(proxy_ckpt, map_location="cpu", weights_only=False)["model"]
+            state = {k: v for k, v in state.items() if not k.startswith("token_embed.")}
+            vocoder.flow.load_state_dict(state, strict=False)
+            print(f"warm start from {proxy_ckpt} (all but the token embedding)")
         examples = join_caches(mel_cache, tokens, vocoder.flow.config)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
-        fpt = vocoder.flow.config.frames_per_token
-
         stats = _train_loop(
-            "flow", vocoder.flow,
+            flow_name, vocoder.flow,
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
             lambda m, b: (flow_loss(m, *b, bf16), {}), args.run_dir, minutes, args.lr or 1e-3,
         )
         print(f"flow: {stats}")
-        _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}})
+        if not args.proxy_tokens:
+            _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow")
     return 0
