@@ -448,9 +448,12 @@ namespace NpcVoice
             {
                 try
                 {
-                    await ws.CloseAsync(WebSocketCloseStatus.NormalClosure, "bye", CancellationToken.None).ConfigureAwait(false);
+                    // only send our close frame: the receive loop reads the server's reply (ClientWebSocket allows one
+                    // receive at a time, so CloseAsync, which receives too, would race with it)
+                    await ws.CloseOutputAsync(WebSocketCloseStatus.NormalClosure, "bye", CancellationToken.None).ConfigureAwait(false);
                 }
                 catch (WebSocketException) { }
+                catch (OperationCanceledException) { }
             }
             if (receiveLoop != null) await Task.WhenAny(receiveLoop, Task.Delay(2000)).ConfigureAwait(false);
         }

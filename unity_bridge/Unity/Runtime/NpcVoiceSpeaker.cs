@@ -182,7 +182,12 @@ namespace NpcVoice
                     if (seq == 0) ring.SourceRate = rate;
                     ring.WritePcm16(pcm, 0, pcm.Length);
                 };
-                s.End += end => Post(() => { if (current == s) pendingEnd = end; });
+                s.End += end =>
+                {
+                    if (current != s) return;
+                    ring.Complete();
+                    Post(() => { if (current == s) pendingEnd = end; });
+                };
                 s.Error += e => Post(() => onError.Invoke(e.Code, e.Detail));
             });
         }

@@ -17,6 +17,7 @@ namespace NpcVoice
         int count;     // unread samples
         double frac;   // read position between buf[head] and the next sample, in source samples
         int sourceRate;
+        bool complete; // no more audio will come: the last sample may be read without a right neighbour
 
         public PcmRingBuffer(int initialCapacity = 48000, int maxSamples = 48000 * 600)
         {
@@ -50,7 +51,13 @@ namespace NpcVoice
 
         public void Clear()
         {
-            lock (gate) { head = 0; count = 0; frac = 0; }
+            lock (gate) { head = 0; count = 0; frac = 0; complete = false; }
+        }
+
+        /// <summary>The answer's audio is all written: let Read play out the very last sample too.</summary>
+        public void Complete()
+        {
+            lock (gate) complete = true;
         }
 
         /// <summary>Append little-endian signed 16-bit mono PCM.</summary>
@@ -73,6 +80,7 @@ namespace NpcVoice
         {
             lock (gate)
             {
+                complete = false;
                 if (count + n > buf.Length) Grow(count + n);
                 if (n > buf.Length)  // more than the maximum at once: keep the newest
                 {
@@ -126,8 +134,9 @@ namespace NpcVoice
                 while (produced < frames)
                 {
                     int i = (int)pos;
-                    if (i + 1 >= count) break;  // need both neighbours
-                    float a = buf[(head + i) % len], b = buf[(head + i + 1) % len];
+                    if (i >= count || (i + 1 >= count && !complete)) break;  // need both neighbours until the end
+                    float a = buf[(head + i) % len];
+                    float b = i + 1 < count ? buf[(head + i + 1) % len] : a;
                     float t = (float)(pos - i);
                     float v = a + (b - a) * t;
                     int o = produced * channels;

@@ -51,7 +51,9 @@ func attach(npc_client) -> void:
 
 # Ask with a recording: pcm s16le mono at sample_rate (or a whole wav file with encoding "wav").
 func ask(audio: PoolByteArray, sample_rate: int = 16000, encoding: String = "pcm_s16le", extra: Dictionary = {}) -> int:
-	var config = {"npc_id": npc_id, "session_id": session_id, "encoding": encoding, "sample_rate": sample_rate}
+	var config = {"npc_id": npc_id, "session_id": session_id, "encoding": encoding}
+	if encoding == "pcm_s16le":
+		config["sample_rate"] = sample_rate
 	for k in extra:
 		config[k] = extra[k]
 	cancel()
