@@ -11,7 +11,14 @@ import torch
 
 from npc_server.audio.io import load_audio
 from npc_server.eval import npc_eval
-from npc_server.eval.npc_eval import contains, heard, judge, persona_violation, summarise, voice_references
+from npc_server.eval.npc_eval import (
+    contains,
+    heard,
+    judge,
+    persona_violation,
+    summarise,
+    voice_references,
+)
 
 
 def test_heard_normalises_numbers_and_punctuation():

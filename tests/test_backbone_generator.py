@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from npc_server.backbone.generator import AudioChunk, Generator, SamplingConfig, TextDelta, TurnEnd
-from npc_server.backbone.model import build_model, count_parameters, load_backbone, preset, save_backbone
-from npc_server.backbone.template import BLOCK_AUDIO, BlockGrammar, ChatTemplate, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.generator import (
+    AudioChunk,
+    Generator,
+    SamplingConfig,
+    TextDelta,
+    TurnEnd,
+)
+from npc_server.backbone.model import (
+    build_model,
+    count_parameters,
+    load_backbone,
+    preset,
+    save_backbone,
+)
+from npc_server.backbone.template import (
+    BLOCK_AUDIO,
+    BlockGrammar,
+    ChatTemplate,
+    Mode,
+    SystemPrompt,
+    UserTurn,
+)
 from npc_server.backbone.text_tokenizer import TextTokenizer
 
 TEXTS = [
@@ -136,10 +157,10 @@ def test_sampling_settings(gen):
     assert run(SamplingConfig(temperature=1.0, top_p=1e-6, seed=2, max_new_tokens=40)) == greedy
     short = gen.generate(gen.start_session(SYSTEM), Q1, sampling=SamplingConfig(seed=1, max_new_tokens=5))
     assert short.stop_reason == "max_tokens" and 5 <= len(short.ids) <= 5 + 4
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0)):
+    for bad in ({"temperature": -1}, {"top_p": 0.0}, {"top_k": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.temperature = 2.0  # frozen
 
 

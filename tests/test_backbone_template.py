@@ -21,7 +21,14 @@ from npc_server.backbone.template import (
     UserTurn,
 )
 from npc_server.backbone.text_tokenizer import TextTokenizer
-from npc_server.backbone.vocab import N_AUDIO, N_LINGUISTIC, SPECIAL_TOKENS, VocabLayout, pitch_token, speed_token
+from npc_server.backbone.vocab import (
+    N_AUDIO,
+    N_LINGUISTIC,
+    SPECIAL_TOKENS,
+    VocabLayout,
+    pitch_token,
+    speed_token,
+)
 
 TEXTS = [
     "Welcome to The Sleepy Otter, traveller! A room costs ten gold a night.",

@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from npc_server.backbone.generator import Generator, SamplingConfig
-from npc_server.backbone.template import KIND_AUDIO, KIND_TEXT, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import (
+    KIND_AUDIO,
+    KIND_TEXT,
+    Mode,
+    SystemPrompt,
+    UserTurn,
+)
 from npc_server.training import dpo, merge, pretrain, sft
 from npc_server.training.lm_common import load_bundle
 from npc_server.training.lm_data import (
@@ -50,7 +56,7 @@ def pretrained(corpus, tmp_path_factory) -> Path:
 
 
 def test_pretrain_writes_a_loadable_bundle_and_log(pretrained):
-    model, config, tok, template = load_bundle(pretrained / "model")
+    model, config, _, template = load_bundle(pretrained / "model")
     assert config.preset == "tiny" and config.n_text == 512
     summary = json.loads((pretrained / "summary.json").read_text())
     assert summary["complete"] and summary["steps_done"] == 4 and summary["world"] == 1
@@ -183,7 +189,7 @@ def test_ddp_two_processes_keep_weights_in_sync(corpus, pretrained, tmp_path):
            "--master_port", str(_free_port()), "-m", "npc_server.cli", "train", "sft",
            "--corpus", str(corpus), *COMMON, "--init", str(pretrained / "model"), "--out", str(out),
            "--steps", "3", "--batch-size", "2", "--lr", "1e-3"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"] == 2 and summary["complete"]
@@ -201,7 +207,11 @@ def test_tokenize_corpus_with_audio_tokenizer_on_real_speech(tmp_path):
 
     from npc_server.tokenizer import AudioTokenizer, split_interleaved
     from npc_server.tokenizer import preset as tokenizer_preset
-    from npc_server.training.lm_data import load_manifest, pretrain_examples, tokenize_corpus
+    from npc_server.training.lm_data import (
+        load_manifest,
+        pretrain_examples,
+        tokenize_corpus,
+    )
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=3, seed=0)
     rows = load_manifest(corpus)

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from npc_server.backbone.template import AssistantTurn, BlockGrammar, ChatTemplate, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import (
+    AssistantTurn,
+    BlockGrammar,
+    ChatTemplate,
+    Mode,
+    SystemPrompt,
+    UserTurn,
+)
 
 
 @dataclass(frozen=True)
@@ -223,11 +230,10 @@ class Generator:
                     text_sent = text
             elif self.layout.is_semantic(token):
                 span.append(self.layout.to_semantic_codes([token])[0])
-            elif token == self.layout.special("<|audio_end|>"):
-                if span:
-                    audio += span
-                    yield AudioChunk(torch.tensor(span, dtype=torch.long))
-                    span = []
+            elif token == self.layout.special("<|audio_end|>") and span:
+                audio += span
+                yield AudioChunk(torch.tensor(span, dtype=torch.long))
+                span = []
             if grammar.finished:
                 session.pending = [token]
                 break

@@ -22,7 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from npc_server.controls import ACCENTS, EMOTIONS, LANGUAGES, PITCH_RANGE_ST, SPEED_RANGE
+from npc_server.controls import (
+    ACCENTS,
+    EMOTIONS,
+    LANGUAGES,
+    PITCH_RANGE_ST,
+    SPEED_RANGE,
+)
 from npc_server.voices import VOICE_BANK
 
 N_LINGUISTIC = 1024
@@ -51,13 +57,13 @@ TASK_TOKENS: tuple[str, ...] = ("<|task:tts|>", "<|task:asr|>", "<|task:continue
 
 def _speed_values() -> list[float]:
     lo, hi = SPEED_RANGE
-    n = int(round((hi - lo) / SPEED_STEP))
+    n = round((hi - lo) / SPEED_STEP)
     return [round(lo + i * SPEED_STEP, 2) for i in range(n + 1)]
 
 
 def _pitch_values() -> list[float]:
     lo, hi = PITCH_RANGE_ST
-    n = int(round((hi - lo) / PITCH_STEP_ST))
+    n = round((hi - lo) / PITCH_STEP_ST)
     return [round(lo + i * PITCH_STEP_ST, 1) for i in range(n + 1)]
 
 

@@ -34,7 +34,12 @@ from npc_server.backbone.template import AssistantTurn, Mode, SystemPrompt, User
 from npc_server.controls import EMOTIONS
 from npc_server.eval.vocoder_eval import median_f0, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir
-from npc_server.training.lm_data import controls_of, load_dialogues, load_manifest, persona_texts
+from npc_server.training.lm_data import (
+    controls_of,
+    load_dialogues,
+    load_manifest,
+    persona_texts,
+)
 
 SPEED_TOLERANCE = 0.10
 PITCH_TOLERANCE_ST = 1.0
@@ -52,7 +57,7 @@ def heard(expected: str, transcript: str) -> bool:
 def contains(expected: str, text: str, language: str) -> bool:
     if language == "en":
         return heard(expected, text)
-    squash = lambda s: re.sub(r"[\s。、，,.!?！？]", "", s.lower())  # noqa: E731
+    squash = lambda s: re.sub(r"[\s。、，,.!?！？]", "", s.lower())
     return squash(expected) in squash(text)
 
 

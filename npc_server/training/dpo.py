@@ -6,10 +6,22 @@ import argparse
 import logging
 from pathlib import Path
 
-from npc_server.training.lm_common import add_data_args, corpus_dir, load_bundle, prepare_token_cache, save_bundle
+from npc_server.training.lm_common import (
+    add_data_args,
+    corpus_dir,
+    load_bundle,
+    prepare_token_cache,
+    save_bundle,
+)
 from npc_server.training.lm_data import collate_pairs, dpo_examples, fit_length
+from npc_server.training.loop import (
+    add_train_args,
+    config_from_args,
+    setup_distributed,
+    teardown_distributed,
+    train,
+)
 from npc_server.training.losses import make_dpo_loss
-from npc_server.training.loop import add_train_args, config_from_args, setup_distributed, teardown_distributed, train
 
 
 def main(argv: list[str]) -> int:

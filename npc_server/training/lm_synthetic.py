@@ -35,7 +35,7 @@ def text_tokens(text: str, speaker: str, pitch_st: float = 0.0, speed: float = 1
     """Deterministic pseudo audio tokens of a text (see module docstring)."""
     chars = [c for c in text.lower() if not c.isspace()] or ["."]
     duration = max(0.3, len(text) / CHARS_PER_SECOND / speed)
-    groups = max(1, int(round(duration / 0.12)))  # whole 120 ms groups, like the tokenizer
+    groups = max(1, round(duration / 0.12))  # whole 120 ms groups, like the tokenizer
     n_l, n_s = 2 * groups, 3 * groups
     spk = zlib.crc32(f"{speaker}:{round(pitch_st)}".encode())
     ling = np.array([zlib.crc32(chars[i * len(chars) // n_l].encode()) % 1024 for i in range(n_l)])

@@ -151,7 +151,7 @@ def train(
 ) -> dict:
     """Train `model` in place. Returns the run summary (also written to out_dir/summary.json by rank 0)."""
     rank, world = setup_distributed()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
     torch.manual_seed(cfg.seed)
     model.to(device).train()

@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from npc_server.backbone.model import WEIGHTS_FILE, build_model, load_config, save_backbone
+from npc_server.backbone.model import (
+    WEIGHTS_FILE,
+    build_model,
+    load_config,
+    save_backbone,
+)
 from npc_server.training.lm_common import copy_tokenizer
 
 

@@ -11,10 +11,28 @@ import torch
 from npc_server.backbone.model import PRESETS, build_model, count_parameters, preset
 from npc_server.backbone.template import ChatTemplate
 from npc_server.backbone.text_tokenizer import TextTokenizer, corpus_texts
-from npc_server.training.lm_common import add_data_args, corpus_dir, load_bundle, prepare_token_cache, save_bundle
-from npc_server.training.lm_data import collate, fit_length, persona_texts, pretrain_examples
+from npc_server.training.lm_common import (
+    add_data_args,
+    corpus_dir,
+    load_bundle,
+    prepare_token_cache,
+    save_bundle,
+)
+from npc_server.training.lm_data import (
+    collate,
+    fit_length,
+    persona_texts,
+    pretrain_examples,
+)
+from npc_server.training.loop import (
+    add_train_args,
+    barrier,
+    config_from_args,
+    setup_distributed,
+    teardown_distributed,
+    train,
+)
 from npc_server.training.losses import lm_loss
-from npc_server.training.loop import add_train_args, barrier, config_from_args, setup_distributed, teardown_distributed, train
 
 
 def main(argv: list[str]) -> int:

@@ -7,10 +7,27 @@ import logging
 import random
 from pathlib import Path
 
-from npc_server.training.lm_common import add_data_args, corpus_dir, load_bundle, prepare_token_cache, save_bundle
-from npc_server.training.lm_data import collate, fit_length, pretrain_examples, sft_examples
+from npc_server.training.lm_common import (
+    add_data_args,
+    corpus_dir,
+    load_bundle,
+    prepare_token_cache,
+    save_bundle,
+)
+from npc_server.training.lm_data import (
+    collate,
+    fit_length,
+    pretrain_examples,
+    sft_examples,
+)
+from npc_server.training.loop import (
+    add_train_args,
+    config_from_args,
+    setup_distributed,
+    teardown_distributed,
+    train,
+)
 from npc_server.training.losses import lm_loss
-from npc_server.training.loop import add_train_args, config_from_args, setup_distributed, teardown_distributed, train
 
 
 def main(argv: list[str]) -> int:
