@@ -14,7 +14,7 @@ import torch
 
 from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
 
-__all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText"]
+__all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "Listener"]
 
 # the service's output modes -> the template's answer modes
 _MODES = {"audio_and_text": Mode.AUDIO_TEXT, "text_only": Mode.TEXT, "audio_only": Mode.AUDIO}
@@ -67,6 +67,25 @@ class EngineState:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+class Listener:
+    """Tokenizes a question while it arrives: push() audio chunks at any rate, finish() returns the audio ids.
+
+    Equal to encoding the whole question at once (the tokenizer's streaming encoder is exact)."""
+
+    def __init__(self, tokenizer, sample_rate: int):
+        self._stream = tokenizer.stream(sample_rate)
+        self._parts: list[torch.Tensor] = []
+
+    def push(self, wav: np.ndarray) -> None:
+        ids = self._stream.push(wav).interleaved
+        if len(ids):
+            self._parts.append(ids)
+
+    def finish(self) -> torch.Tensor:
+        self._parts.append(self._stream.flush().interleaved)
+        return torch.cat(self._parts)
 
 
 class Engine:
@@ -138,19 +157,25 @@ class Engine:
 
     # ---- answering ---------------------------------------------------------------------------------------
 
+    def listen(self, sample_rate: int) -> Listener:
+        """Start tokenizing a question that arrives in chunks (pass the Listener to `answer` as `audio`)."""
+        return Listener(self.tokenizer, sample_rate)
+
     def answer(
         self,
         state: EngineState,
         persona,
         controls: Controls,
-        audio: np.ndarray | None = None,
+        audio: np.ndarray | Listener | None = None,
         text: str = "",
         mode: str = "audio_and_text",
     ) -> Iterator[EngineText | EngineAudio | EngineDone]:
-        """Stream the answer to one question (16 kHz float32 audio and/or typed text)."""
+        """Stream the answer to one question: 16 kHz float32 audio (or a Listener that heard it) and/or text."""
         t0 = time.perf_counter()
         audio_ids = None
-        if audio is not None:
+        if isinstance(audio, Listener):
+            audio_ids = audio.finish()
+        elif audio is not None:
             audio_ids = self.tokenizer.encode(audio, 16000).interleaved
         t_tok = time.perf_counter()
 

@@ -38,3 +38,15 @@ def test_prefix_cache_equals_fresh_prefill(tiny_model_dir, question_wav):
     assert any(isinstance(e, EngineText) for e in ev1) and any(isinstance(e, EngineAudio) for e in ev1)
     n_audio = sum(len(e.wav) for e in ev1 if isinstance(e, EngineAudio))
     assert n_audio > 0 and all(e.sample_rate == engine.sample_rate for e in ev1 if isinstance(e, EngineAudio))
+
+
+def test_listener_equals_offline_encoding(tiny_model_dir, question_wav):
+    """Tokenizing while the question arrives (odd chunk sizes, 22.05 kHz) gives the ids of offline encoding."""
+    engine = Engine.from_pretrained(tiny_model_dir)
+    wav, sr = load_audio(question_wav)
+    listener = engine.listen(sr)
+    for i in range(0, len(wav), 3001):
+        listener.push(wav[i:i + 3001])
+    streamed = listener.finish()
+    offline = engine.tokenizer.encode(wav, sr).interleaved
+    assert torch.equal(streamed, offline)

@@ -270,7 +270,7 @@ def test_serve_command_and_say(tiny_model_dir, tmp_path, question_wav):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not ready.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert ready.exists(), proc.stdout.read() if proc.poll() is not None else "server did not start"
@@ -291,7 +291,7 @@ def test_serve_command_and_say(tiny_model_dir, tmp_path, question_wav):
         assert r.returncode == 1 and "NOT_FOUND: unknown NPC 'ghost'" in r.stderr
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     assert proc.returncode == 0
 
 

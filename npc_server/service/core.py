@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from npc_server import __version__
-from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono, validate_audio
+from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono
 from npc_server.controls import ACCENTS, EMOTIONS, LANGUAGES, PITCH_RANGE_ST, SPEED_RANGE
 from npc_server.engine import Controls, EngineAudio, EngineDone, EngineText
 from npc_server.personas import Persona, PersonaStore, ReloadResult
@@ -168,41 +168,60 @@ class NpcService:
                 f"output_sample_rate {cfg.output_sample_rate} is not supported; use one of {OUTPUT_RATES} or 0",
             )
 
-    def _read_audio(self, cfg: SpeakConfig, chunks: Iterable[bytes]) -> np.ndarray | None:
+    def _read_audio(self, cfg: SpeakConfig, chunks: Iterable[bytes]):
+        """Read the question -> 16 kHz audio, or audio tokens, or None when there is no audio.
+
+        Raw PCM is tokenized while it arrives (the streaming tokenizer equals offline encoding), so at the end
+        of the player's speech only the last block is left to encode. A wav/flac/ogg file is decoded whole.
+        """
+        total = 0
         buf = io.BytesIO()
-        for chunk in chunks:
-            if len(chunk) > self.limits.max_chunk_bytes:
-                raise ApiError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"audio chunk of {len(chunk)} bytes exceeds the limit of {self.limits.max_chunk_bytes} bytes",
-                )
-            if buf.tell() + len(chunk) > self.limits.max_request_bytes:
-                raise ApiError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"question audio exceeds {self.limits.max_request_bytes} bytes",
-                )
-            buf.write(chunk)
-        data = buf.getvalue()
-        if not data:
-            return None
+        stream = None
+        carry = b""
+        channels = max(cfg.channels, 1)
+        frame = 2 * channels
+        seconds = 0.0
         try:
-            if cfg.encoding == AudioEncoding.WAV:
-                wav, sr = load_audio(data, max_seconds=self.limits.max_audio_seconds)
-            else:
-                channels = max(cfg.channels, 1)
-                frame = 2 * channels
-                if len(data) % frame:
-                    raise AudioError(
-                        f"s16le audio with {channels} channel(s) must be a multiple of {frame} bytes, got {len(data)}"
+            for chunk in chunks:
+                if len(chunk) > self.limits.max_chunk_bytes:
+                    raise ApiError(
+                        ErrorCode.INVALID_ARGUMENT,
+                        f"audio chunk of {len(chunk)} bytes exceeds the limit of {self.limits.max_chunk_bytes} bytes",
                     )
-                wav = pcm16_to_float(data)
+                total += len(chunk)
+                if total > self.limits.max_request_bytes:
+                    raise ApiError(
+                        ErrorCode.RESOURCE_EXHAUSTED, f"question audio exceeds {self.limits.max_request_bytes} bytes"
+                    )
+                if cfg.encoding == AudioEncoding.WAV:
+                    buf.write(chunk)
+                    continue
+                data = carry + chunk
+                usable = len(data) - len(data) % frame
+                carry = data[usable:]
+                if not usable:
+                    continue
+                wav = pcm16_to_float(data[:usable])
                 if channels == 2:
                     wav = to_mono(wav.reshape(-1, 2))
-                sr = cfg.sample_rate
-                validate_audio(wav, sr, self.limits.max_audio_seconds)
+                seconds += len(wav) / cfg.sample_rate
+                if seconds > self.limits.max_audio_seconds:
+                    raise AudioError(f"audio is over {seconds:.1f} s long; the limit is {self.limits.max_audio_seconds:.1f} s")
+                if stream is None:
+                    stream = self.engine.listen(cfg.sample_rate)
+                stream.push(wav)
+            if cfg.encoding == AudioEncoding.WAV:
+                if not buf.tell():
+                    return None
+                wav, sr = load_audio(buf.getvalue(), max_seconds=self.limits.max_audio_seconds)
+                return resample(wav, sr, ENGINE_SAMPLE_RATE_IN)
+            if carry:
+                raise AudioError(
+                    f"s16le audio with {channels} channel(s) must be a multiple of {frame} bytes, got {total}"
+                )
+            return stream  # flushed by the engine once the question is complete
         except AudioError as exc:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        return resample(wav, sr, ENGINE_SAMPLE_RATE_IN)
 
     # ---- speak -----------------------------------------------------------------------------------------------
 
