@@ -265,7 +265,7 @@ class Engine:
         body = template.assistant_body(
             AssistantTurn(text=spoken_text, audio=spoken_codes, mode=state.mode), target=False
         ).ids
-        self.generator.prefill(session, body[:-1])
+        self.generator.prefill(session, body[:-1], new_segment=False)  # the answer stays in its turn
         session.pending = body[-1:]  # like a finished answer: its last token is fed with the next turn
         state.turns.append(("<interrupted>", spoken_text))
         state.progress = []
