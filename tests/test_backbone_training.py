@@ -276,3 +276,28 @@ def test_tiny_backbone_memorises_synthetic_dialogues_end_to_end(tmp_path):
         n += 1
         ok += end.text == row["answer_text"] and end.audio.tolist() == cache.get(row["answer_audio_id"])["semantic"].tolist()
     assert n >= 5 and ok >= n - 1, f"{ok}/{n} answers reproduced"
+
+
+def test_data_order_covers_each_epoch_once_and_buckets_lengths():
+    import random as _random
+
+    from npc_server.training.loop import DataOrder
+
+    rng = _random.Random(0)
+    lengths = [rng.randrange(10, 500) for _ in range(240)]
+    b, world = 4, 2
+    steps_per_epoch = len(lengths) // (b * world)
+
+    def epoch(bucket: bool) -> list[list[list[int]]]:
+        orders = [DataOrder(len(lengths), b, r, world, seed=3, lengths=lengths if bucket else None)
+                  for r in range(world)]
+        return [[o.indices(s) for o in orders] for s in range(steps_per_epoch)]
+
+    for bucket in (False, True):
+        steps = epoch(bucket)
+        seen = [i for step in steps for rank in step for i in rank]
+        assert sorted(seen) == list(range(len(lengths)))  # each example once per epoch, ranks disjoint
+        assert steps == epoch(bucket)  # a function of the step: resumable
+    padded = {bk: sum(max(lengths[i] for i in rank) * b for step in epoch(bk) for rank in step)
+              for bk in (False, True)}
+    assert padded[True] < 0.8 * padded[False]

@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     stop_after: int | None = None  # end this run after N total steps (resume later with the same --steps)
     resume: bool = True
+    bucket: bool = True  # length-bucketed batches (less padding)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -63,6 +64,7 @@ def add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, batch
     g.add_argument("--stop-after", type=int, default=None, help="stop after this many total steps (resumable)")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint.pt in --out")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    g.add_argument("--no-bucket", action="store_true", help="plain random batches instead of length-bucketed ones")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -73,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
         weight_decay=args.weight_decay, precision=args.precision, ckpt_every=args.ckpt_every,
         log_every=args.log_every, seed=args.seed, stop_after=args.stop_after, resume=not args.no_resume,
+        bucket=not args.no_bucket,
     )
 
 
@@ -113,16 +116,34 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 class DataOrder:
     """Which examples each rank sees at each step: a seeded permutation per epoch, a function of the step only,
-    so a resumed run continues exactly where it stopped."""
+    so a resumed run continues exactly where it stopped.
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+    With `lengths`, each epoch is length-bucketed to cut padding: the permutation is cut into pools of
+    `pool_batches` global batches, each pool is sorted by length and cut into global batches (world x batch_size
+    consecutive examples, so all ranks get similar lengths), and the batch order is shuffled again."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
+                 lengths: list[int] | None = None, pool_batches: int = 32):
+        if lengths is not None and len(lengths) != n:
+            raise ValueError("need one length per example")
         self.n, self.b, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.lengths, self.pool_batches = lengths, pool_batches
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.lengths is not None:
+                gb = self.b * self.world
+                pool = gb * self.pool_batches
+                batches = []
+                for i in range(0, self.n, pool):
+                    chunk = sorted(perm[i:i + pool], key=lambda j: self.lengths[j])
+                    batches += [chunk[k:k + gb] for k in range(0, len(chunk), gb)]
+                order = torch.randperm(len(batches), generator=g).tolist()
+                perm = [j for b in order for j in batches[b]]
+            self._perms = {epoch: perm}
         return self._perms[epoch]
 
     def indices(self, step: int) -> list[int]:
@@ -182,7 +203,8 @@ def train(
             log.info("resumed from %s at step %d", ckpt_path, start)
 
     wrapped = DistributedDataParallel(model) if world > 1 else model
-    order = DataOrder(len(examples), cfg.batch_size, rank, world, cfg.seed)
+    lengths = [max(len(e.chosen), len(e.rejected)) if hasattr(e, "chosen") else len(e) for e in examples]
+    order = DataOrder(len(examples), cfg.batch_size, rank, world, cfg.seed, lengths if cfg.bucket else None)
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
 
     def save_checkpoint(step: int) -> None:
