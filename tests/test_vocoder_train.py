@@ -118,18 +118,20 @@ def test_generator_training_step_decreases_loss(corpus):
     gen = Generator(GeneratorConfig(dim=48, intermediate_dim=96, n_layers=2))
     wav, _ = load_audio(corpus / "audio" / "u0.wav", target_sr=24000)
     batch = torch.from_numpy(wav[: 2 * 9600].copy()).view(2, 9600)
+    f0 = torch.stack([torch.from_numpy(tv.frame_f0(b.numpy(), 24000, 0.01, 40)) for b in batch])
+    assert (f0 > 0).any() and (f0 == 0).any()  # speech has voiced and unvoiced frames
     logmel, mrstft = LogMel(), tv.MultiResolutionSTFTLoss()
     opt = torch.optim.AdamW(gen.parameters(), lr=2e-3)
     first = None
     for _ in range(25):
-        loss, parts = tv.generator_loss(gen, logmel, mrstft, batch, bf16=True)
+        loss, parts = tv.generator_loss(gen, logmel, mrstft, batch, f0, bf16=True)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert set(parts) == {"mel_l1", "stft"}
+    assert set(parts) == {"mel_l1", "stft", "f0_l1", "v_bce"}
     with torch.no_grad():
-        final, _ = tv.generator_loss(gen, logmel, mrstft, batch, bf16=False)
+        final, _ = tv.generator_loss(gen, logmel, mrstft, batch, f0, bf16=False)
     assert float(final) < 0.8 * first
 
 

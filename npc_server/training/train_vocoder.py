@@ -42,6 +42,22 @@ def psola_pitch_shift(wav: np.ndarray, sr: int, semitones: float) -> np.ndarray:
     return np.pad(out, (0, max(0, n - len(out))))[:n]
 
 
+def frame_f0(wav: np.ndarray, sr: int, hop_seconds: float, n_frames: int) -> np.ndarray:
+    """F0 in Hz (0 = unvoiced) at frame centres i * hop_seconds, measured with Praat (parselmouth)."""
+    import parselmouth
+
+    pitch = parselmouth.Sound(wav.astype(np.float64), sr).to_pitch(time_step=hop_seconds, pitch_floor=60,
+                                                                     pitch_ceiling=600)
+    xs, f = pitch.xs(), pitch.selected_array["frequency"]
+    out = np.zeros(n_frames, dtype=np.float32)
+    if len(xs):
+        times = np.arange(n_frames) * hop_seconds
+        idx = np.clip(np.round((times - xs[0]) / hop_seconds).astype(int), 0, len(xs) - 1)
+        inside = (times >= xs[0] - hop_seconds / 2) & (times <= xs[-1] + hop_seconds / 2)
+        out = np.where(inside, f[idx], 0.0).astype(np.float32)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bootstrap audio: lets the waveform generator start before the corpus exists (piper joe + espeak-ng voices)
 
@@ -136,15 +152,16 @@ def pick_utterances(rows: list[dict], split: str, max_hours: float, seed: int) -
     return picked
 
 
-def load_wavs_24k(paths: list[Path], max_hours: float, sr_out: int) -> list[np.ndarray]:
-    wavs, total = [], 0.0
-    for p in tqdm(paths, desc="loading audio", unit="file"):
+def load_wavs_24k(paths: list[Path], max_hours: float, sr_out: int, hop: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(wav float16 at sr_out, frame F0 in Hz) per file, up to max_hours."""
+    out, total = [], 0.0
+    for p in tqdm(paths, desc="loading audio + F0", unit="file"):
         wav, _ = load_audio(p, target_sr=sr_out)
-        wavs.append(wav.astype(np.float16))
+        out.append((wav.astype(np.float16), frame_f0(wav, sr_out, hop / sr_out, len(wav) // hop)))
         total += len(wav) / sr_out
         if total >= max_hours * 3600:
             break
-    return wavs
+    return out
 
 
 @dataclass
@@ -271,16 +288,34 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         return loss / len(self.resolutions)
 
 
-def generator_loss(gen: Generator, logmel: LogMel, mrstft: MultiResolutionSTFTLoss, wav: torch.Tensor, bf16: bool):
+def generator_loss(gen: Generator, logmel: LogMel, mrstft: MultiResolutionSTFTLoss, wav: torch.Tensor,
+                   f0: torch.Tensor | None, bf16: bool):
+    """Mel L1 + multi-resolution STFT on the waveform (+ F0 predictor L1 on log F0 and voicing BCE).
+    wav [B, N] with N a multiple of the hop; f0 [B, N / hop] measured F0 (Hz, 0 = unvoiced) drives the source."""
     mel = logmel(wav)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         feats = gen.features(mel)
-    y = gen.head(feats.float())
+    base, parts, extra = None, {}, 0.0
+    if gen.config.use_source:
+        if f0 is None:
+            raise ValueError("a generator with an F0-driven source needs the measured F0 to train")
+        f0 = f0[:, : mel.shape[-1]]
+        exc, _ = gen.excitation(f0)
+        spec = torch.stft(exc, gen.head.n_fft, gen.head.hop_length, gen.head.n_fft, gen.head.window, center=True,
+                          return_complex=True)[..., : mel.shape[-1]]
+        base = torch.angle(spec)
+        log_f0, v_logit = gen.predict_f0(mel)
+        voiced = (f0 > 0).float()
+        f0_l1 = (torch.abs(log_f0.float() - torch.log(f0.clamp_min(1.0))) * voiced).sum() / voiced.sum().clamp_min(1)
+        v_bce = F.binary_cross_entropy_with_logits(v_logit.float(), voiced)
+        extra = f0_l1 + 0.5 * v_bce
+        parts = {"f0_l1": f0_l1.item(), "v_bce": v_bce.item()}
+    y = gen.head(feats.float(), base)
     n = min(y.shape[-1], wav.shape[-1])
     y, x = y[..., :n], wav[..., :n]
     mel_l1 = F.l1_loss(logmel(y), mel[..., : n // logmel.config.hop_length])
     stft = mrstft(y, x)
-    return mel_l1 + stft, {"mel_l1": mel_l1.item(), "stft": stft.item()}
+    return mel_l1 + stft + extra, {"mel_l1": mel_l1.item(), "stft": stft.item(), **parts}
 
 
 def flow_loss(flow: FlowDecoder, mel, tokens, voice, pitch, mask, bf16: bool):
@@ -303,10 +338,14 @@ def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float,
     step, spent = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, spent = ck["step"], ck["spent_s"]
-        print(f"resumed {name} from {ckpt_path} at step {step} ({spent / 60:.1f} min spent)")
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        if missing or unexpected:
+            print(f"{ckpt_path}: architecture changed ({len(missing)} new, {len(unexpected)} dropped tensors); "
+                  "warm start with a fresh optimiser and time budget")
+        else:
+            opt.load_state_dict(ck["opt"])
+            step, spent = ck["step"], ck["spent_s"]
+            print(f"resumed {name} from {ckpt_path} at step {step} ({spent / 60:.1f} min spent)")
     budget = minutes * 60
     model.train()
     t0, last_save = time.time() - spent, time.time()
@@ -412,22 +451,26 @@ def main(argv: list[str]) -> int:
             paths += [args.corpus / r["audio"] for r in rows]
         if not paths:
             raise SystemExit("no audio for the generator: give --corpus or --bootstrap N")
-        wavs = load_wavs_24k(paths, args.max_hours + 1.0, mel_cfg.sample_rate)
-        seg = int(args.gen_segment * mel_cfg.sample_rate) // mel_cfg.hop_length * mel_cfg.hop_length
+        wavs = load_wavs_24k(paths, args.max_hours + 1.0, mel_cfg.sample_rate, mel_cfg.hop_length)
+        hop = mel_cfg.hop_length
+        seg_frames = int(args.gen_segment * mel_cfg.sample_rate) // hop
         logmel, mrstft = LogMel(mel_cfg), MultiResolutionSTFTLoss()
 
         def gen_batch():
-            out = torch.zeros(args.batch, seg)
+            audio = torch.zeros(args.batch, seg_frames * hop)
+            f0 = torch.zeros(args.batch, seg_frames)
             for i in range(args.batch):
-                w = wavs[rng.randrange(len(wavs))]
-                s = rng.randrange(0, max(1, len(w) - seg))
-                piece = torch.from_numpy(w[s : s + seg].astype(np.float32))
-                out[i, : len(piece)] = piece * rng.uniform(0.5, 1.2)
-            return out
+                w, f = wavs[rng.randrange(len(wavs))]
+                s0 = rng.randrange(0, max(1, len(f) - seg_frames))
+                piece = torch.from_numpy(w[s0 * hop : (s0 + seg_frames) * hop].astype(np.float32))
+                audio[i, : len(piece)] = piece * rng.uniform(0.5, 1.2)
+                fp = torch.from_numpy(f[s0 : s0 + seg_frames])
+                f0[i, : len(fp)] = fp
+            return audio, f0
 
         stats = _train_loop(
             "generator", vocoder.generator, gen_batch,
-            lambda m, b: generator_loss(m, logmel, mrstft, b, bf16), args.run_dir, minutes, args.lr or 5e-4,
+            lambda m, b: generator_loss(m, logmel, mrstft, b[0], b[1], bf16), args.run_dir, minutes, args.lr or 5e-4,
         )
         print(f"generator: {stats}")
         _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator")

@@ -166,9 +166,14 @@ class Vocoder(nn.Module):
         return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch_st]), noise, n_steps)
 
     @torch.no_grad()
-    def _decode_window(self, tokens: np.ndarray, start_token: int, voice_idx: int, pitch_st: float) -> np.ndarray:
+    def _decode_window(self, tokens: np.ndarray, start_token: int, voice_idx: int, pitch_st: float,
+                       phase0: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """-> (wav, source phase at each frame boundary of the window)."""
         mel = self.tokens_to_mel(tokens, voice_idx, pitch_st, start_token)
-        return self.generator(mel)[0].float().numpy()
+        start_frame = start_token * self.flow.config.frames_per_token
+        wav, phases = self.generator(mel, start_frame=start_frame, phase0=torch.tensor([phase0]), return_phase=True)
+        phases = phases[0].numpy() if phases is not None else np.zeros(mel.shape[-1] + 1)
+        return wav[0].float().numpy(), phases
 
     def decode(self, semantic_ids: Iterable[int], voice: str = "joe", pitch_st: float = 0.0) -> tuple[np.ndarray, int]:
         """Offline: semantic codes (0..n_codes-1, 25 Hz) -> (float32 mono wav, sample rate)."""
@@ -176,7 +181,7 @@ class Vocoder(nn.Module):
         if tokens.size == 0:
             raise ValueError("no semantic ids to decode")
         idx, pitch = self.check_request(voice, pitch_st)
-        return self._decode_window(tokens, 0, idx, pitch).astype(np.float32), self.sample_rate
+        return self._decode_window(tokens, 0, idx, pitch)[0].astype(np.float32), self.sample_rate
 
     def stream(self, voice: str = "joe", pitch_st: float = 0.0) -> "VocoderStream":
         return VocoderStream(self, voice, pitch_st)
@@ -197,6 +202,7 @@ class VocoderStream:
         self.emitted = 0  # tokens whose audio has left (apart from the held crossfade tail)
         self.tail: np.ndarray | None = None
         self.closed = False
+        self.phases: dict[int, float] = {0: 0.0}  # source phase at absolute frame boundaries already decoded
         n = self.cfg.crossfade_samples
         ramp = np.linspace(0.0, np.pi / 2, n, dtype=np.float64)
         self.fade_in, self.fade_out = np.sin(ramp).astype(np.float32) ** 2, np.cos(ramp).astype(np.float32) ** 2
@@ -228,7 +234,15 @@ class VocoderStream:
         a = self.emitted
         ctx0 = max(0, a - self.cfg.left_context_tokens)
         ctx1 = len(self.tokens) if final else min(len(self.tokens), end + self.cfg.lookahead_tokens)
-        wav = self.vocoder._decode_window(self.tokens[ctx0:ctx1], ctx0, self.voice_idx, self.pitch_st)
+        fpt = self.vocoder.flow.config.frames_per_token
+        wav, phases = self.vocoder._decode_window(
+            self.tokens[ctx0:ctx1], ctx0, self.voice_idx, self.pitch_st, self.phases.get(ctx0 * fpt, 0.0)
+        )
+        # keep the phase where the next windows will start, so the harmonic source runs on without a jump
+        for f in range(a * fpt, end * fpt + 1):
+            self.phases.setdefault(f, float(phases[f - ctx0 * fpt]))
+        keep_from = (end - self.cfg.left_context_tokens) * fpt
+        self.phases = {f: p for f, p in self.phases.items() if f >= keep_from}
         start = (a - ctx0) * spt
         seg = wav[start:] if final else wav[start : (end - ctx0) * spt + xf]
         seg = seg.astype(np.float32, copy=True)
