@@ -169,3 +169,18 @@ def test_bad_input_errors(tmp_path):
         stream.push([1])
     with pytest.raises(FileNotFoundError, match="config.json"):
         Vocoder.from_pretrained(tmp_path / "missing")
+
+
+def test_source_excitation_pitch_and_continuity():
+    from npc_server.eval.vocoder_eval import median_f0
+
+    gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
+    f0 = torch.full((1, 100), 150.0)
+    f0[:, 40:50] = 0.0  # an unvoiced stretch gets noise
+    exc, phases = gen.excitation(f0)
+    assert exc.shape == (1, 100 * 240) and phases.shape == (1, 101)
+    assert abs(12 * np.log2(median_f0(exc[0].numpy(), 24000) / 150.0)) < 0.3
+    # two chunks, the second starting from the first one's end phase, equal one pass
+    a, pa = gen.excitation(f0[:, :60])
+    b, _ = gen.excitation(f0[:, 60:], start_frame=60, phase0=pa[:, -1])
+    torch.testing.assert_close(torch.cat([a, b], dim=1), exc, atol=1e-4, rtol=0)
