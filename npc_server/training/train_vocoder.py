@@ -420,6 +420,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
+    p.add_argument("--token-utts", type=int, default=0,
+                   help="tokenize only the first N cached utterances (0 = all); encoding is the slow part")
     p.add_argument("--proxy-tokens", action="store_true",
                    help="warm up the flow decoder on stand-in mel-patch codes while the tokenizer is not trained yet")
     p.add_argument("--init", type=Path, default=None, help="start from an existing vocoder directory")
@@ -500,7 +502,8 @@ def main(argv: list[str]) -> int:
             tokenizer = AudioTokenizer.from_pretrained(args.tokenizer)
             if hasattr(tokenizer, "eval"):
                 tokenizer.eval()
-            tokens = build_token_cache(mel_cache, args.corpus, tokenizer)
+            subset = dict(list(mel_cache.items())[: args.token_utts]) if args.token_utts else mel_cache
+            tokens = build_token_cache(subset, args.corpus, tokenizer)
             torch.save(tokens, tok_path)
         flow_name = "flow_proxy" if args.proxy_tokens else "flow"
         proxy_ckpt = args.run_dir / "ckpt_flow_proxy.pt"
