@@ -62,7 +62,8 @@ def test_pretrain_writes_a_loadable_bundle_and_log(pretrained):
     assert summary["complete"] and summary["steps_done"] == 4 and summary["world"] == 1
     log = [json.loads(line) for line in (pretrained / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all(r["text_loss"] > 0 and r["audio_loss"] > 0 for r in log)
+    assert all(r.get("text_loss", 1) > 0 and r.get("audio_loss", 1) > 0 and r["loss"] > 0 for r in log)
+    assert any("audio_loss" in r for r in log) and any("text_loss" in r for r in log)
     gen = Generator(model, template)
     end = gen.generate(gen.start_session(SystemPrompt("guard")), UserTurn(text="Where is the smithy?"),
                        sampling=SamplingConfig(seed=0, max_new_tokens=40))
@@ -103,6 +104,27 @@ def test_sft_examples_cover_history_modes_and_targets(corpus, pretrained):
         if "Hello there." in rendered:  # multi-turn: history as typed text with a text-only answer
             assert "<|user|>Hello there.<|end|><|assistant|><|mode:text|>Good day, traveller.<|text_end|><|end|>" in rendered
     assert "<|mode:audio_text|>" in modes
+
+
+def test_dialogue_prompt_uses_persona_defaults_and_per_turn_overrides(tmp_path):
+    from npc_server.backbone.template import Controls
+    from npc_server.training.lm_data import dialogue_prompt, persona_infos
+
+    infos = persona_infos(tmp_path / "no_personas")  # falls back to the corpus world's personas
+    row = {"persona": "guard", "npc_voice": "scot_male", "language": "en", "accent": "scotland", "category": "price",
+           "controls": {"emotion": "sad", "speed": 1.3, "pitch_st": -2.0}}
+    system, override = dialogue_prompt(row, infos)
+    assert system.controls == infos["guard"].controls and system.persona == "guard"
+    assert override == Controls("scot_male", "en", "scotland", "sad", 1.3, -2.0)
+    default = dict(row, controls={"emotion": infos["guard"].controls.emotion, "speed": 1.0, "pitch_st": 0.0})
+    assert dialogue_prompt(default, infos)[1] is None  # persona defaults: no override tokens
+    spoken = dict(row, category="control")  # "Say it slowly." is in the audio: the model must hear it
+    assert dialogue_prompt(spoken, infos) == (system, None)
+    from npc_server.paths import DEFAULT_PERSONAS_DIR
+
+    yaml_infos = persona_infos(DEFAULT_PERSONAS_DIR)
+    if "innkeeper" in yaml_infos and yaml_infos["innkeeper"].text:
+        assert "Greta" in yaml_infos["innkeeper"].text
 
 
 def test_dpo_log_probs_count_text_tokens_only(corpus, pretrained):
@@ -253,7 +275,7 @@ def test_tiny_backbone_memorises_synthetic_dialogues_end_to_end(tmp_path):
     """Training format and cached generation agree: after SFT to ~zero loss, greedy KV-cached generation from the
     spoken question reproduces the training answers' text and audio tokens exactly."""
     from npc_server.backbone.template import AssistantTurn
-    from npc_server.training.lm_data import _bucket, controls_of
+    from npc_server.training.lm_data import _bucket, dialogue_prompt, persona_infos
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=16, seed=0)
     common = ["--corpus", str(corpus), "--synthetic-tokens", "--personas", str(tmp_path / "none"),
@@ -268,10 +290,12 @@ def test_tiny_backbone_memorises_synthetic_dialogues_end_to_end(tmp_path):
     for row in load_dialogues(corpus, "train"):
         if not 16 <= _bucket(row["id"]) < 90:  # rows trained with spoken-only input and audio_text output
             continue
-        session = gen.start_session(SystemPrompt(row["persona"], "", controls_of(row, row["npc_voice"])))
+        system, override = dialogue_prompt(row, persona_infos(None))
+        session = gen.start_session(system)
         for h in row["history"]:
             gen.add_turn(session, UserTurn(text=h["question"]), AssistantTurn(text=h["answer"], mode=Mode.TEXT))
-        end = gen.generate(session, UserTurn(audio=cache.get(row["question_audio_id"])["interleaved"]),
+        end = gen.generate(session, UserTurn(audio=cache.get(row["question_audio_id"])["interleaved"],
+                                             controls=override),
                            sampling=SamplingConfig(temperature=0.0, max_new_tokens=200))
         n += 1
         ok += end.text == row["answer_text"] and end.audio.tolist() == cache.get(row["answer_audio_id"])["semantic"].tolist()

@@ -30,15 +30,16 @@ from tqdm import tqdm
 
 from npc_server.audio.io import load_audio
 from npc_server.backbone.generator import Generator, SamplingConfig
-from npc_server.backbone.template import AssistantTurn, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import AssistantTurn, Mode, UserTurn
 from npc_server.controls import EMOTIONS
 from npc_server.eval.vocoder_eval import median_f0, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir
 from npc_server.training.lm_data import (
-    controls_of,
+    PersonaInfo,
+    dialogue_prompt,
     load_dialogues,
     load_manifest,
-    persona_texts,
+    persona_infos,
 )
 
 SPEED_TOLERANCE = 0.10
@@ -113,18 +114,17 @@ def voice_references(corpus: Path, manifest: dict[str, dict], per_voice: int = 6
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
-def answer_row(generator: Generator, tokenizer, row: dict, manifest: dict, corpus: Path, personas: dict[str, str],
-               sampling: SamplingConfig) -> dict:
+def answer_row(generator: Generator, tokenizer, row: dict, manifest: dict, corpus: Path,
+               personas: dict[str, PersonaInfo], sampling: SamplingConfig) -> dict:
     q = manifest[row["question_audio_id"]]
     wav, sr = load_audio(corpus / q["audio"])
     audio_ids = tokenizer.encode(wav, sr).interleaved
-    system = SystemPrompt(persona=row["persona"], text=personas.get(row["persona"], ""),
-                          controls=controls_of(row, row["npc_voice"]))
+    system, override = dialogue_prompt(row, personas)  # persona defaults + API overrides, as the engine does
     session = generator.start_session(system)
     for turn in row.get("history", []):
         generator.add_turn(session, UserTurn(text=turn["question"]), AssistantTurn(text=turn["answer"], mode=Mode.TEXT))
     t0 = time.perf_counter()
-    end = generator.generate(session, UserTurn(audio=audio_ids), Mode.AUDIO_TEXT, sampling)
+    end = generator.generate(session, UserTurn(audio=audio_ids, controls=override), Mode.AUDIO_TEXT, sampling)
     return {"subtitle": end.text, "audio_codes": end.audio, "stop_reason": end.stop_reason,
             "gen_s": time.perf_counter() - t0, "tokens": end.generated_tokens}
 
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"no {args.split!r} dialogues in {corpus}")
     random.Random(args.seed).shuffle(rows)
     rows = rows[: args.limit]
-    personas = persona_texts(args.personas)
+    personas = persona_infos(args.personas)
     names = persona_names()
 
     from npc_server.tokenizer import AudioTokenizer

@@ -120,20 +120,59 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer, out_dir: str | Path, spli
 
 
 # --- personas --------------------------------------------------------------------------------------------------
-def persona_texts(personas_dir: str | Path | None) -> dict[str, str]:
-    """Persona id/role -> system text, from the persona YAML folder (empty when unavailable)."""
-    if personas_dir is None or not Path(personas_dir).is_dir():
-        return {}
-    from npc_server.personas import load_folder
+@dataclass(frozen=True)
+class PersonaInfo:
+    """What the serving engine puts in a persona's system turn: its text and its default controls."""
 
-    personas, errors = load_folder(personas_dir)
-    for err in errors:
-        log.warning("persona skipped: %s", err)
-    out: dict[str, str] = {}
-    for p in personas.values():
-        out[p.role] = p.prompt_text()
-        out[p.id] = p.prompt_text()
+    text: str
+    controls: Controls
+
+
+def persona_infos(personas_dir: str | Path | None) -> dict[str, PersonaInfo]:
+    """Persona role (and id) -> system text + default controls, as the engine builds them from the persona YAML
+    folder. Roles without a YAML (or with no folder) fall back to the corpus world's persona, with no text."""
+    from npc_server.training.corpus.world import PERSONAS
+
+    out: dict[str, PersonaInfo] = {}
+    for role, p in PERSONAS.items():
+        out[role] = PersonaInfo("", Controls(voice=p.voice, language=p.language, accent=p.accent,
+                                             emotion=p.default_emotion))
+    if personas_dir is not None and Path(personas_dir).is_dir():
+        from npc_server.personas import load_folder
+
+        personas, errors = load_folder(personas_dir)
+        for err in errors:
+            log.warning("persona skipped: %s", err)
+        for p in personas.values():
+            info = PersonaInfo(p.prompt_text(), Controls(
+                voice=p.voice.timbre, language=p.language, accent=p.accent, emotion=p.default_emotion,
+                speed=p.voice.speed, pitch_st=p.voice.pitch))
+            out[p.role] = out[p.id] = info
     return out
+
+
+def persona_texts(personas_dir: str | Path | None) -> dict[str, str]:
+    """Persona id/role -> system text (empty when unavailable)."""
+    return {k: v.text for k, v in persona_infos(personas_dir).items() if v.text}
+
+
+# Categories whose control change is asked for in the spoken question itself ("Say it slowly.", "answer in
+# Japanese"): the prompt carries no override, the model has to hear the request.
+SPOKEN_CONTROL_CATEGORIES = ("control", "language")
+
+
+def dialogue_prompt(row: dict, personas: dict[str, PersonaInfo]) -> tuple[SystemPrompt, Controls | None]:
+    """System turn (persona text + persona default controls, as the engine builds it) and the per-turn control
+    override of a dialogue row: the row's controls when they differ from the persona's defaults, except for the
+    spoken-request categories."""
+    requested = controls_of(row, row["npc_voice"])
+    info = personas.get(row["persona"])
+    base = info.controls if info else Controls(voice=requested.voice, language=requested.language,
+                                               accent=requested.accent)
+    system = SystemPrompt(persona=row["persona"], text=info.text if info else "", controls=base)
+    if row.get("category") in SPOKEN_CONTROL_CATEGORIES or requested == base:
+        return system, None
+    return system, requested
 
 
 def controls_of(row: dict, voice: str) -> Controls:
@@ -215,25 +254,24 @@ def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatT
     return out
 
 
-def _dialogue_prompt(row: dict, manifest: dict, cache: TokenCache, template: ChatTemplate,
-                     personas: dict[str, str], variant: int) -> tuple[Encoded, Mode] | None:
+def _dialogue_prompt(row: dict, cache: TokenCache, template: ChatTemplate, personas: dict[str, PersonaInfo],
+                     variant: int) -> tuple[Encoded, Mode] | None:
     """System + history + the current question + assistant prefix. `variant` (0..99) picks the input form."""
     q_id = row["question_audio_id"]
     if q_id not in cache:
         return None
     q_audio = cache.get(q_id)["interleaved"]
-    system = SystemPrompt(persona=row["persona"], text=personas.get(row["persona"], ""),
-                          controls=controls_of(row, row["npc_voice"]))
+    system, override = dialogue_prompt(row, personas)
     enc = template.system(system)
     for turn in row.get("history", []):
         enc.extend(template.user(UserTurn(text=turn["question"])))
         enc.extend(template.assistant(AssistantTurn(text=turn["answer"], mode=Mode.TEXT), target=False))
     if variant < 8:  # typed text only
-        user = UserTurn(text=row["question_text"])
+        user = UserTurn(text=row["question_text"], controls=override)
     elif variant < 16:  # audio plus the same question typed
-        user = UserTurn(audio=q_audio, text=row["question_text"])
+        user = UserTurn(audio=q_audio, text=row["question_text"], controls=override)
     else:
-        user = UserTurn(audio=q_audio)
+        user = UserTurn(audio=q_audio, controls=override)
     enc.extend(template.user(user))
     mode = Mode.TEXT if 90 <= variant < 95 else Mode.AUDIO if variant >= 95 else Mode.AUDIO_TEXT
     enc.extend(template.assistant_prefix(mode))
@@ -242,12 +280,11 @@ def _dialogue_prompt(row: dict, manifest: dict, cache: TokenCache, template: Cha
 
 def sft_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate, split: str = "train",
                  personas_dir: str | Path | None = None, vary: bool = True) -> list[Encoded]:
-    manifest = load_manifest(corpus_dir)
-    personas = persona_texts(personas_dir)
+    personas = persona_infos(personas_dir)
     out = []
     for row in load_dialogues(corpus_dir, split):
         variant = _bucket(row["id"]) if vary else 50
-        prompt = _dialogue_prompt(row, manifest, cache, template, personas, variant)
+        prompt = _dialogue_prompt(row, cache, template, personas, variant)
         if prompt is None or row["answer_audio_id"] not in cache:
             continue
         enc, mode = prompt
@@ -259,14 +296,13 @@ def sft_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTempla
 
 def dpo_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate, split: str = "train",
                  personas_dir: str | Path | None = None) -> list[PairExample]:
-    manifest = load_manifest(corpus_dir)
-    personas = persona_texts(personas_dir)
+    personas = persona_infos(personas_dir)
     out = []
     for row in load_dialogues(corpus_dir, split):
         rejected_text = row.get("rejected_text")
         if not rejected_text or rejected_text == row["answer_text"] or row["answer_audio_id"] not in cache:
             continue
-        prompt = _dialogue_prompt(row, manifest, cache, template, personas, variant=50)
+        prompt = _dialogue_prompt(row, cache, template, personas, variant=50)
         if prompt is None:
             continue
         enc, mode = prompt
