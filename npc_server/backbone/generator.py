@@ -76,7 +76,9 @@ Event = TextDelta | AudioChunk | TurnEnd
 
 _session_ids = itertools.count()
 # transformers >= 5.2x renamed the cache argument/output `past_key_values` -> `cache`.
-_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+_FORWARD_ARGS = inspect.signature(LlamaForCausalLM.forward).parameters
+_CACHE_ARG = "cache" if "cache" in _FORWARD_ARGS else "past_key_values"
+_KEEP_ARG = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in _FORWARD_ARGS), None)
 
 
 @dataclass
@@ -130,26 +132,31 @@ class Generator:
     def start_session(self, system: SystemPrompt) -> Session:
         ids = self.template.system(system).ids
         session = Session(system=system, cache=DynamicCache(config=self.model.config))
-        self._forward(session, ids)
+        self._forward(session, ids, last_only=True)
         session.segments.append(list(ids))
         return session
 
     @torch.inference_mode()
-    def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32)."""
+    def _forward(self, session: Session, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32), or
+        [1, vocab] for the last position only when `last_only` (skips the LM head for the rest of a prefill)."""
         if not ids:
             raise ValueError("nothing to prefill")
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, **{_CACHE_ARG: session.cache})
+        kwargs = {_CACHE_ARG: session.cache}
+        if last_only and _KEEP_ARG:
+            kwargs[_KEEP_ARG] = 1
+        out = self.model(input_ids=x, use_cache=True, **kwargs)
         session.cache = getattr(out, _CACHE_ARG)
-        return out.logits[0].float()
+        return out.logits[0, -1:].float() if last_only else out.logits[0].float()
 
-    def prefill(self, session: Session, ids: list[int], new_segment: bool = True) -> torch.Tensor:
+    def prefill(self, session: Session, ids: list[int], new_segment: bool = True,
+                last_only: bool = False) -> torch.Tensor:
         """Add tokens to the conversation (after any pending ones); returns the logits of all fed positions.
         `new_segment` starts a new turn segment (the unit of context eviction); False extends the current turn,
         e.g. when an interrupted answer's remaining body is written back into its own turn."""
         feed = session.pending + list(ids)
-        logits = self._forward(session, feed)
+        logits = self._forward(session, feed, last_only)
         if session.segments and session.pending:
             session.segments[-1].extend(session.pending)
         session.pending = []
@@ -164,7 +171,7 @@ class Generator:
         ids = self.template.user(user).ids + self.template.assistant(answer, target=False).ids
         self._ensure_room(session, len(ids), 0)
         body = ids[:-1]
-        self.prefill(session, body)
+        self.prefill(session, body, last_only=True)
         session.pending = ids[-1:]  # the closing <|end|>, fed with the next turn like a generated one
 
     def _ensure_room(self, session: Session, new_tokens: int, budget: int) -> None:
@@ -184,7 +191,7 @@ class Generator:
             keep = keep[1:]
         session.cache = DynamicCache(config=self.model.config)
         segments = [session.segments[0]] + keep
-        self._forward(session, [t for seg in segments for t in seg])
+        self._forward(session, [t for seg in segments for t in seg], last_only=True)
         session.segments = segments
 
     # --- generation -------------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ class Generator:
         prompt = self.template.user(user).ids + self.template.assistant_prefix(mode).ids
         self._ensure_room(session, len(prompt), sampling.max_new_tokens + 4)
         n_prefill = len(session.pending) + len(prompt)
-        logits = self.prefill(session, prompt)[-1]
+        logits = self.prefill(session, prompt, last_only=True)[-1]
         t1 = time.perf_counter()
         session.last_used = time.monotonic()
 
@@ -245,11 +252,11 @@ class Generator:
                 if span:
                     audio += span
                     yield AudioChunk(torch.tensor(span, dtype=torch.long))
-                self._forward(session, [token] + closing[:-1])
+                self._forward(session, [token] + closing[:-1], last_only=True)
                 session.segments[-1] += [token] + closing[:-1]
                 session.pending = closing[-1:]
                 break
-            logits = self._forward(session, [token])[-1]
+            logits = self._forward(session, [token], last_only=True)[-1]
             session.segments[-1].append(token)
         t2 = time.perf_counter()
         final_text = self.template.text.decode(text_ids)
