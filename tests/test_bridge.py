@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +35,15 @@ def bridge(tiny_model_dir, tmp_path_factory):
     yield {"port": port, "service": service, "personas": personas}
     server.stop()
     service.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_handler_crashes(caplog):
+    """No test may leave a crashed connection handler or request behind (they are logged, not raised)."""
+    yield
+    crashes = [r for r in caplog.get_records("call") + caplog.records
+               if r.levelno >= logging.ERROR and r.name.startswith(("websockets", "npc_server"))]
+    assert not crashes, [f"{r.name}: {r.getMessage()} {r.exc_info}" for r in crashes]
 
 
 class Conn:
@@ -343,3 +353,4 @@ def test_server_survives_oversized_frames_and_vanishing_clients(bridge, question
     c = Conn(bridge["port"])
     assert c.request({"type": "health", "id": 1})["status"] == "ok"
     c.close()
+    time.sleep(0.5)  # let the vanished connection's handler finish (no_handler_crashes checks it)

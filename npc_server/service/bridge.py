@@ -177,8 +177,9 @@ class Bridge:
             for sp in speaks.values():  # the client went away: interrupt its answers
                 sp.cancelled.set()
                 sp.audio.put(_END)
-            for t in tasks:
-                await asyncio.wait([t], timeout=5)
+            pending = list(tasks)  # a copy: finishing tasks remove themselves from `tasks`
+            if pending:
+                await asyncio.wait(pending, timeout=5)
 
     def _decode(self, raw: Any) -> dict:
         if isinstance(raw, str):
