@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -67,3 +68,12 @@ def capped_personas(folder: Path, seconds: int = 1, long_npc: str | None = None,
         cap = long_seconds if long_npc and f"id: {long_npc}" in text else seconds
         (folder / f.name).write_text(re.sub(r"max_answer_seconds: \d+", f"max_answer_seconds: {cap}", text))
     return folder
+
+
+@pytest.fixture()
+def no_handler_crashes(caplog):
+    """Fail a live-server test that left a crashed connection handler or request behind (logged, not raised)."""
+    yield
+    crashes = [r for r in caplog.get_records("call") + caplog.records
+               if r.levelno >= logging.ERROR and r.name.startswith(("websockets", "npc_server", "grpc"))]
+    assert not crashes, [f"{r.name}: {r.getMessage()} {r.exc_info}" for r in crashes]

@@ -21,6 +21,7 @@ NPC, CANCEL_NPC = "innkeeper", "quest_giver"
 ROOT = Path(__file__).resolve().parents[1]
 UNITY = ROOT / "unity_bridge" / "Unity"
 GODOT = ROOT / "unity_bridge" / "Godot"
+pytestmark = pytest.mark.usefixtures("no_handler_crashes")
 CORE = [UNITY / "Runtime" / f for f in ("MiniMsgPack.cs", "PcmRingBuffer.cs", "NpcVoiceClient.cs")]
 
 needs_mono = pytest.mark.skipif(not (shutil.which("mcs") and shutil.which("mono")),
