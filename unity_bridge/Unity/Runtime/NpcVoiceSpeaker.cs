@@ -75,8 +75,13 @@ namespace NpcVoice
         {
             source = GetComponent<AudioSource>();
             outputRate = AudioSettings.outputSampleRate;  // read here: AudioSettings is main-thread only
-            // a silent looping clip keeps the AudioSource (and so OnAudioFilterRead) running
+            // A looping clip of constant 1.0 keeps the AudioSource (and so OnAudioFilterRead) running; what reaches the
+            // filter is then the source's per-channel gain (volume, 3D attenuation and panning), which we multiply by
+            // the voice, so the NPC's voice stays positional.
+            var ones = new float[outputRate];
+            for (int i = 0; i < ones.Length; i++) ones[i] = 1f;
             source.clip = AudioClip.Create("npc-voice-stream", outputRate, 1, outputRate, false);
+            source.clip.SetData(ones, 0);
             source.loop = true;
             source.Play();
             try
@@ -234,10 +239,14 @@ namespace NpcVoice
             Forget(speech.SendAudioAsync(pcm, 0, pcm.Length));
         }
 
-        // audio thread
+        float[] voice = new float[0];
+
+        // audio thread: data holds the source's gains (see Start); replace them with gain * voice
         void OnAudioFilterRead(float[] data, int channels)
         {
-            ring.Read(data, data.Length / channels, channels, outputRate);
+            if (voice.Length < data.Length) voice = new float[data.Length];  // once; no allocation per callback after
+            ring.Read(voice, data.Length / channels, channels, outputRate);
+            for (int i = 0; i < data.Length; i++) data[i] *= voice[i];
         }
 
         void OnDestroy()

@@ -21,6 +21,7 @@ namespace UnityEngine
         public int channels { get { throw new NotImplementedException(); } }
         public int samples { get { throw new NotImplementedException(); } }
         public bool GetData(float[] data, int offsetSamples) { throw new NotImplementedException(); }
+        public bool SetData(float[] data, int offsetSamples) { throw new NotImplementedException(); }
         public static AudioClip Create(string name, int lengthSamples, int channels, int frequency, bool stream)
         {
             throw new NotImplementedException();
