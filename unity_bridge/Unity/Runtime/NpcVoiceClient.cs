@@ -262,12 +262,7 @@ namespace NpcVoice
         public async Task<Speech> SpeakAsync(SpeakConfig config, byte[] audio, Action<Speech> subscribe = null,
                                              int chunkBytes = DefaultChunkBytes)
         {
-            long id = Interlocked.Increment(ref nextId);
-            var speech = new Speech(this, id);
-            if (subscribe != null) subscribe(speech);
-            speeches[id] = speech;
-            await SendAsync(new Dictionary<string, object> { { "type", "speak" }, { "id", id }, { "config", config.ToMap() } })
-                .ConfigureAwait(false);
+            var speech = await StartSpeakAsync(config, subscribe).ConfigureAwait(false);
             if (audio != null)
             {
                 if (chunkBytes % 2 == 1) chunkBytes++;  // keep s16 samples whole

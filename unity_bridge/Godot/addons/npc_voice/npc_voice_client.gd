@@ -113,8 +113,10 @@ func _process(_delta: float) -> void:
 
 
 func _send(frame: Dictionary) -> void:
-	if _ws == null:
-		emit_signal("error", "UNAVAILABLE", "not connected", frame.get("id"))
+	if _ws == null or (not _handshake_done and frame.type != "hello"):
+		if frame.type == "speak":
+			_texts.erase(frame.id)
+		emit_signal("error", "UNAVAILABLE", "not connected (wait for the `connected` signal)", frame.get("id"))
 		return
 	var err = _ws.get_peer(1).put_packet(MsgPack.encode(frame))
 	if err != OK:
