@@ -96,3 +96,37 @@ def test_eval_end_to_end_text_judge(tmp_path):
     for r in report["results"]["a"]:
         assert r["correct"] in (True, False) and isinstance(r["subtitle"], str)
     assert np.isfinite(report["summary"]["a"]["ALL"]["persona_ok"])
+
+
+def test_eval_end_to_end_audio_judge(tmp_path):
+    """The audio path: tiny vocoder speaks the answer, Whisper tiny.en transcribes it, speed/pitch are measured."""
+    from npc_server.tokenizer import AudioTokenizer
+    from npc_server.tokenizer import preset as tokenizer_preset
+    from npc_server.training import pretrain
+    from npc_server.training.lm_data import load_manifest
+    from npc_server.training.lm_synthetic import synthetic_corpus
+    from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, Vocoder
+
+    corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=10, seed=0)
+    for row in load_manifest(corpus).values():
+        (corpus / row["audio"]).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["espeak-ng", "-w", str(corpus / row["audio"]), row["text"]], check=True)
+    torch.manual_seed(0)
+    AudioTokenizer(tokenizer_preset("tiny")).save_pretrained(tmp_path / "tok")
+    flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
+                                  attn_window=8, n_steps=2))
+    Vocoder(flow, Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))).save_pretrained(tmp_path / "voc")
+    assert pretrain.main(["--corpus", str(corpus), "--synthetic-tokens", "--preset", "tiny", "--text-vocab", "512",
+                          "--out", str(tmp_path / "pre"), "--steps", "1", "--batch-size", "2", "--threads", "1"]) == 0
+    out = tmp_path / "eval.json"
+    assert npc_eval.main(["--corpus", str(corpus), "--audio-tokenizer", str(tmp_path / "tok"), "--vocoder",
+                          str(tmp_path / "voc"), "--backbone", str(tmp_path / "pre" / "model"), "--temperature", "1.0",
+                          "--max-new-tokens", "60", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (results,) = report["results"].values()
+    assert len(results) == 1 and report["judge"] == "audio"
+    r = results[0]
+    assert isinstance(r["transcript"], str)  # Whisper ran on the vocoded answer
+    assert "wer" in r and r["wer"] >= 0.0
+    assert r["speed_measured"] > 0 and isinstance(r["speed_ok"], bool)  # the voice reference came from the corpus
+    assert next(iter(report["summary"].values()))["ALL"]["speed_ok"] is not None

@@ -271,6 +271,7 @@ def load_bundle_for_test(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_tiny_backbone_memorises_synthetic_dialogues_end_to_end(tmp_path):
     """Training format and cached generation agree: after SFT to ~zero loss, greedy KV-cached generation from the
     spoken question reproduces the training answers' text and audio tokens exactly."""
