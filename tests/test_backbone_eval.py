@@ -105,7 +105,13 @@ def test_eval_end_to_end_audio_judge(tmp_path):
     from npc_server.training import pretrain
     from npc_server.training.lm_data import load_manifest
     from npc_server.training.lm_synthetic import synthetic_corpus
-    from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, Vocoder
+    from npc_server.vocoder import (
+        FlowConfig,
+        FlowDecoder,
+        Generator,
+        GeneratorConfig,
+        Vocoder,
+    )
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=10, seed=0)
     for row in load_manifest(corpus).values():
