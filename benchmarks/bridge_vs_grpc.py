@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,9 @@ import numpy as np
 from tqdm import tqdm
 from websockets.sync.client import connect
 
-from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+from npc_server.paths import DEFAULT_MODEL_DIR
 from npc_server.service.protos import pb, rpc
+from npc_server.tiny import capped_personas
 
 CHUNK = 16 * 1024
 
@@ -95,12 +95,6 @@ def start_server(model_dir: Path, personas: Path, token: str, workdir: Path, thr
     return proc, f"127.0.0.1:{grpc_port}", f"ws://127.0.0.1:{bridge_port}"
 
 
-def capped_personas(folder: Path, seconds: int) -> Path:
-    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
-        (folder / f.name).write_text(re.sub(r"max_answer_seconds: \d+", f"max_answer_seconds: {seconds}", f.read_text()))
-    return folder
-
-
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--npc", default="innkeeper")
     ap.add_argument("--question", help="a wav file (default: 'How much is a room for the night?' by espeak-ng)")
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="model to serve (default: embedded)")
-    ap.add_argument("--tiny", action="store_true", help="serve a tiny untrained model (run with python -m from the repo)")
+    ap.add_argument("--tiny", action="store_true", help="serve a tiny untrained model (shows transport overhead only)")
     ap.add_argument("--max-answer-seconds", type=int, default=1, help="cap the personas' answers (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
     ap.add_argument("--grpc", help="host:port of a running server (with --bridge): do not start one")
@@ -135,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir = Path(args.model_dir)
             if args.tiny:
-                from tests.conftest import build_tiny_model  # the test suite's tiny model builder
+                from npc_server.tiny import build_tiny_model
 
                 model_dir = build_tiny_model(work / "tiny")
             (work / "personas").mkdir()

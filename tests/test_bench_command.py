@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 
 from npc_server.bench import main
-from npc_server.paths import DEFAULT_PERSONAS_DIR
+from npc_server.tiny import capped_personas
 
 
 def test_bench_on_tiny_model(tiny_model_dir, tmp_path, capsys):
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
-        (personas / f.name).write_text(re.sub(r"max_answer_seconds: \d+", "max_answer_seconds: 1", f.read_text()))
+    personas = capped_personas(tmp_path / "personas")
     out = tmp_path / "bench.json"
     assert main(["--model-dir", str(tiny_model_dir), "--personas", str(personas), "--repeats", "1",
                  "--concurrency", "2", "--no-cascade", "--json", str(out)]) == 0

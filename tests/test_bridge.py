@@ -19,7 +19,7 @@ from npc_server.service.api import Limits
 from npc_server.service.bridge import start_bridge
 from npc_server.service.core import NpcService
 
-from conftest import capped_personas
+from npc_server.tiny import capped_personas
 
 TOKEN = "bridge-token"
 CANCEL_NPC = "quest_giver"  # the one persona allowed a long answer, so a cancel lands mid-answer

@@ -14,7 +14,7 @@ from npc_server.service.api import Limits
 from npc_server.service.bridge import start_bridge
 from npc_server.service.core import NpcService
 
-from conftest import capped_personas
+from npc_server.tiny import capped_personas
 
 TOKEN = "engine-token"
 NPC, CANCEL_NPC = "innkeeper", "quest_giver"

@@ -6,7 +6,6 @@ import io
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,28 +18,20 @@ import soundfile as sf
 
 from npc_server.audio import load_audio
 from npc_server.engine import Engine
-from npc_server.paths import DEFAULT_PERSONAS_DIR
 from npc_server.personas import PersonaStore
 from npc_server.service.api import Limits
 from npc_server.service.core import NpcService
 from npc_server.service.grpc_server import start_grpc
 from npc_server.service.protos import pb, rpc
+from npc_server.tiny import capped_personas
 from sdk import AudioEvent, EndEvent, NpcClient, NpcError, TextEvent
 
 TOKEN = "test-token"
 
 
-def short_personas(folder: Path) -> Path:
-    """The shipped personas with answers capped at 1 s, so an untrained model's answers stay short."""
-    for f in DEFAULT_PERSONAS_DIR.glob("*.yaml"):
-        text = re.sub(r"max_answer_seconds: \d+", "max_answer_seconds: 1", f.read_text())
-        (folder / f.name).write_text(text)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    personas = short_personas(tmp_path_factory.mktemp("personas"))
+    personas = capped_personas(tmp_path_factory.mktemp("personas"))
     engine = Engine.from_pretrained(tiny_model_dir)
     limits = Limits(max_audio_seconds=10, max_chunk_bytes=64 * 1024, max_text_chars=200, max_sessions_per_client=3)
     service = NpcService(engine, PersonaStore(personas), limits, auth_token=TOKEN)
@@ -261,7 +252,7 @@ def test_protocol_violations_and_garbage(server):
 
 def test_serve_command_and_say(tiny_model_dir, tmp_path, question_wav):
     """The real `npc-server serve` process, then `npc-server say` against it."""
-    personas = short_personas(tmp_path)
+    personas = capped_personas(tmp_path)
     ready = tmp_path / "ready"
     env = {**os.environ, "NPC_VOICE_TOKEN": "cli-token"}
     proc = subprocess.Popen(
