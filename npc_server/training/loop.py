@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -85,7 +86,10 @@ def setup_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("NPC_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # generous timeout: rank 0 may tokenize or train a tokenizer while the others wait at a barrier
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

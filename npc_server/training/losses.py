@@ -68,6 +68,9 @@ def make_dpo_loss(reference: torch.nn.Module, beta: float = 0.1, sft_weight: flo
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         n = int(batch["n_pairs"])
+        device = batch["input_ids"].device
+        if next(reference.parameters()).device != device:
+            reference.to(device)
         logits = _logits(model, batch)
         logps = sequence_logps(logits, batch["labels"], batch["kinds"], KIND_TEXT)
         with torch.no_grad():
