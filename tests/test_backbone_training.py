@@ -326,3 +326,19 @@ def test_data_order_covers_each_epoch_once_and_buckets_lengths():
     padded = {bk: sum(max(lengths[i] for i in rank) * b for step in epoch(bk) for rank in step)
               for bk in (False, True)}
     assert padded[True] < 0.8 * padded[False]
+
+
+def test_synthetic_and_real_token_caches_never_mix(corpus, tmp_path):
+    import argparse
+
+    from npc_server.training.lm_common import add_data_args, prepare_token_cache
+
+    parser = argparse.ArgumentParser()
+    add_data_args(parser)
+    args = parser.parse_args(["--corpus", str(corpus), "--synthetic-tokens"])
+    cache = prepare_token_cache(args, rank=0, world=1)
+    assert cache.dir == corpus / "tokens_synthetic" and (cache.dir / "SOURCE").read_text().strip() == "synthetic"
+    real = parser.parse_args(["--corpus", str(corpus), "--tokens", str(cache.dir),
+                              "--audio-tokenizer", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="synthetic"):
+        prepare_token_cache(real, rank=0, world=1)

@@ -39,16 +39,26 @@ def corpus_dir(args: argparse.Namespace) -> Path:
 
 
 def prepare_token_cache(args: argparse.Namespace, rank: int, world: int) -> TokenCache:
+    """The audio-token cache of the corpus, filled where needed. Synthetic (text-derived) tokens live in their own
+    folder (`<corpus>/tokens_synthetic`) and a SOURCE file in each cache keeps the two kinds from mixing."""
     corpus = corpus_dir(args)
-    tokens = args.tokens or corpus / "tokens"
+    kind = "synthetic" if args.synthetic_tokens else "audio-tokenizer"
+    tokens = args.tokens or corpus / ("tokens_synthetic" if args.synthetic_tokens else "tokens")
+    source = tokens / "SOURCE"
+    if source.is_file() and source.read_text().strip() != kind:
+        raise ValueError(f"token cache {tokens} holds {source.read_text().strip()} tokens, not {kind} ones")
+    if rank == 0 and (args.synthetic_tokens or (args.audio_tokenizer and Path(args.audio_tokenizer).is_dir())):
+        tokens.mkdir(parents=True, exist_ok=True)
+        source.write_text(kind + "\n")
     if args.synthetic_tokens:
-        if rank == 0 and not tokens.is_dir():
+        if rank == 0:
             from npc_server.training.lm_synthetic import synthetic_token_cache
 
             synthetic_token_cache(corpus, tokens)
     elif args.audio_tokenizer and (Path(args.audio_tokenizer) / "config.json").is_file():
         from npc_server.tokenizer import AudioTokenizer
 
+        barrier()  # the folder exists before the other ranks write into it
         tokenizer = AudioTokenizer.from_pretrained(args.audio_tokenizer)
         with torch.inference_mode():
             tokenize_corpus(corpus, tokenizer, tokens, rank=rank, world=world)
