@@ -242,8 +242,12 @@ def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatT
         out.append(plain_sequence(template, audio=toks["interleaved"]))
         # TTS-like: text -> the voice's text+audio blocks (only for voice-bank speakers: the NPC voices)
         if row["speaker"] in VOICE_BANK:
-            tts = template.system(SystemPrompt(persona="custom", controls=controls, task="tts"))
-            tts.extend(template.user(UserTurn(text=row["text"])))
+            # half of them carry emotion/speed/pitch as a per-turn override, the way SFT and serving do
+            as_override = _bucket("tts:" + row["id"]) < 50
+            base = Controls(voice=controls.voice, language=controls.language, accent=controls.accent)
+            tts = template.system(SystemPrompt(persona="custom", controls=base if as_override else controls,
+                                               task="tts"))
+            tts.extend(template.user(UserTurn(text=row["text"], controls=controls if as_override else None)))
             tts.extend(template.assistant(AssistantTurn(text=row["text"], audio=toks["semantic"])))
             out.append(tts)
     for d in load_dialogues(corpus_dir, split):
