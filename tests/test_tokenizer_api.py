@@ -169,3 +169,20 @@ def test_shipped_tokenizer_reads_phones(speech):
     hyp = model.phones_from_tokens(model.encode(wav, sr).linguistic)
     per = edit_distance(hyp, ref) / len(ref)
     assert per < 0.5, (per, "".join(hyp), "".join(ref))
+
+
+def test_batched_forward_matches_stream(tok, speech):
+    """The parallel (training) pass computes the same codes as the block-by-block stream, up to float rounding."""
+    wav, sr = speech
+    w16 = soxr.resample(wav, sr, 16000, quality="HQ").astype(np.float32)
+    stream = tok.encode(w16, 16000)
+    bs = tok.cfg.block_samples
+    padded = np.zeros(-(-len(w16) // bs) * bs, np.float32)
+    padded[: len(w16)] = w16
+    with torch.no_grad():
+        out = tok(torch.from_numpy(padded)[None], torch.tensor([len(w16)]))
+    ling = out["ling"]["codes"][0][out["mask_l"][0]]
+    sem = out["sem"]["codes"][0][out["mask_s"][0]]
+    assert ling.shape == stream.linguistic.shape and sem.shape == stream.semantic.shape
+    assert (ling == stream.linguistic).float().mean() > 0.95
+    assert (sem == stream.semantic).float().mean() > 0.95

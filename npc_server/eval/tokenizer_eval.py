@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from collections import defaultdict
@@ -138,7 +139,8 @@ def evaluate(model: AudioTokenizer, corpus: Path, rows: list[dict], split: str, 
 def format_table(res: dict) -> str:
     u, si = res["usage"], res["speaker_invariance"]
     lines = [
-        f"tokenizer eval on {res['split']!r}: {res['utterances']} utterances, {res['audio_hours']} h, threads={res.get('threads')}",
+        f"tokenizer eval on {res['split']!r}: {res['utterances']} utterances, {res['audio_hours']} h, "
+        f"threads={res.get('threads')}, machine load {res.get('load_average_1min')}",
         f"{'metric':<46}{'value':>12}   target",
         f"{'phone error rate (CTC readout of ling. codes)':<46}{res['per']:>12.2%}   < 15%",
         f"{'linguistic codes used (of 1024)':<46}{u['linguistic']['used_fraction']:>12.2%}   >= 60%",
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen, pairs, pair_split = select_rows(rows, args.split, args.limit, args.seed)
     res = evaluate(model, corpus, chosen, args.split, pairs)
     res["speaker_invariance"]["pairs_from_split"] = pair_split
-    res.update(threads=args.threads, model=str(args.model), corpus=str(corpus), params=model.num_parameters(),
+    res.update(load_average_1min=round(os.getloadavg()[0], 2), threads=args.threads, model=str(args.model), corpus=str(corpus), params=model.num_parameters(),
                encoder_params=model.num_parameters(True))
     print(format_table(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
 
 
 def _ling_encoder() -> EncoderConfig:
-    return EncoderConfig(strides=[1, 2, 3], kernels=[3, 4, 5], channels=256, dim=192, layers=3, chunk=8, out_dim=64)
+    return EncoderConfig(strides=[1, 2, 3], kernels=[3, 4, 5], channels=160, dim=128, layers=3, heads=4, chunk=16, out_dim=5)
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LinguisticConfig:
     fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[4, 4, 4, 4, 4]))
     vq: VQConfig = field(default_factory=lambda: VQConfig(codebook_size=1024, dim=64))
     n_phones: int = 64  # phone inventory size (CTC blank is an extra class 0)
-    readout_hidden: int = 256
+    readout_hidden: int = 192
     readout_layers: int = 3
     ctc_upsample: int = 3  # CTC outputs per 60 ms token (phones can be faster than 16.7 Hz)
 
@@ -50,7 +50,7 @@ class LinguisticTokenizer(nn.Module):
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None, state=None):
         """mel [B, n_mels, T] -> dict(z (unit, continuous), zq (straight-through), codes, vq_loss), new state."""
-        z, state = self.encoder(mel, state)
+        z, state = self.encoder(mel, state, mask)
         zq, codes, vq_loss = self.vq(z, mask)
         return {"z": self.vq.soft(z), "zq": zq, "codes": codes, "vq_loss": vq_loss}, state
 

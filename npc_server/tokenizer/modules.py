@@ -82,6 +82,35 @@ class ChunkAttentionLayer(nn.Module):
         return x, (new_k, new_v, new_conv)
 
 
+class FrameNorm(nn.Module):
+    """Per-dimension standardisation over all (batch, time) frames, like BatchNorm without affine parameters.
+
+    Placed before the quantiser it keeps every code dimension varying across frames, which stops the encoder
+    from collapsing to one code (the CTC blank-only optimum of early training pulls it there). In eval mode
+    it applies the running statistics: a fixed per-frame affine map, so streaming stays exact.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.01, gain: float = 1.0, eps: float = 1e-4):
+        super().__init__()
+        self.momentum, self.gain, self.eps = momentum, gain, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D], mask [B, T] (True = real frame)."""
+        if self.training:
+            flat = x.float().reshape(-1, x.shape[-1])
+            if mask is not None:
+                flat = flat[mask.reshape(-1)]
+            if flat.shape[0] > 1:
+                mean, var = flat.mean(0), flat.var(0, unbiased=False)
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var, self.momentum)
+                return (x.float() - mean) / torch.sqrt(var + self.eps) * self.gain
+        return (x.float() - self.running_mean) / torch.sqrt(self.running_var + self.eps) * self.gain
+
+
 @dataclass
 class EncoderConfig:
     n_mels: int = 80
@@ -96,6 +125,7 @@ class EncoderConfig:
     chunk: int = 8  # tokens per attention chunk (= one processing block)
     left_chunks: int = 2
     out_dim: int = 64  # quantiser dimension
+    out_norm: bool = True  # standardise the output per dimension (FrameNorm) before quantisation
 
     @property
     def stride(self) -> int:
@@ -118,14 +148,19 @@ class StreamingEncoder(nn.Module):
             convs.append(CausalConv1d(c_in, c_out, k, s))
             c_in = c_out
         self.convs = nn.ModuleList(convs)
+        for conv in self.convs:  # keep the signal at unit scale through the GELU stack (default init shrinks it)
+            nn.init.kaiming_normal_(conv.conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.conv.bias)
+        self.in_norm = nn.LayerNorm(cfg.dim)
         self.layers = nn.ModuleList(
             ChunkAttentionLayer(cfg.dim, cfg.heads, cfg.ff_mult, cfg.conv_kernel, cfg.chunk, cfg.left_chunks)
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.out_dim)
+        self.out_norm = FrameNorm(cfg.out_dim) if cfg.out_norm else None
 
-    def forward(self, mel: torch.Tensor, state=None):
+    def forward(self, mel: torch.Tensor, state=None, mask: torch.Tensor | None = None):
         states = state if state is not None else [None] * (len(self.convs) + len(self.layers))
         new_states = []
         x = mel
@@ -134,11 +169,14 @@ class StreamingEncoder(nn.Module):
             new_states.append(s)
             if i < len(self.convs) - 1:
                 x = F.gelu(x)
-        x = x.transpose(1, 2)
+        x = self.in_norm(x.transpose(1, 2))
         for j, layer in enumerate(self.layers):
             x, s = layer(x, states[len(self.convs) + j])
             new_states.append(s)
-        return self.out(self.norm(x)), new_states
+        z = self.out(self.norm(x))
+        if self.out_norm is not None:
+            z = self.out_norm(z, mask)
+        return z, new_states
 
 
 class ConvReadout(nn.Module):
@@ -173,13 +211,15 @@ class ReconDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.GELU(), nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2)) for _ in range(layers)
         )
-        self.up = nn.Conv1d(hidden, hidden * upsample, 1)
-        self.post = nn.Sequential(nn.GELU(), nn.Conv1d(hidden, hidden, 5, padding=2), nn.GELU(), nn.Conv1d(hidden, n_out, 1))
+        self.fine = hidden // 2  # channels at the 10 ms frame rate (kept small: it is the costly part)
+        self.up = nn.Conv1d(hidden, self.fine * upsample, 1)
+        self.post = nn.Sequential(nn.GELU(), nn.Conv1d(self.fine, self.fine, 3, padding=1), nn.GELU(), nn.Conv1d(self.fine, n_out, 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.inp(z.transpose(1, 2))
         for blk in self.blocks:
             h = h + blk(h)
-        b, c, t = h.shape
+        b, _, t = h.shape
+        c = self.fine
         h = self.up(h).view(b, c, self.upsample, t).permute(0, 1, 3, 2).reshape(b, c, t * self.upsample)
         return self.post(h)

@@ -12,7 +12,7 @@ from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
 
 
 def _sem_encoder() -> EncoderConfig:
-    return EncoderConfig(strides=[1, 2, 2], kernels=[3, 4, 4], channels=256, dim=192, layers=3, chunk=12, out_dim=64)
+    return EncoderConfig(strides=[1, 2, 2], kernels=[3, 4, 4], channels=160, dim=128, layers=2, heads=4, chunk=24, out_dim=4)
 
 
 @dataclass
@@ -22,9 +22,9 @@ class SemanticConfig:
     fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[8, 8, 8, 8]))
     vq: VQConfig = field(default_factory=lambda: VQConfig(codebook_size=4096, dim=64))
     n_phones: int = 64
-    decoder_hidden: int = 256
+    decoder_hidden: int = 192
     decoder_layers: int = 3
-    readout_hidden: int = 192
+    readout_hidden: int = 128
     readout_layers: int = 2
     ctc_upsample: int = 2
 
@@ -58,7 +58,7 @@ class SemanticTokenizer(nn.Module):
         self.readout = ConvReadout(cfg.q_dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None, state=None):
-        z, state = self.encoder(mel, state)
+        z, state = self.encoder(mel, state, mask)
         zq, codes, vq_loss = self.vq(z, mask)
         return {"zq": zq, "codes": codes, "vq_loss": vq_loss}, state
 

@@ -62,13 +62,10 @@ def _prepare_one(args: tuple[str, dict]) -> tuple[str, np.ndarray, np.ndarray] |
     return row["id"], pcm, f0.astype(np.float16)
 
 
-def prepare_cache(corpus: Path, rows: list[dict], cache: Path, workers: int = 2, shard_size: int = 2000) -> None:
+def prepare_cache(corpus: Path, rows: list[dict], cache: Path, workers: int = 2, shard_size: int = 500) -> None:
     """16 kHz int16 audio + F0 per utterance into npz shards; rerunning only adds utterances not cached yet."""
     cache.mkdir(parents=True, exist_ok=True)
-    done = set()
-    for shard in sorted(cache.glob("shard_*.npz")):
-        with np.load(shard) as z:
-            done.update(z["ids"].tolist())
+    done = _cached_ids(cache)
     todo = [r for r in rows if r["id"] not in done]
     if not todo:
         return
@@ -89,6 +86,14 @@ def prepare_cache(corpus: Path, rows: list[dict], cache: Path, workers: int = 2,
                 _save_shard(cache / f"shard_{start:04d}.npz", ids, wavs, f0s)
                 start += 1
         bar.close()
+
+
+def _cached_ids(cache: Path) -> set[str]:
+    done: set[str] = set()
+    for shard in sorted(cache.glob("shard_*.npz")):
+        with np.load(shard) as z:
+            done.update(z["ids"].tolist())
+    return done
 
 
 def _save_shard(path: Path, ids, wavs, f0s) -> None:
@@ -262,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     valid_rows = [r for r in rows if r.get("split") == "valid"]
     if not train_rows:
         raise SystemExit(f"no training utterances in {corpus}/manifest.jsonl")
+    run_dir = args.run_dir
+    cache = run_dir / "cache"
     if args.max_hours is not None:
         rng.shuffle(train_rows)
+        cached = _cached_ids(cache)
+        train_rows.sort(key=lambda r: r["id"] not in cached)  # stable: already-cached utterances first
         keep, acc = [], 0.0
         for r in train_rows:
             if acc >= args.max_hours * 3600:
@@ -272,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             acc += r.get("duration", 0.0)
         train_rows = keep
     valid_rows = rng.sample(valid_rows, min(200, len(valid_rows)))
-    run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    cache = run_dir / "cache"
     prepare_cache(corpus, train_rows + valid_rows, cache, workers=args.workers)
     if args.prepare_only:
         return 0
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.minutes * 60
     block = cfg.block_samples
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    log = (run_dir / "train_log.jsonl").open("a")
+    log = (run_dir / "train_log.jsonl").open("a" if ckpt is not None else "w")
     model.train()
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="train tokenizer", unit="s")
     t_last_ckpt = time.time()
