@@ -93,12 +93,13 @@ class FrameNorm(nn.Module):
     def __init__(self, dim: int, momentum: float = 0.01, gain: float = 1.0, eps: float = 1e-4):
         super().__init__()
         self.momentum, self.gain, self.eps = momentum, gain, eps
+        self.frozen = False  # training may freeze the statistics (fine-tuning after recalibration)
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D], mask [B, T] (True = real frame)."""
-        if self.training:
+        if self.training and not self.frozen:
             flat = x.float().reshape(-1, x.shape[-1])
             if mask is not None:
                 flat = flat[mask.reshape(-1)]

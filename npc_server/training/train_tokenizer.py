@@ -218,6 +218,48 @@ def quick_per(model: AudioTokenizer, items: list[Item], block: int, limit: int =
     return errs / max(1, total)
 
 
+@torch.no_grad()
+def recalibrate_norms(model: AudioTokenizer, items: list[Item], block: int, batch_seconds: float = 24.0,
+                      max_batches: int = 150, seed: int = 0) -> None:
+    """Set every FrameNorm's running statistics to the exact mean/variance of the final model over training data.
+
+    The moving averages kept during training lag behind the drifting encoder; eval mode uses them, so they are
+    recomputed once at the end (as for BatchNorm "precise statistics").
+    """
+    from npc_server.tokenizer.modules import FrameNorm
+
+    norms = [m for m in model.modules() if isinstance(m, FrameNorm)]
+    if not norms:
+        return
+    acc = {id(n): [0.0, 0.0, 0.0] for n in norms}
+
+    def hook(mod, inputs, _out):
+        x, mask = inputs[0].float(), inputs[1] if len(inputs) > 1 else None
+        flat = x.reshape(-1, x.shape[-1])
+        if mask is not None:
+            flat = flat[mask.reshape(-1)]
+        a = acc[id(mod)]
+        a[0] += flat.shape[0]
+        a[1] = a[1] + flat.sum(0)
+        a[2] = a[2] + flat.pow(2).sum(0)
+
+    handles = [n.register_forward_hook(hook) for n in norms]
+    was_training = model.training
+    model.eval()  # eval mode: the hook sees the raw encoder output; nothing else changes
+    batches = make_batches(items, batch_seconds, block, random.Random(seed))[:max_batches]
+    for idx in tqdm(batches, desc="recalibrate norms", unit="batch"):
+        wav, lengths, *_ = collate(items, idx, block)
+        model(wav, lengths)
+    for h in handles:
+        h.remove()
+    for n in norms:
+        cnt, s1, s2 = acc[id(n)]
+        mean = s1 / cnt
+        n.running_mean.copy_(mean)
+        n.running_var.copy_((s2 / cnt - mean.pow(2)).clamp_min(0))
+    model.train(was_training)
+
+
 def set_mel_stats(model: AudioTokenizer, items: list[Item], n: int = 300, seed: int = 0) -> None:
     rng = random.Random(seed)
     pick = rng.sample(items, min(n, len(items)))
@@ -251,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between resumable checkpoints")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --run-dir")
     p.add_argument("--prepare-only", action="store_true", help="only build the audio/F0 cache (works on a growing corpus)")
+    p.add_argument("--freeze-norms", action="store_true",
+                   help="recalibrate the pre-quantiser FrameNorm statistics, then train with them fixed (fine-tuning)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -316,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         set_mel_stats(model, train, seed=args.seed)
     budget = args.minutes * 60
     block = cfg.block_samples
+    if args.freeze_norms:
+        recalibrate_norms(model, train, block, args.batch_seconds)
+        _freeze_norms(model)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     log = (run_dir / "train_log.jsonl").open("a" if ckpt is not None else "w")
     model.train()
@@ -365,12 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     _checkpoint(ckpt_path, model, opt, step, elapsed, epoch, 0)
     log.close()
     model.eval()
+    if not args.freeze_norms:
+        recalibrate_norms(model, train, block, args.batch_seconds)
     model.save_pretrained(args.out)
     per = quick_per(AudioTokenizer.from_pretrained(args.out), valid, block) if valid else float("nan")
     summary = {"steps": step, "minutes": round(elapsed / 60, 2), "train_hours": round(hours, 2), "valid_per": round(per, 4), "out": str(args.out)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
+
+
+def _freeze_norms(model: AudioTokenizer) -> None:
+    from npc_server.tokenizer.modules import FrameNorm
+
+    for m in model.modules():
+        if isinstance(m, FrameNorm):
+            m.frozen = True
 
 
 def _batch_usage(codes: torch.Tensor, mask: torch.Tensor, size: int) -> float:
