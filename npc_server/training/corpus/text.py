@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from npc_server.controls import EMOTIONS
 from npc_server.training.corpus.world import (
-    ACCENT_NAMES,
     ACCENT_VOICES,
     CHARACTERS,
     ITEMS,
@@ -17,7 +16,6 @@ from npc_server.training.corpus.world import (
     LANGUAGE_VOICES,
     PERSONAS,
     PLACES,
-    QUEST,
     Item,
     Persona,
     Place,
