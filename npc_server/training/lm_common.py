@@ -49,7 +49,10 @@ def prepare_token_cache(args: argparse.Namespace, rank: int, world: int) -> Toke
         raise ValueError(f"token cache {tokens} holds {source.read_text().strip()} tokens, not {kind} ones")
     if rank == 0 and (args.synthetic_tokens or (args.audio_tokenizer and Path(args.audio_tokenizer).is_dir())):
         tokens.mkdir(parents=True, exist_ok=True)
-        source.write_text(kind + "\n")
+        if not source.is_file():  # written atomically: other ranks may be reading it right now
+            tmp = source.with_suffix(".tmp")
+            tmp.write_text(kind + "\n")
+            tmp.replace(source)
     if args.synthetic_tokens:
         if rank == 0:
             from npc_server.training.lm_synthetic import synthetic_token_cache
