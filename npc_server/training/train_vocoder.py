@@ -22,7 +22,6 @@ from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.vocoder import Vocoder
-from npc_server.voices import VOICE_BANK
 
 # ------------------------------------------------------------------------------------------------------------
 # pitch shifting for the pitch-conditioning targets (PSOLA keeps formants, so only F0 moves)
