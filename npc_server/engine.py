@@ -14,7 +14,7 @@ import torch
 
 from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
 
-__all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "Listener"]
+__all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
 # the service's output modes -> the template's answer modes
 _MODES = {"audio_and_text": Mode.AUDIO_TEXT, "text_only": Mode.TEXT, "audio_only": Mode.AUDIO}
@@ -69,7 +69,7 @@ class EngineState:
         return total
 
 
-class Listener:
+class QuestionStream:
     """Tokenizes a question while it arrives: push() audio chunks at any rate, finish() returns the audio ids.
 
     Equal to encoding the whole question at once (the tokenizer's streaming encoder is exact)."""
@@ -157,23 +157,23 @@ class Engine:
 
     # ---- answering ---------------------------------------------------------------------------------------
 
-    def listen(self, sample_rate: int) -> Listener:
-        """Start tokenizing a question that arrives in chunks (pass the Listener to `answer` as `audio`)."""
-        return Listener(self.tokenizer, sample_rate)
+    def listen(self, sample_rate: int) -> QuestionStream:
+        """Start tokenizing a question that arrives in chunks (pass the QuestionStream to `answer` as `audio`)."""
+        return QuestionStream(self.tokenizer, sample_rate)
 
     def answer(
         self,
         state: EngineState,
         persona,
         controls: Controls,
-        audio: np.ndarray | Listener | None = None,
+        audio: np.ndarray | QuestionStream | None = None,
         text: str = "",
         mode: str = "audio_and_text",
     ) -> Iterator[EngineText | EngineAudio | EngineDone]:
-        """Stream the answer to one question: 16 kHz float32 audio (or a Listener that heard it) and/or text."""
+        """Stream the answer to one question: 16 kHz float32 audio (or a QuestionStream that heard it) and/or text."""
         t0 = time.perf_counter()
         audio_ids = None
-        if isinstance(audio, Listener):
+        if isinstance(audio, QuestionStream):
             audio_ids = audio.finish()
         elif audio is not None:
             audio_ids = self.tokenizer.encode(audio, 16000).interleaved
