@@ -297,3 +297,22 @@ def test_serve_refuses_without_token_off_loopback(tiny_model_dir):
     r = subprocess.run([sys.executable, "-m", "npc_server.cli", "serve", "--insecure-loopback",
                         "--model-dir", "/nonexistent"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "lacks trained component" in r.stderr
+
+
+def test_resampled_output_is_one_continuous_stream(client, question_wav):
+    """Asking for 48 kHz gives the native answer resampled as one stream (no seams at chunk boundaries)."""
+    import soxr
+
+    native, _, end_native = collect(client.speak(npc="merchant", audio=question_wav))
+    high, _, end_high = collect(client.speak(npc="merchant", audio=question_wav, output_sample_rate=48000))
+    sr = native[0].sample_rate
+    a = np.concatenate([ev.samples() for ev in native])
+    b = np.concatenate([ev.samples() for ev in high])
+    assert all(ev.sample_rate == 48000 for ev in high) and len(high) > 1
+    expected = soxr.resample(a, sr, 48000, quality="HQ")
+    assert abs(len(b) - len(expected)) <= 2
+    n = min(len(b), len(expected))
+    err = np.sqrt(np.mean((b[:n] - expected[:n]) ** 2)) / (np.sqrt(np.mean(expected[:n] ** 2)) + 1e-9)
+    # int16 rounding alone gives ~2e-4; resampling each chunk on its own gives ~4e-3 (seams at every boundary)
+    assert err < 1e-3, err
+    assert end_high.audio_seconds == pytest.approx(end_native.audio_seconds, abs=1e-3)

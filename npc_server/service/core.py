@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import soxr
 
 from npc_server import __version__
 from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono
@@ -280,6 +281,7 @@ class NpcService:
         out_sr = cfg.output_sample_rate or self.engine.sample_rate
         seq = 0
         samples_sent = 0
+        resampler: soxr.ResampleStream | None = None
         first_audio: float | None = None
         text_parts: list[str] = []
         done: EngineDone | None = None
@@ -296,7 +298,12 @@ class NpcService:
                 elif isinstance(ev, EngineAudio):
                     if mode == OutputMode.TEXT_ONLY or ev.wav.size == 0:
                         continue
-                    wav = resample(ev.wav, ev.sample_rate, out_sr)
+                    if resampler is None and ev.sample_rate != out_sr:
+                        # one stream per answer: chunk-by-chunk resampling would click at every chunk boundary
+                        resampler = soxr.ResampleStream(ev.sample_rate, out_sr, 1, dtype="float32", quality="HQ")
+                    wav = ev.wav if resampler is None else resampler.resample_chunk(ev.wav, last=False)
+                    if wav.size == 0:
+                        continue
                     if first_audio is None:
                         first_audio = time.perf_counter()
                     yield AudioOut(float_to_pcm16(wav), out_sr, seq)
@@ -304,6 +311,11 @@ class NpcService:
                     samples_sent += len(wav)
                 elif isinstance(ev, EngineDone):
                     done = ev
+                    tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True) if resampler else None
+                    if tail is not None and tail.size:
+                        yield AudioOut(float_to_pcm16(tail), out_sr, seq)
+                        seq += 1
+                        samples_sent += len(tail)
         except GeneratorExit:  # the transport stopped reading: the client cancelled
             interrupted = True
             raise
