@@ -53,6 +53,15 @@ class Persona:
     max_answer_seconds: float = 15.0
     source: str = ""  # file it was loaded from
 
+    def summary(self) -> dict:
+        """The public fields clients see (ListPersonas / the bridge's `personas` frame)."""
+        return {
+            "id": self.id, "name": self.name, "role": self.role, "language": self.language, "accent": self.accent,
+            "voice": self.voice.timbre, "pitch": self.voice.pitch, "speed": self.voice.speed,
+            "default_emotion": self.default_emotion, "allowed_emotions": list(self.allowed_emotions),
+            "greeting": self.greeting,
+        }
+
     def prompt_text(self) -> str:
         """The persona text the backbone is conditioned on (system turn)."""
         return (

@@ -251,13 +251,7 @@ class Bridge:
                 sp.cancelled.set()
                 sp.audio.put(_END)
         elif kind == "list_personas":
-            personas = [
-                {"id": p.id, "name": p.name, "role": p.role, "language": p.language, "accent": p.accent,
-                 "voice": p.voice.timbre, "pitch": p.voice.pitch, "speed": p.voice.speed,
-                 "default_emotion": p.default_emotion, "allowed_emotions": list(p.allowed_emotions),
-                 "greeting": p.greeting}
-                for p in svc.list_personas()
-            ]
+            personas = [p.summary() for p in svc.list_personas()]
             await send({"type": "personas", "id": req_id, "personas": personas})
         elif kind == "reload_personas":
             r = await asyncio.to_thread(svc.reload_personas)

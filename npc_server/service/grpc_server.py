@@ -144,13 +144,7 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
         def run(client):
             return pb.ListPersonasResponse(
                 personas=[
-                    pb.Persona(
-                        id=p.id, name=p.name, role=p.role, language=p.language, accent=p.accent,
-                        voice=p.voice.timbre, pitch=p.voice.pitch, speed=p.voice.speed,
-                        default_emotion=p.default_emotion, allowed_emotions=list(p.allowed_emotions),
-                        greeting=p.greeting,
-                    )
-                    for p in self.service.list_personas()
+                    pb.Persona(**p.summary()) for p in self.service.list_personas()
                 ]
             )
 
