@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from npc_server.tokenizer.modules import ConvReadout, EncoderConfig, StreamingEncoder
-from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
+from npc_server.tokenizer.quantizers import FSQConfig, QuantizedStreamConfig, VQConfig, make_quantizer
 
 
 def _ling_encoder() -> EncoderConfig:
@@ -16,7 +16,7 @@ def _ling_encoder() -> EncoderConfig:
 
 
 @dataclass
-class LinguisticConfig:
+class LinguisticConfig(QuantizedStreamConfig):
     encoder: EncoderConfig = field(default_factory=_ling_encoder)
     quantizer: str = "fsq"  # "fsq" (finite scalar, levels below) or "vq" (EMA codebook)
     fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[4, 4, 4, 4, 4]))
@@ -25,17 +25,6 @@ class LinguisticConfig:
     readout_hidden: int = 192
     readout_layers: int = 3
     ctc_upsample: int = 3  # CTC outputs per 60 ms token (phones can be faster than 16.7 Hz)
-
-    @property
-    def q_dim(self) -> int:
-        return self.fsq.dim if self.quantizer == "fsq" else self.vq.dim
-
-    @property
-    def codebook_size(self) -> int:
-        return self.fsq.codebook_size if self.quantizer == "fsq" else self.vq.codebook_size
-
-    def __post_init__(self) -> None:
-        self.encoder.out_dim = self.q_dim
 
 
 class LinguisticTokenizer(nn.Module):

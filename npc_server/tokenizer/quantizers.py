@@ -175,6 +175,22 @@ class FiniteScalarQuantizer(nn.Module):
         return zq, codes, z.new_zeros(()).float()
 
 
+class QuantizedStreamConfig:
+    """Shared by the linguistic and semantic stream configs (dataclasses with `encoder`, `quantizer`, `fsq`, `vq`):
+    the quantiser's input size and code count, and the encoder sized to feed it."""
+
+    @property
+    def q_dim(self) -> int:
+        return self.fsq.dim if self.quantizer == "fsq" else self.vq.dim
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size if self.quantizer == "fsq" else self.vq.codebook_size
+
+    def __post_init__(self) -> None:
+        self.encoder.out_dim = self.q_dim
+
+
 def make_quantizer(kind: str, vq: VQConfig, fsq: FSQConfig) -> nn.Module:
     if kind == "vq":
         return VectorQuantizer(vq)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from npc_server.tokenizer.modules import ConvReadout, EncoderConfig, ReconDecoder, StreamingEncoder
-from npc_server.tokenizer.quantizers import FSQConfig, VQConfig, make_quantizer
+from npc_server.tokenizer.quantizers import FSQConfig, QuantizedStreamConfig, VQConfig, make_quantizer
 
 
 def _sem_encoder() -> EncoderConfig:
@@ -16,7 +16,7 @@ def _sem_encoder() -> EncoderConfig:
 
 
 @dataclass
-class SemanticConfig:
+class SemanticConfig(QuantizedStreamConfig):
     encoder: EncoderConfig = field(default_factory=_sem_encoder)
     quantizer: str = "fsq"  # "fsq" (finite scalar, levels below) or "vq" (EMA codebook)
     fsq: FSQConfig = field(default_factory=lambda: FSQConfig(levels=[8, 8, 8, 8]))
@@ -33,17 +33,6 @@ class SemanticConfig:
         """Reconstruction targets per 10 ms frame: log-mel bins + log-F0 + voicing logit + log energy."""
         return self.encoder.n_mels + 3
 
-
-    @property
-    def q_dim(self) -> int:
-        return self.fsq.dim if self.quantizer == "fsq" else self.vq.dim
-
-    @property
-    def codebook_size(self) -> int:
-        return self.fsq.codebook_size if self.quantizer == "fsq" else self.vq.codebook_size
-
-    def __post_init__(self) -> None:
-        self.encoder.out_dim = self.q_dim
 
 
 class SemanticTokenizer(nn.Module):
