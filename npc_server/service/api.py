@@ -99,6 +99,7 @@ class Timings:
     vocoder_ms: float = 0.0
     prefill_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
