@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -59,13 +58,15 @@ class EngineState:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question text or "<audio>", spoken answer)
 
     def memory_bytes(self) -> int:
-        cache = getattr(self.session, "cache", None)
+        """KV-cache bytes of the conversation (the backbone's and, with speculative decoding, the draft's)."""
+        caches = [getattr(self.session, "cache", None), getattr(getattr(self.session, "draft", None), "cache", None)]
         total = 0
-        for layer in getattr(cache, "layers", ()) or ():
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
+        for cache in caches:
+            for layer in getattr(cache, "layers", ()) or ():
+                for name in ("keys", "values"):
+                    t = getattr(layer, name, None)
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
         return total
 
 
@@ -108,8 +109,9 @@ class Engine:
         self._prefix_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None) -> "Engine":
-        """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json)."""
+    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None, draft: bool = True) -> "Engine":
+        """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json), and the optional
+        draft backbone models/<name>/draft for speculative audio decoding unless `draft` is False."""
         from npc_server.backbone.generator import Generator
         from npc_server.tokenizer import AudioTokenizer
         from npc_server.vocoder import Vocoder
@@ -121,7 +123,9 @@ class Engine:
         if threads:
             torch.set_num_threads(threads)
         tokenizer = AudioTokenizer.from_pretrained(model_dir / "tokenizer")
-        generator = Generator.from_pretrained(model_dir / "backbone")
+        draft_dir = model_dir / "draft"
+        use_draft = draft and (draft_dir / "config.json").is_file()
+        generator = Generator.from_pretrained(model_dir / "backbone", draft=draft_dir if use_draft else None)
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 
@@ -149,11 +153,7 @@ class Engine:
                 if len(self._prefix_cache) >= 64:
                     self._prefix_cache.pop(next(iter(self._prefix_cache)))
                 self._prefix_cache[system] = base
-        session = copy.copy(base)
-        session.cache = copy.deepcopy(base.cache)
-        session.segments = [list(seg) for seg in base.segments]
-        session.pending = list(base.pending)
-        return EngineState(session=session)
+        return EngineState(session=base.fork())
 
     # ---- answering ---------------------------------------------------------------------------------------
 
@@ -180,6 +180,7 @@ class Engine:
         t_tok = time.perf_counter()
 
         session = state.session
+        cached_tokens = session.cached_tokens  # reused from the KV cache: the system prompt and earlier turns
         turn_controls = controls if controls != session.system.controls else None
         user = UserTurn(audio=audio_ids, text=text or None, controls=turn_controls)
         answer_mode = _MODES[mode]
@@ -233,6 +234,7 @@ class Engine:
                             vocoder_ms=vocoder_s * 1000,
                             prefill_tokens=ev.prefill_tokens,
                             generated_tokens=ev.generated_tokens,
+                            cached_tokens=cached_tokens,
                         ),
                     )
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import time
@@ -61,6 +62,27 @@ class AudioChunk:
 
 
 @dataclass
+class DecodeStats:
+    """Work done while decoding one answer (prefill excluded). Without a draft model only `target_forwards`
+    moves; with speculative decoding `proposed`/`accepted` count the draft's audio tokens."""
+
+    target_forwards: int = 0  # forward passes of the backbone while decoding
+    draft_forwards: int = 0  # forward passes of the draft model (incl. catching up with the conversation)
+    rounds: int = 0  # speculative rounds (one verifying backbone pass each)
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens the backbone accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
+                "rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate}
+
+
+@dataclass
 class TurnEnd:
     text: str
     audio: torch.Tensor  # all semantic codes of the answer
@@ -70,6 +92,7 @@ class TurnEnd:
     generated_tokens: int
     prefill_s: float
     decode_s: float
+    stats: DecodeStats = field(default_factory=DecodeStats)
 
 
 Event = TextDelta | AudioChunk | TurnEnd
@@ -81,12 +104,67 @@ _CACHE_ARG = "cache" if "cache" in _FORWARD_ARGS else "past_key_values"
 _KEEP_ARG = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in _FORWARD_ARGS), None)
 
 
+@torch.inference_mode()
+def forward_tokens(model: torch.nn.Module, cache: DynamicCache, ids: list[int], device: torch.device,
+                   last_only: bool = False) -> tuple[torch.Tensor, DynamicCache]:
+    """Feed `ids` through `model` on top of `cache`; returns (logits [len(ids), vocab] fp32, or [1, vocab] for the
+    last position only when `last_only`, skipping the LM head for the rest), and the updated cache."""
+    if not ids:
+        raise ValueError("nothing to prefill")
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    kwargs = {_CACHE_ARG: cache}
+    if last_only and _KEEP_ARG:
+        kwargs[_KEEP_ARG] = 1
+    out = model(input_ids=x, use_cache=True, **kwargs)
+    logits = out.logits[0, -1:] if last_only else out.logits[0]
+    return logits.float(), getattr(out, _CACHE_ARG)
+
+
+def sampling_temperature(grammar: BlockGrammar, sampling: SamplingConfig) -> float:
+    """The temperature of the next token: `audio_temperature` where audio tokens are allowed, else `temperature`."""
+    if sampling.audio_temperature is not None and "semantic" in grammar.allowed_groups():
+        return sampling.audio_temperature
+    return sampling.temperature
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, sampling: SamplingConfig, allowed: int) -> torch.Tensor:
+    """Masked logits -> temperature, top-k, top-p -> probabilities (temperature > 0)."""
+    logits = logits / temperature
+    if sampling.top_k and sampling.top_k < allowed:
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > sampling.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        probs = probs / probs.sum()
+    return probs
+
+
+def token_probs(logits: torch.Tensor, grammar: BlockGrammar, sampling: SamplingConfig) -> torch.Tensor:
+    """The distribution the generator samples the next token from: grammar mask, temperature (audio_temperature in
+    audio spans), top-k, top-p. Greedy (temperature 0) and single-choice states give a one-hot vector."""
+    mask = grammar.mask().to(logits.device)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    allowed = int(mask.sum())
+    temperature = sampling_temperature(grammar, sampling)
+    if allowed == 1 or temperature == 0.0:
+        index = int(mask.nonzero()[0]) if allowed == 1 else int(torch.argmax(logits))
+        return torch.zeros_like(logits).index_fill_(0, torch.tensor([index], device=logits.device), 1.0)
+    return _filtered_probs(logits, temperature, sampling, allowed)
+
+
 @dataclass
 class Session:
     """One conversation: its KV cache and the token segments it holds (system, then one per turn).
 
     `pending` are tokens that belong to the conversation but are not yet in the cache (the last sampled
-    token of an answer); they are prefilled together with the next turn."""
+    token of an answer); they are prefilled together with the next turn. `draft` is the draft model's own state
+    for speculative decoding (`speculative.DraftState`); it follows `ids` lazily, so anything that rewrites the
+    cache (eviction, interruption) needs no extra care."""
 
     system: SystemPrompt
     cache: DynamicCache
@@ -94,6 +172,13 @@ class Session:
     pending: list[int] = field(default_factory=list)
     id: str = field(default_factory=lambda: f"s{next(_session_ids)}")
     last_used: float = field(default_factory=time.monotonic)
+    draft: object | None = None
+
+    def fork(self) -> Session:
+        """An independent copy of this conversation (own KV caches), e.g. of a prefilled system prompt."""
+        return Session(system=self.system, cache=copy.deepcopy(self.cache),
+                       segments=[list(seg) for seg in self.segments], pending=list(self.pending),
+                       draft=copy.deepcopy(self.draft))
 
     @property
     def ids(self) -> list[int]:
@@ -109,24 +194,44 @@ class Session:
 
 
 class Generator:
-    """Drives a backbone model (a `transformers` causal LM) with the chat template. Not thread-safe per session."""
+    """Drives a backbone model (a `transformers` causal LM) with the chat template. Not thread-safe per session.
 
-    def __init__(self, model: torch.nn.Module, template: ChatTemplate, max_context: int | None = None):
+    With a `draft` (a small backbone with the same vocabulary, or a `speculative.SpeculativeDecoder`), audio spans
+    are decoded speculatively: the draft proposes up to `draft_k` audio tokens, the backbone checks them in one
+    pass, and the sampled tokens keep exactly the backbone's distribution (see backbone/speculative.py)."""
+
+    def __init__(self, model: torch.nn.Module, template: ChatTemplate, max_context: int | None = None,
+                 draft=None, draft_k: int = 4):
         self.model = model.eval()
         self.template = template
         self.layout = template.layout
         cfg_max = getattr(model.config, "max_position_embeddings", 2048)
         self.max_context = min(max_context or cfg_max, cfg_max)
         self.device = next(model.parameters()).device
+        self.speculative = None
+        if draft is not None:
+            from npc_server.backbone.speculative import SpeculativeDecoder
+
+            self.speculative = draft if isinstance(draft, SpeculativeDecoder) else SpeculativeDecoder(draft, draft_k)
+            self.speculative.check_compatible(self)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None) -> Generator:
-        """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone."""
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None,
+                        draft=None, draft_k: int = 4) -> Generator:
+        """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone,
+        and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding."""
         from npc_server.backbone.model import load_backbone
         from npc_server.backbone.text_tokenizer import TextTokenizer
 
         model, config = load_backbone(directory, dtype=dtype)
-        return cls(model, ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory)), max_context)
+        draft_model = None
+        if draft is not None:
+            draft_model, draft_config = load_backbone(draft, dtype=dtype)
+            if draft_config.n_text != config.n_text:
+                raise ValueError(f"draft {draft} has {draft_config.n_text} text ids, the backbone {config.n_text}: "
+                                 "a draft must share the backbone's vocabulary")
+        template = ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory))
+        return cls(model, template, max_context, draft=draft_model, draft_k=draft_k)
 
     # --- sessions ---------------------------------------------------------------------------------------
     def start_session(self, system: SystemPrompt) -> Session:
@@ -134,21 +239,22 @@ class Generator:
         session = Session(system=system, cache=DynamicCache(config=self.model.config))
         self._forward(session, ids, last_only=True)
         session.segments.append(list(ids))
+        if self.speculative is not None:  # the draft's copy of the prompt travels with forks of this session
+            self.speculative.sync(session)
         return session
 
-    @torch.inference_mode()
     def _forward(self, session: Session, ids: list[int], last_only: bool = False) -> torch.Tensor:
         """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32), or
         [1, vocab] for the last position only when `last_only` (skips the LM head for the rest of a prefill)."""
-        if not ids:
-            raise ValueError("nothing to prefill")
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        kwargs = {_CACHE_ARG: session.cache}
-        if last_only and _KEEP_ARG:
-            kwargs[_KEEP_ARG] = 1
-        out = self.model(input_ids=x, use_cache=True, **kwargs)
-        session.cache = getattr(out, _CACHE_ARG)
-        return out.logits[0, -1:].float() if last_only else out.logits[0].float()
+        logits, session.cache = forward_tokens(self.model, session.cache, ids, self.device, last_only)
+        return logits
+
+    @staticmethod
+    def _drop_last(session: Session, n: int) -> None:
+        """Remove the last `n` tokens of the current turn from the cache and the segments."""
+        if n > 0:
+            session.cache.crop(-n)  # transformers >= 5: a negative count of tokens to drop
+            del session.segments[-1][-n:]
 
     def prefill(self, session: Session, ids: list[int], new_segment: bool = True,
                 last_only: bool = False) -> torch.Tensor:
@@ -202,9 +308,11 @@ class Generator:
         mode: Mode = Mode.AUDIO_TEXT,
         sampling: SamplingConfig = SamplingConfig(),
         should_stop: Callable[[], bool] | None = None,
+        speculative: bool = True,
     ) -> Iterator[Event]:
         """Answer one user turn, streaming TextDelta / AudioChunk events and a final TurnEnd. Only the new turn
-        is prefilled; the history comes from the session's KV cache."""
+        is prefilled; the history comes from the session's KV cache. Audio spans are decoded speculatively when
+        the generator has a draft model, unless `speculative` is False (same distribution either way)."""
         mode = Mode(mode)
         t0 = time.perf_counter()
         prompt = self.template.user(user).ids + self.template.assistant_prefix(mode).ids
@@ -217,47 +325,64 @@ class Generator:
         rng = torch.Generator(device="cpu")
         rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         grammar = BlockGrammar(self.layout, mode, text_vocab=self.template.text.vocab_size)
+        drafter = self.speculative if speculative else None
+        stats = DecodeStats()
         body: list[int] = []
         text_ids: list[int] = []
         text_sent = ""
         span: list[int] = []
         audio: list[int] = []
         stop_reason = "end"
+        # `new`: tokens sampled in one step; all but the last are already in the cache (accepted draft tokens)
+        new = [self._sample(logits, grammar, sampling, rng)]
         while True:
-            token = self._sample(logits, grammar, sampling, rng)
-            grammar.advance(token)
-            body.append(token)
-            if self.layout.is_text(token):
-                text_ids.append(token)
-                text = self.template.text.decode(text_ids)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next bytes
-                    text = text.rstrip("\ufffd")
-                if len(text) > len(text_sent) and text.startswith(text_sent):
-                    yield TextDelta(text[len(text_sent):])
-                    text_sent = text
-            elif self.layout.is_semantic(token):
-                span.append(self.layout.to_semantic_codes([token])[0])
-            elif token == self.layout.special("<|audio_end|>") and span:
-                audio += span
-                yield AudioChunk(torch.tensor(span, dtype=torch.long))
-                span = []
-            if grammar.finished:
-                session.pending = [token]
-                break
-            if len(body) >= sampling.max_new_tokens or (should_stop is not None and should_stop()):
-                stop_reason = "max_tokens" if len(body) >= sampling.max_new_tokens else "stopped"
-                # close the answer so the conversation stays well-formed for the next turn
-                closing = self._closing_tokens(grammar)
-                body += closing
-                if span:
+            stop = False
+            for i, token in enumerate(new):
+                grammar.advance(token)
+                body.append(token)
+                if self.layout.is_text(token):
+                    text_ids.append(token)
+                    text = self.template.text.decode(text_ids)
+                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next bytes
+                        text = text.rstrip("\ufffd")
+                    if len(text) > len(text_sent) and text.startswith(text_sent):
+                        yield TextDelta(text[len(text_sent):])
+                        text_sent = text
+                elif self.layout.is_semantic(token):
+                    span.append(self.layout.to_semantic_codes([token])[0])
+                elif token == self.layout.special("<|audio_end|>") and span:
                     audio += span
                     yield AudioChunk(torch.tensor(span, dtype=torch.long))
-                self._forward(session, [token] + closing[:-1], last_only=True)
-                session.segments[-1] += [token] + closing[:-1]
-                session.pending = closing[-1:]
+                    span = []
+                if grammar.finished or len(body) >= sampling.max_new_tokens or (
+                        should_stop is not None and should_stop()):
+                    # the cache must end right before `token`: drop it and any accepted tokens after it
+                    self._drop_last(session, len(new) - 1 - i)
+                    stop = True
+                    break
+            if stop:
                 break
-            logits = self._forward(session, [token], last_only=True)[-1]
-            session.segments[-1].append(token)
+            budget = sampling.max_new_tokens - len(body)  # tokens this answer may still produce
+            if drafter is not None and budget >= 2 and drafter.wants(grammar):
+                new = drafter.round(self, session, token, grammar, sampling, rng, budget, stats)
+            else:
+                logits = self._forward(session, [token], last_only=True)[-1]
+                session.segments[-1].append(token)
+                stats.target_forwards += 1
+                new = [self._sample(logits, grammar, sampling, rng)]
+        if grammar.finished:
+            session.pending = [token]
+        else:
+            stop_reason = "max_tokens" if len(body) >= sampling.max_new_tokens else "stopped"
+            # close the answer so the conversation stays well-formed for the next turn
+            closing = self._closing_tokens(grammar)
+            body += closing
+            if span:
+                audio += span
+                yield AudioChunk(torch.tensor(span, dtype=torch.long))
+            self._forward(session, [token] + closing[:-1], last_only=True)
+            session.segments[-1] += [token] + closing[:-1]
+            session.pending = closing[-1:]
         t2 = time.perf_counter()
         final_text = self.template.text.decode(text_ids)
         if len(final_text) > len(text_sent) and final_text.startswith(text_sent):
@@ -271,13 +396,14 @@ class Generator:
             generated_tokens=len(body),
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
+            stats=stats,
         )
 
     def generate(self, session: Session, user: UserTurn, mode: Mode = Mode.AUDIO_TEXT,
-                 sampling: SamplingConfig = SamplingConfig()) -> TurnEnd:
+                 sampling: SamplingConfig = SamplingConfig(), speculative: bool = True) -> TurnEnd:
         """Non-streaming convenience wrapper around `respond`."""
         end = None
-        for event in self.respond(session, user, mode, sampling):
+        for event in self.respond(session, user, mode, sampling, speculative=speculative):
             if isinstance(event, TurnEnd):
                 end = event
         assert end is not None
@@ -296,26 +422,14 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, grammar: BlockGrammar, sampling: SamplingConfig,
                 rng: torch.Generator) -> int:
+        """Draw the next token from `token_probs(logits, grammar, sampling)` (shortcuts for one-hot cases)."""
         mask = grammar.mask().to(logits.device)
         logits = logits.masked_fill(~mask, float("-inf"))
         allowed = int(mask.sum())
         if allowed == 1:
             return int(mask.nonzero()[0])
-        temperature = sampling.temperature
-        if sampling.audio_temperature is not None and "semantic" in grammar.allowed_groups():
-            temperature = sampling.audio_temperature
+        temperature = sampling_temperature(grammar, sampling)
         if temperature == 0.0:
             return int(torch.argmax(logits))
-        logits = logits / temperature
-        if sampling.top_k and sampling.top_k < allowed:
-            kth = torch.topk(logits, sampling.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if sampling.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            drop = cum - sorted_p > sampling.top_p  # keep the smallest prefix reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            probs = probs / probs.sum()
+        probs = _filtered_probs(logits, temperature, sampling, allowed)
         return int(torch.multinomial(probs.cpu(), 1, generator=rng))

@@ -75,13 +75,17 @@ class BackboneConfig:
 
 
 # Named size presets. "tiny" is for tests; "default" (~7M parameters with a 2048-token text vocabulary)
-# is what ships in models/default/backbone and runs in real time on 2 CPU cores.
+# is what ships in models/default/backbone and runs in real time on 2 CPU cores; "draft" ships in models/default/draft.
 PRESETS: dict[str, BackboneConfig] = {
     "tiny": BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                            max_positions=1024, preset="tiny"),
     "small": BackboneConfig(hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
                             preset="small"),
     "default": BackboneConfig(preset="default"),
+    # the draft model of speculative audio decoding (backbone/speculative.py): same vocabulary and context,
+    # ~1/4 of the default's decode cost per token
+    "draft": BackboneConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=352,
+                            preset="draft"),
 }
 
 

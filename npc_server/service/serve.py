@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow running without a token; only when binding a loopback address (development)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     ap.add_argument("--workers", type=int, default=1, help="answer scheduler threads (default 1)")
+    ap.add_argument("--no-draft", action="store_true",
+                    help="do not use <model-dir>/draft for speculative audio decoding even when it exists")
     ap.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)
     ap.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     ap.add_argument("--session-memory-mb", type=float, default=Limits.max_session_memory_mb)
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> int:
     for err in store.last_errors:
         log.warning("persona error: %s", err)
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads)
+        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft)
     except FileNotFoundError as exc:
         print(f"npc-server: {exc}", file=sys.stderr)
         return 2
@@ -98,9 +100,9 @@ def main(argv: list[str]) -> int:
           + (f", WebSocket bridge on ws://{args.host}:{bridge_port}" if bridge_port >= 0 else ""), flush=True)
     print(f"NPCs: {names}", flush=True)
     print("Talk to one (in another terminal):\n"
-          f"  .venv/bin/npc-server say --npc innkeeper --server {args.host}:{grpc_port} question.wav -o answer.wav\n"
+          f"  .venv/bin/npc-server say --npc innkeeper --server {args.host}:{grpc_port} examples/questions/room.wav -o answer.wav\n"
           "  or in Python:  from sdk import NpcClient\n"
-          f"                 NpcClient('{args.host}:{grpc_port}').say('innkeeper', 'question.wav', 'answer.wav')",
+          f"                 NpcClient('{args.host}:{grpc_port}').say('innkeeper', 'examples/questions/room.wav', 'answer.wav')",
           flush=True)
     if args.ready_file:
         with open(args.ready_file, "w") as f:
