@@ -54,11 +54,16 @@ def _parse_input(spec: str) -> tuple[Path, float]:
         raise ValueError(f"bad --inputs entry {spec!r}; expected DIR or DIR:WEIGHT") from None
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server train merge", description=__doc__)
     parser.add_argument("--inputs", nargs="+", required=True,
                         help="backbone bundles as DIR:WEIGHT, e.g. sft1/model:5 sft2/model:5 dpo/model:1")
     parser.add_argument("--out", type=Path, required=True, help="output bundle folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                        help="storage dtype of the merged weights (default fp16: the shipped bundles are half size)")
     args = parser.parse_args(argv)
     inputs = [_parse_input(s) for s in args.inputs]
     configs = [load_config(p) for p, _ in inputs]
@@ -76,7 +81,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"merged weights do not fit the model: missing={missing} unexpected={unexpected}")
     if configs[0].tie_embeddings:
         model.tie_weights()
-    save_backbone(model, configs[0], args.out)
+    save_backbone(model, configs[0], args.out, dtype=DTYPES[args.dtype])
     copy_tokenizer(inputs[0][0], args.out)
     (args.out / "merge.json").write_text(json.dumps(
         {"inputs": [{"path": str(p), "weight": w} for p, w in inputs]}, indent=2) + "\n", encoding="utf-8")
