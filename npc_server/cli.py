@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "sft"): ("npc_server.training.sft:main", "backbone stage 2: supervised fine-tuning"),
     ("train", "dpo"): ("npc_server.training.dpo:main", "backbone stage 3: DPO on preference pairs"),
     ("train", "merge"): ("npc_server.training.merge:main", "backbone stage 4: weight merging"),
+    ("train", "draft"): ("npc_server.training.draft:main", "draft backbone for speculative audio decoding"),
     ("eval", "tokenizer"): ("npc_server.eval.tokenizer_eval:main", "evaluate the audio tokenizer"),
     ("eval", "vocoder"): ("npc_server.eval.vocoder_eval:main", "evaluate the vocoder"),
     ("eval", "npc"): ("npc_server.eval.npc_eval:main", "NPC-Eval: held-out spoken-answer evaluation"),

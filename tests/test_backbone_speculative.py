@@ -320,3 +320,29 @@ def test_draft_must_share_the_vocabulary(template, target, tmp_path):
     save_backbone(build_model(cfg), cfg, tmp_path / "d")
     model, loaded = load_backbone(tmp_path / "d")
     assert loaded.preset == "draft" and model.config.vocab_size == target.config.vocab_size
+
+
+# --- training the draft -------------------------------------------------------------------------------------------
+def test_train_draft_command_distills_and_exports_a_usable_draft(tmp_path):
+    import json
+
+    from npc_server.backbone.text_tokenizer import corpus_texts
+    from npc_server.cli import main as cli
+    from npc_server.training.lm_common import save_bundle
+    from npc_server.training.lm_synthetic import synthetic_corpus
+
+    corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=20, seed=2)
+    tok = TextTokenizer.train(corpus_texts(corpus), vocab_size=400)
+    cfg = preset("tiny", n_text=512)
+    save_bundle(random_backbone(0), cfg, tok, tmp_path / "backbone")
+    args = ["train", "draft", "--corpus", str(corpus), "--synthetic-tokens", "--init-target", str(tmp_path / "backbone"),
+            "--preset", "tiny", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "models" / "draft"),
+            "--steps", "3", "--batch-size", "2", "--threads", "1", "--log-every", "1", "--precision", "fp32",
+            "--max-len", "400"]
+    assert cli(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["kl_audio"] >= 0 and r["audio_loss"] > 0 for r in log)
+    gen = Generator.from_pretrained(tmp_path / "backbone", draft=tmp_path / "models" / "draft")
+    end = gen.generate(gen.start_session(SYSTEM), USER, mode=Mode.AUDIO,
+                       sampling=SamplingConfig(temperature=1.0, seed=0, max_new_tokens=40))
+    assert end.stats.rounds > 0 and end.stats.proposed > 0
