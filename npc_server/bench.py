@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +132,42 @@ def recompute_history(engine, session) -> tuple[float, int]:
     return (time.perf_counter() - t0) * 1000, len(ids)
 
 
+def speculative_figures(generator, prompts: list, sampling, mode=None) -> dict:
+    """Decode speed of the same answers with and without the generator's draft model (alternating, fresh
+    sessions), the draft's acceptance rate, and whether greedy answers came out identical.
+    `prompts`: (SystemPrompt, UserTurn) pairs."""
+    from npc_server.backbone.template import Mode
+
+    if generator.speculative is None:
+        raise ValueError("the generator has no draft model")
+    mode = mode or Mode.AUDIO_TEXT
+    sums = {False: [0, 0.0], True: [0, 0.0]}  # tokens, decode seconds
+    passes = {False: 0, True: 0}
+    proposed = accepted = audio_tokens = 0
+    identical = True
+    for system, user in prompts:
+        ids = {}
+        for spec in (False, True):
+            end = generator.generate(generator.start_session(system), user, mode, sampling, speculative=spec)
+            sums[spec][0] += end.generated_tokens
+            sums[spec][1] += end.decode_s
+            passes[spec] += end.stats.target_forwards
+            ids[spec] = end.ids
+            if spec:
+                proposed += end.stats.proposed
+                accepted += end.stats.accepted
+                audio_tokens += len(end.audio)
+        identical &= ids[False] == ids[True]
+    plain_tps = sums[False][0] / max(sums[False][1], 1e-9)
+    spec_tps = sums[True][0] / max(sums[True][1], 1e-9)
+    return {"answers": len(prompts), "draft_k": generator.speculative.k, "temperature": sampling.temperature,
+            "acceptance_rate": accepted / proposed if proposed else float("nan"),
+            "accepted_per_audio_token": accepted / audio_tokens if audio_tokens else float("nan"),
+            "tokens_per_s_plain": plain_tps, "tokens_per_s_speculative": spec_tps, "speedup": spec_tps / plain_tps,
+            "backbone_passes_plain": passes[False], "backbone_passes_speculative": passes[True],
+            "greedy_identical": identical if sampling.temperature == 0 else None}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="npc-server bench", description=__doc__)
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
@@ -141,9 +177,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", default="1,2,4", help="parallel clients to try (default 1,2,4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
     ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
+    ap.add_argument("--no-draft", action="store_true",
+                    help="serve without <model-dir>/draft (no speculative decoding) and skip its comparison")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
+    from npc_server.backbone.template import UserTurn
     from npc_server.engine import Engine
     from npc_server.personas import PersonaStore
     from npc_server.service.core import NpcService
@@ -151,7 +190,7 @@ def main(argv: list[str]) -> int:
     from sdk import NpcClient
 
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads)
+        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft)
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2
@@ -159,7 +198,8 @@ def main(argv: list[str]) -> int:
     server, port = start_grpc(service, "127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
-                     "model": engine.name, "npc": args.npc}
+                     "model": engine.name, "npc": args.npc,
+                     "draft": engine.generator.speculative is not None}
     with tempfile.TemporaryDirectory() as tmp:
         questions = make_questions(Path(tmp))
         wavs = [load_audio(q, target_sr=16000)[0] for q in questions]
@@ -176,7 +216,7 @@ def main(argv: list[str]) -> int:
         ttfa = [r.ttfa_ms for r in runs]
         gaps = [g for r in runs for g in r.gaps_ms]
         audio_s = sum(r.audio_s for r in runs)
-        stage = lambda key: sum(r.timings[key] for r in runs) / 1000  # noqa: E731
+        stage = lambda key: sum(r.timings[key] for r in runs) / 1000
         gen_tokens = sum(r.timings["generated_tokens"] for r in runs)
         results["single"] = {
             "questions": len(runs), "question_seconds": 3.0,
@@ -220,6 +260,13 @@ def main(argv: list[str]) -> int:
                        "realtime": all(r.underruns == 0 for r in out),
                        "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
         results["concurrency"] = conc
+        if engine.generator.speculative is not None:
+            persona = service.personas.get(args.npc)
+            system = engine.system_prompt(persona)
+            prompts = [(system, UserTurn(audio=engine.tokenizer.encode(w, 16000).interleaved)) for w in wavs]
+            sampling = replace(engine.sampling, max_new_tokens=min(engine.sampling.max_new_tokens,
+                                                                   int(persona.max_answer_seconds * 45) + 16))
+            results["speculative"] = speculative_figures(engine.generator, prompts, sampling)
         if not args.no_cascade:
             results["cascade"] = cascade_baseline(questions, "A room for the night costs five gold.", args.threads)
             results["ratio_ttfa_ours_over_cascade"] = results["single"]["ttfa_ms_p50"] / results["cascade"]["first_audio_ms_p50"]
@@ -252,6 +299,13 @@ def print_table(r: dict) -> None:
         ("prefill ms one-shot / follow-up", f"{u['prefill_ms_oneshot_p50']:.0f} / {u['prefill_ms_followup_p50']:.0f}"),
         (f"follow-up without KV cache ({u['history_tokens']} tok, ms)", f"{u['recompute_history_ms']:.0f}"),
     ]
+    if "speculative" in r:
+        sp = r["speculative"]
+        rows += [
+            (f"speculative: draft acceptance (k={sp['draft_k']})", f"{sp['acceptance_rate']:.2f}"),
+            ("decode tokens/s without / with draft", f"{sp['tokens_per_s_plain']:.0f} / {sp['tokens_per_s_speculative']:.0f}"),
+            ("speculative decode speedup", f"{sp['speedup']:.2f}x"),
+        ]
     for n, c in r["concurrency"].items():
         rows.append((f"{n} concurrent: TTFA p50 ms, real time?", f"{c['ttfa_ms_p50']:.0f}, {'yes' if c['realtime'] else 'no'}"))
     if "cascade" in r:

@@ -91,7 +91,9 @@ def _stop_after(n: int):
 @pytest.mark.parametrize("max_context", [None, 260])  # 260: older turns are evicted and the caches rebuilt
 def test_greedy_speculative_equals_plain_over_a_session(template, target, max_context):
     plain = Generator(target, template, max_context=max_context)
-    spec = Generator(target, template, max_context=max_context, draft=perturbed(target, 0.01), draft_k=4)
+    # with eviction also the early stop of proposals on low draft confidence
+    spec = Generator(target, template, max_context=max_context, draft=perturbed(target, 0.01), draft_k=4,
+                     draft_min_prob=0.0 if max_context is None else 0.5)
     s_plain, s_spec = plain.start_session(SYSTEM), spec.start_session(SYSTEM)
     proposed = accepted = 0
     passes = []
@@ -177,8 +179,8 @@ def test_draft_follows_interruption_crop_and_prefix_forks(template, target):
 def test_engine_uses_the_draft_bundle_and_answers_like_without_it(tiny_model_dir, question_wav, tmp_path):
     from npc_server.audio import load_audio
     from npc_server.engine import Engine, EngineAudio, EngineDone
-    from npc_server.personas import parse_persona
     from npc_server.paths import DEFAULT_PERSONAS_DIR
+    from npc_server.personas import parse_persona
 
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
     shutil.copytree(model_dir / "backbone", model_dir / "draft")  # an identical draft: acceptance must be 100%
@@ -296,7 +298,8 @@ SAMPLINGS = {
 def test_sampled_audio_tokens_follow_the_backbone_distribution(template, peaked, name):
     sampling = SAMPLINGS[name]
     model, draft = peaked
-    spec = Generator(model, template, draft=draft, draft_k=4)
+    # the second case also stops proposing after an unlikely draft token (must not change the distribution)
+    spec = Generator(model, template, draft=draft, draft_k=4, draft_min_prob=0.0 if name == "temperature 1" else 0.4)
     probs = exact_pairs(spec, sampling)
     counts = sample_pairs(spec, sampling, n=400)
     assert chi_square_pvalue(counts, probs) > 1e-3
@@ -346,3 +349,20 @@ def test_train_draft_command_distills_and_exports_a_usable_draft(tmp_path):
     end = gen.generate(gen.start_session(SYSTEM), USER, mode=Mode.AUDIO,
                        sampling=SamplingConfig(temperature=1.0, seed=0, max_new_tokens=40))
     assert end.stats.rounds > 0 and end.stats.proposed > 0
+
+
+def test_bench_reports_the_draft(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from npc_server.bench import main
+    from npc_server.tiny import capped_personas
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    shutil.copytree(model_dir / "backbone", model_dir / "draft")
+    out = tmp_path / "bench.json"
+    assert main(["--model-dir", str(model_dir), "--personas", str(capped_personas(tmp_path / "personas")),
+                 "--repeats", "1", "--concurrency", "1", "--no-cascade", "--json", str(out)]) == 0
+    sp = json.loads(out.read_text())["speculative"]
+    assert sp["acceptance_rate"] == 1.0 and sp["greedy_identical"] and sp["answers"] == 6
+    assert sp["backbone_passes_speculative"] < sp["backbone_passes_plain"] and sp["speedup"] > 0
+    assert "decode tokens/s without / with draft" in capsys.readouterr().out

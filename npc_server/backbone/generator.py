@@ -201,7 +201,7 @@ class Generator:
     pass, and the sampled tokens keep exactly the backbone's distribution (see backbone/speculative.py)."""
 
     def __init__(self, model: torch.nn.Module, template: ChatTemplate, max_context: int | None = None,
-                 draft=None, draft_k: int = 4):
+                 draft=None, draft_k: int = 2, draft_min_prob: float = 0.0):
         self.model = model.eval()
         self.template = template
         self.layout = template.layout
@@ -212,12 +212,13 @@ class Generator:
         if draft is not None:
             from npc_server.backbone.speculative import SpeculativeDecoder
 
-            self.speculative = draft if isinstance(draft, SpeculativeDecoder) else SpeculativeDecoder(draft, draft_k)
+            self.speculative = draft if isinstance(draft, SpeculativeDecoder) else \
+                SpeculativeDecoder(draft, draft_k, draft_min_prob)
             self.speculative.check_compatible(self)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None,
-                        draft=None, draft_k: int = 4) -> Generator:
+                        draft=None, draft_k: int = 2, draft_min_prob: float = 0.0) -> Generator:
         """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone,
         and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding."""
         from npc_server.backbone.model import load_backbone
@@ -231,7 +232,7 @@ class Generator:
                 raise ValueError(f"draft {draft} has {draft_config.n_text} text ids, the backbone {config.n_text}: "
                                  "a draft must share the backbone's vocabulary")
         template = ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory))
-        return cls(model, template, max_context, draft=draft_model, draft_k=draft_k)
+        return cls(model, template, max_context, draft=draft_model, draft_k=draft_k, draft_min_prob=draft_min_prob)
 
     # --- sessions ---------------------------------------------------------------------------------------
     def start_session(self, system: SystemPrompt) -> Session:

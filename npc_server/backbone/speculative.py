@@ -30,6 +30,7 @@ from npc_server.backbone.generator import (
     SamplingConfig,
     Session,
     forward_tokens,
+    sampling_temperature,
     token_probs,
 )
 from npc_server.backbone.template import BlockGrammar
@@ -46,11 +47,16 @@ class DraftState:
 class SpeculativeDecoder:
     """Proposes audio tokens with a draft backbone and verifies them with the generator's backbone."""
 
-    def __init__(self, draft: torch.nn.Module, k: int = 4):
+    def __init__(self, draft: torch.nn.Module, k: int = 2, min_prob: float = 0.0):
+        """`k`: most proposals per round. `min_prob`: stop proposing after a token the draft itself gave less than
+        this probability (a likely rejection; saves draft passes). Neither changes the sampled distribution."""
         if k < 1:
             raise ValueError("draft_k must be >= 1")
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError("min_prob must be in [0, 1)")
         self.model = draft.eval()
         self.k = k
+        self.min_prob = min_prob
         self.device = next(draft.parameters()).device
 
     def check_compatible(self, generator: Generator) -> None:
@@ -99,6 +105,14 @@ class SpeculativeDecoder:
         """What a rejected position is drawn from (unnormalised): the part of p that q under-covers."""
         return (p - q).clamp_(min=0.0)
 
+    @staticmethod
+    def _confidence(logits: torch.Tensor, q: torch.Tensor, d: int, grammar: BlockGrammar, greedy: bool) -> float:
+        """The draft's probability of its proposal (greedy: of the softmax over the allowed tokens)."""
+        if not greedy:
+            return float(q[d])
+        masked = logits.masked_fill(~grammar.mask().to(logits.device), float("-inf"))
+        return float(torch.softmax(masked, dim=-1)[d])
+
     def round(self, gen: Generator, session: Session, token: int, grammar: BlockGrammar, sampling: SamplingConfig,
               rng: torch.Generator, budget: int, stats: DecodeStats) -> list[int]:
         """Decode from `token` (sampled, already applied to `grammar`, not yet in the backbone cache).
@@ -114,12 +128,14 @@ class SpeculativeDecoder:
         proposals: list[int] = []
         q_probs: list[torch.Tensor] = []
         while len(proposals) < limit and self.wants(state_grammar):
+            greedy = sampling_temperature(state_grammar, sampling) == 0.0
             q = token_probs(q_logits, state_grammar, sampling)
-            d = int(torch.multinomial(q, 1, generator=rng))
+            d = int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=rng))
+            confident = self.min_prob == 0.0 or self._confidence(q_logits, q, d, state_grammar, greedy) >= self.min_prob
             proposals.append(d)
             q_probs.append(q)
             state_grammar.advance(d)
-            if len(proposals) < limit and self.wants(state_grammar):
+            if confident and len(proposals) < limit and self.wants(state_grammar):
                 draft = session.draft
                 q_logits, draft.cache = forward_tokens(self.model, draft.cache, [d], self.device, last_only=True)
                 q_logits = q_logits[-1]
@@ -134,14 +150,18 @@ class SpeculativeDecoder:
         check = copy.copy(grammar)
         for i, d in enumerate(proposals):
             p = token_probs(logits[i], check, sampling)
-            u = float(torch.rand((), generator=rng))
+            greedy = sampling_temperature(check, sampling) == 0.0  # p and q one-hot: accept iff p(d) = 1
+            u = 0.0 if greedy else float(torch.rand((), generator=rng))
             if self.accept(float(p[d]), float(q_probs[i][d]), u):
                 check.advance(d)
                 continue
             residual = self.residual(p, q_probs[i])
             total = float(residual.sum())
             # total > 0 whenever a rejection is possible; p is the exact fallback for rounding leftovers
-            corrected = int(torch.multinomial(residual / total if total > 0 else p, 1, generator=rng))
+            if greedy:
+                corrected = int(p.argmax())
+            else:
+                corrected = int(torch.multinomial(residual / total if total > 0 else p, 1, generator=rng))
             gen._drop_last(session, len(proposals) - i)
             stats.accepted += i
             return proposals[:i] + [corrected]
