@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from npc_server.backbone.generator import Generator, SamplingConfig, forward_tokens
+from npc_server.backbone.generator import SPECULATIVE_FILE, Generator, SamplingConfig, forward_tokens
 from npc_server.backbone.speculative import SpeculativeDecoder
-from npc_server.backbone.template import BLOCK_AUDIO, Controls, SystemPrompt, UserTurn
+from npc_server.backbone.template import Controls, SystemPrompt, UserTurn
 from npc_server.bench import QUESTIONS, speculative_figures
 
 
@@ -74,32 +74,35 @@ def build_tiny(work: Path, pretrain_steps: int = 200, sft_steps: int = 300, draf
     return work / "backbone" / "model", work / "draft" / "model", corpus
 
 
-def _pass_ms(model: torch.nn.Module, n_tokens: int, context: int = 300, repeats: int = 30) -> float:
-    cache = DynamicCache(config=model.config)
-    device = next(model.parameters()).device
-    _, cache = forward_tokens(model, cache, [5] * context, device, last_only=True)
-    times = []
+def pass_times_ms(runs: list[tuple[torch.nn.Module, int]], context: int = 300, repeats: int = 40) -> list[float]:
+    """Median time of one cached forward pass of (model, n_tokens) each, measured interleaved so that a change of
+    machine load hits them all alike."""
+    caches = []
+    for model, _ in runs:
+        device = next(model.parameters()).device
+        _, cache = forward_tokens(model, DynamicCache(config=model.config), [5] * context, device, last_only=True)
+        caches.append((cache, device))
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        t = time.perf_counter()
-        _, cache = forward_tokens(model, cache, [7] * n_tokens, device)
-        times.append(time.perf_counter() - t)
-        cache.crop(-n_tokens)
-    return sorted(times)[len(times) // 2] * 1000
+        for i, ((model, n), (cache, device)) in enumerate(zip(runs, caches)):
+            t = time.perf_counter()
+            forward_tokens(model, cache, [7] * n, device, last_only=(n == 1))
+            times[i].append(time.perf_counter() - t)
+            cache.crop(-n)
+    return [sorted(t)[len(t) // 2] * 1000 for t in times]
 
 
 def cost_model(generator: Generator) -> dict:
     k = generator.speculative.k
-    one = _pass_ms(generator.model, 1)
-    verify = _pass_ms(generator.model, k + 1)
-    draft = _pass_ms(generator.speculative.model, 1)
+    one, verify, draft = pass_times_ms([(generator.model, 1), (generator.model, k + 1),
+                                        (generator.speculative.model, 1)])
     projected = {}
     for alpha in (0.3, 0.5, 0.7, 0.9):
-        # a span of BLOCK_AUDIO tokens: rounds of up to k proposals, each emitting accepted + 1 tokens
+        # a round of k proposals emits the accepted ones + 1 (independent acceptances with probability alpha)
         per_round = sum(alpha ** i for i in range(k + 1))
-        round_ms = verify + k * draft
-        projected[alpha] = per_round * one / round_ms
+        projected[alpha] = per_round * one / (verify + k * draft)
     return {"backbone_pass_ms": one, f"backbone_pass_{k + 1}_tokens_ms": verify, "draft_pass_ms": draft,
-            "projected_audio_speedup": projected, "span_tokens": BLOCK_AUDIO}
+            "projected_audio_speedup": projected}
 
 
 def main() -> None:
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save-best", action="store_true",
+                    help="write the fastest greedy (k, min_prob) to <draft>/speculative.json (read by the server)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.tiny:
@@ -153,6 +158,15 @@ def main() -> None:
                   f"{a:.1f}: {s:.2f}x" for a, s in cm["projected_audio_speedup"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    greedy = [r for r in results["runs"] if r["temperature"] == 0]
+    if args.save_best and greedy:
+        best = max(greedy, key=lambda r: r["speedup"])
+        (Path(args.draft) / SPECULATIVE_FILE).write_text(json.dumps(
+            {"k": best["draft_k"], "min_prob": best["min_prob"], "measured_speedup": best["speedup"],
+             "acceptance_rate": best["acceptance_rate"]}, indent=2) + "\n")
+        print(f"wrote {Path(args.draft) / SPECULATIVE_FILE}: k={best['draft_k']} min_prob={best['min_prob']} "
+              f"({best['speedup']:.2f}x)" + ("  -- slower than plain decoding: do not ship this draft"
+                                              if best["speedup"] < 1 else ""))
 
 
 if __name__ == "__main__":

@@ -184,9 +184,11 @@ def test_engine_uses_the_draft_bundle_and_answers_like_without_it(tiny_model_dir
 
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
     shutil.copytree(model_dir / "backbone", model_dir / "draft")  # an identical draft: acceptance must be 100%
+    (model_dir / "draft" / "speculative.json").write_text('{"k": 3, "min_prob": 0.25}')
     with_draft = Engine.from_pretrained(model_dir)
     without = Engine.from_pretrained(model_dir, draft=False)
-    assert with_draft.generator.speculative is not None and without.generator.speculative is None
+    assert without.generator.speculative is None
+    assert (with_draft.generator.speculative.k, with_draft.generator.speculative.min_prob) == (3, 0.25)
     path = DEFAULT_PERSONAS_DIR / "innkeeper.yaml"
     persona = parse_persona(re.sub(r"max_answer_seconds: \d+", "max_answer_seconds: 2", path.read_text()), str(path))
     wav, _ = load_audio(question_wav, target_sr=16000)

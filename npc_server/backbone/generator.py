@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -96,6 +98,8 @@ class TurnEnd:
 
 
 Event = TextDelta | AudioChunk | TurnEnd
+
+SPECULATIVE_FILE = "speculative.json"  # in a draft bundle: its tuned k and min_prob
 
 _session_ids = itertools.count()
 # transformers >= 5.2x renamed the cache argument/output `past_key_values` -> `cache`.
@@ -218,9 +222,11 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None,
-                        draft=None, draft_k: int = 2, draft_min_prob: float = 0.0) -> Generator:
+                        draft=None, draft_k: int | None = None, draft_min_prob: float | None = None) -> Generator:
         """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone,
-        and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding."""
+        and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding. The draft's
+        settings default to its `speculative.json` ({"k": .., "min_prob": ..}, written by benchmarks/speculative.py
+        --save-best), else k=2, min_prob=0."""
         from npc_server.backbone.model import load_backbone
         from npc_server.backbone.text_tokenizer import TextTokenizer
 
@@ -231,8 +237,13 @@ class Generator:
             if draft_config.n_text != config.n_text:
                 raise ValueError(f"draft {draft} has {draft_config.n_text} text ids, the backbone {config.n_text}: "
                                  "a draft must share the backbone's vocabulary")
+            settings_file = Path(draft) / SPECULATIVE_FILE
+            settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+            draft_k = int(settings.get("k", 2)) if draft_k is None else draft_k
+            draft_min_prob = float(settings.get("min_prob", 0.0)) if draft_min_prob is None else draft_min_prob
         template = ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory))
-        return cls(model, template, max_context, draft=draft_model, draft_k=draft_k, draft_min_prob=draft_min_prob)
+        return cls(model, template, max_context, draft=draft_model, draft_k=draft_k or 2,
+                   draft_min_prob=draft_min_prob or 0.0)
 
     # --- sessions ---------------------------------------------------------------------------------------
     def start_session(self, system: SystemPrompt) -> Session:
