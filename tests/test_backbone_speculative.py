@@ -150,6 +150,17 @@ def test_greedy_identical_draft_accepts_everything_and_counts_right(template, ta
     assert end.stats.proposed > 10 and end.stats.accepted == end.stats.proposed
 
 
+def test_low_draft_confidence_ends_the_round(template, target):
+    """min_prob: after a proposal the draft gave less than min_prob, the round goes to verification at once."""
+    spec = Generator(target, template, draft=copy.deepcopy(target), draft_k=4, draft_min_prob=0.99)
+    plain = Generator(target, template)
+    user, mode = TURNS[1]
+    a, _ = _run(plain, plain.start_session(SYSTEM), user, mode)
+    b, _ = _run(spec, spec.start_session(SYSTEM), user, mode)
+    assert b.ids == a.ids
+    assert b.stats.rounds > 5 and b.stats.proposed == b.stats.rounds == b.stats.draft_forwards
+
+
 def test_draft_follows_interruption_crop_and_prefix_forks(template, target):
     """The draft's cache follows what the session does to the backbone cache (lazy re-sync): with an identical
     draft acceptance stays 100% after a crop like `Engine.interrupted`, and a fork carries its own draft cache."""

@@ -135,12 +135,13 @@ class SpeculativeDecoder:
             proposals.append(d)
             q_probs.append(q)
             state_grammar.advance(d)
-            if confident and len(proposals) < limit and self.wants(state_grammar):
-                draft = session.draft
-                q_logits, draft.cache = forward_tokens(self.model, draft.cache, [d], self.device, last_only=True)
-                q_logits = q_logits[-1]
-                draft.ids.append(d)
-                stats.draft_forwards += 1
+            if not confident or len(proposals) >= limit or not self.wants(state_grammar):
+                break
+            draft = session.draft
+            q_logits, draft.cache = forward_tokens(self.model, draft.cache, [d], self.device, last_only=True)
+            q_logits = q_logits[-1]
+            draft.ids.append(d)
+            stats.draft_forwards += 1
 
         logits = gen._forward(session, [token] + proposals)  # one verifying pass: [1 + len(proposals), vocab]
         session.segments[-1] += [token] + proposals
