@@ -184,11 +184,18 @@ def test_sft_dpo_merge_pipeline(corpus, pretrained, tmp_path):
     assert "reward_acc" in log[0]
     out = tmp_path / "merged"
     assert merge.main(["--inputs", f"{tmp_path / 'sft1' / 'model'}:5", f"{tmp_path / 'sft2' / 'model'}:5",
-                       f"{tmp_path / 'dpo' / 'model'}:1", "--out", str(out)]) == 0
+                       f"{tmp_path / 'dpo' / 'model'}:1", "--out", str(out), "--dtype", "fp32"]) == 0
     sd = [load_file(str(tmp_path / p / "model" / "model.safetensors")) for p in ("sft1", "sft2", "dpo")]
     merged = load_file(str(out / "model.safetensors"))
     for k in merged:
         torch.testing.assert_close(merged[k], (5 * sd[0][k] + 5 * sd[1][k] + sd[2][k]) / 11, atol=1e-6, rtol=1e-5)
+    # the default (shipped) storage is fp16: the same mix, rounded
+    assert merge.main(["--inputs", f"{tmp_path / 'sft1' / 'model'}:1", f"{tmp_path / 'sft2' / 'model'}:1",
+                       "--out", str(tmp_path / "merged16")]) == 0
+    half = load_file(str(tmp_path / "merged16" / "model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in half.values() if t.is_floating_point())
+    torch.testing.assert_close(half["model.norm.weight"].float(),
+                               (sd[0]["model.norm.weight"] + sd[1]["model.norm.weight"]) / 2, atol=2e-3, rtol=2e-3)
     assert not torch.equal(sd[0]["model.norm.weight"], sd[1]["model.norm.weight"])
     gen = Generator.from_pretrained(out)
     session = gen.start_session(SystemPrompt("merchant"))
