@@ -35,6 +35,7 @@ from npc_server.service.sessions import SessionManager
 from npc_server.voices import VOICE_BANK, voice_supports
 
 ENGINE_SAMPLE_RATE_IN = 16000
+SESSION_BUSY_GRACE_S = 2.0  # how long a question waits for its session's previous (e.g. cancelled) answer
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -257,7 +258,8 @@ class NpcService:
             self._active += 1
         try:
             if session is not None:
-                if not session.busy.acquire(blocking=False):
+                # a just-cancelled answer needs a moment to stop and rewrite the history: wait for it briefly
+                if not session.busy.acquire(timeout=SESSION_BUSY_GRACE_S):
                     raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session.id!r} is already answering")
                 try:
                     if session.state is None:

@@ -1,0 +1,168 @@
+"""The real `npc-server serve` on loopback with the embedded default model, judged by Whisper tiny.en as a listener."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from npc_server.eval.vocoder_eval import Listener, normalize_text, word_errors
+from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+from sdk import AudioEvent, EndEvent, NpcClient, NpcError, TextEvent
+
+COMPONENTS = ("tokenizer", "backbone", "vocoder")
+# What a listener must hear: Whisper tiny.en's transcript of the spoken answer against the answer's own subtitle.
+# The shipped model scores WER 0.73 on the room question (README, "Results"; the product target is < 0.10 and is
+# NOT met yet). This bound is a regression guard: silence, noise or babble (WER ~1.0) fails it, a spoken answer
+# in which the listener recognises some of the subtitle's words passes.
+MAX_WER = 0.85
+
+pytestmark = pytest.mark.skipif(
+    not all((DEFAULT_MODEL_DIR / c / "config.json").is_file() for c in COMPONENTS),
+    reason=f"{DEFAULT_MODEL_DIR} lacks a trained component",
+)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "questions"
+
+
+@pytest.fixture(scope="module")
+def questions() -> dict[str, Path]:
+    """Spoken player questions (piper voice, see examples/README.md)."""
+    return {"room": EXAMPLES / "room.wav", "follow": EXAMPLES / "well.wav", "long": EXAMPLES / "work.wav"}
+
+
+@pytest.fixture(scope="module")
+def listener() -> Listener:
+    return Listener(threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`npc-server serve` as a subprocess (the product's main job), on a copy of the personas folder."""
+    tmp = tmp_path_factory.mktemp("serve")
+    personas = tmp / "personas"
+    shutil.copytree(DEFAULT_PERSONAS_DIR, personas)
+    ready = tmp / "ready"
+    log = open(tmp / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npc_server.cli", "serve", "--port", "0", "--bridge-port", "-1", "--insecure-loopback",
+         "--personas", str(personas), "--ready-file", str(ready), "--threads", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 180
+        while not ready.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        if not ready.exists():
+            log.seek(0)
+            pytest.fail(f"server did not start:\n{log.read()}")
+        yield {"target": f"127.0.0.1:{ready.read_text().split()[0]}", "personas": personas, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture()
+def client(server):
+    with NpcClient(server["target"]) as c:
+        yield c
+
+
+def collect(speech):
+    audio, text, end = [], [], None
+    for ev in speech:
+        if isinstance(ev, AudioEvent):
+            audio.append(ev)
+        elif isinstance(ev, TextEvent):
+            text.append(ev.text)
+        elif isinstance(ev, EndEvent):
+            end = ev
+    pcm = b"".join(a.pcm for a in audio)
+    wav = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    return wav, "".join(text), end
+
+
+def wer(subtitle: str, transcript: str) -> float:
+    ref = normalize_text(subtitle)
+    return word_errors(ref, normalize_text(transcript)) / max(1, len(ref))
+
+
+def test_spoken_question_gets_an_intelligible_spoken_answer(client, questions, listener):
+    wav, text, end = collect(client.speak(npc="innkeeper", audio=questions["room"], output_sample_rate=16000))
+    assert end is not None and not end.interrupted
+    assert text.strip(), "empty subtitle"
+    assert len(wav) / 16000 == pytest.approx(end.audio_seconds, abs=1e-3)
+    assert end.audio_seconds > 0.5, f"answer of {end.audio_seconds:.2f} s for subtitle {text!r}"
+    heard = listener.transcribe(wav, 16000)
+    assert wer(text, heard) <= MAX_WER, f"subtitle {text!r} but Whisper heard {heard!r}"
+
+
+def test_follow_up_in_a_session_prefills_only_the_new_turn(client, questions):
+    session = client.open_session("innkeeper")
+    _, first_text, first = collect(client.speak(npc="innkeeper", audio=questions["room"], session=session))
+    wav, text, second = collect(client.speak(npc="innkeeper", audio=questions["follow"], session=session,
+                                             output_sample_rate=16000))
+    assert first_text.strip() and text.strip()
+    assert len(wav) / 16000 > 0.5, f"answer of {len(wav) / 16000:.2f} s for subtitle {text!r}"
+    # the second turn prefills its own audio and text only: the system prompt and first turn come from the KV cache
+    assert second.timings["prefill_tokens"] < first.timings["prefill_tokens"] + first.timings["generated_tokens"]
+    assert second.timings["cached_tokens"] >= first.timings["cached_tokens"] + first.timings["prefill_tokens"]
+    # (not judged by the listener: the shipped model's follow-up answers are mostly unintelligible, see README)
+    client.close_session(session)
+
+
+def test_cancel_mid_answer_keeps_what_was_spoken(client, questions):
+    session = client.open_session("innkeeper")
+    speech = client.speak(npc="innkeeper", audio=questions["long"], session=session)
+    chunks, end = 0, None
+    for ev in speech:
+        if isinstance(ev, AudioEvent):
+            chunks += 1
+            if chunks == 1:
+                speech.cancel()
+        elif isinstance(ev, EndEvent):
+            end = ev
+    # either the server confirmed the interruption or gRPC reports the cancelled call
+    assert chunks >= 1
+    assert end is None or end.interrupted
+    # the session is still usable and answers the next question
+    _, text, after = collect(client.speak(npc="innkeeper", audio=questions["room"], session=session))
+    assert after is not None and text.strip()
+    client.close_session(session)
+
+
+def test_reloaded_persona_answers_in_its_own_voice(server, client, questions, listener):
+    src = (server["personas"] / "innkeeper.yaml").read_text()
+    new = src.replace("id: innkeeper", "id: night_innkeeper", 1).replace("pitch: ", "pitch: -1.0 #", 1)
+    (server["personas"] / "night_innkeeper.yaml").write_text(new)
+    try:
+        assert "night_innkeeper" in {p["id"] for p in (client.reload_personas(), client.list_personas())[1]}
+        wav, text, end = collect(client.speak(npc="night_innkeeper", audio=questions["room"], output_sample_rate=16000))
+        assert end is not None and text.strip()
+        assert wer(text, listener.transcribe(wav, 16000)) <= MAX_WER
+    finally:
+        (server["personas"] / "night_innkeeper.yaml").unlink()
+        client.reload_personas()
+
+
+def test_client_errors_are_statuses_and_the_server_lives_on(server, client, questions):
+    with pytest.raises(NpcError) as e:
+        collect(client.speak(npc="nobody", audio=questions["room"]))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND.name
+    with pytest.raises(NpcError) as e:
+        collect(client.speak(npc="innkeeper", audio=b"RIFF" + os.urandom(200)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT.name
+    assert server["proc"].poll() is None
+    assert client.health()["status"] == "ok"
