@@ -163,6 +163,13 @@ def judge(row: dict, ans: dict, wav: np.ndarray | None, sr: int, transcript: str
     return res
 
 
+def _json_scalar(value):
+    """numpy scalars (np.bool_, np.float32 ...) in the results, as plain JSON values."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def summarise(results: list[dict]) -> dict:
     def rate(rs, key):
         vals = [r[key] for r in rs if r.get(key) is not None]
@@ -268,6 +275,6 @@ def main(argv: list[str]) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"corpus": str(corpus), "split": args.split, "judge": args.judge,
                                         "summary": summaries, "results": all_results}, indent=2,
-                                       ensure_ascii=False) + "\n", encoding="utf-8")
+                                       ensure_ascii=False, default=_json_scalar) + "\n", encoding="utf-8")
         args.out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     return 0
