@@ -208,13 +208,18 @@ class Engine:
                     yield EngineText(ev.text)
                 elif kind == "AudioChunk":
                     codes += ev.codes.tolist()
-                    tv = time.perf_counter()
-                    wav = voc.push(ev.codes.tolist())
-                    vocoder_s += time.perf_counter() - tv
-                    audio_s += len(wav) / self.sample_rate
-                    state.progress.append(_Spoken(audio_s, text_so_far, list(codes)))
-                    if wav.size:
-                        yield EngineAudio(wav, self.sample_rate)
+                    # each vocoder chunk leaves as soon as it is decoded (the first one is short: fast first audio)
+                    chunks = voc.push_chunks(ev.codes.tolist())
+                    while True:
+                        tv = time.perf_counter()
+                        wav = next(chunks, None)
+                        vocoder_s += time.perf_counter() - tv
+                        if wav is None:
+                            break
+                        audio_s += len(wav) / self.sample_rate
+                        state.progress.append(_Spoken(audio_s, text_so_far, list(codes)))
+                        if wav.size:
+                            yield EngineAudio(wav, self.sample_rate)
                 elif kind == "TurnEnd":
                     if voc is not None and codes:
                         tv = time.perf_counter()

@@ -132,6 +132,18 @@ def test_first_audio_after_first_chunk():
     assert np.abs(first).max() > 0
 
 
+def test_second_chunk_catches_up_with_a_whole_span():
+    """A 15-token span pushed at once leaves as a short first chunk and then everything up to the lookahead, so the
+    client has 12 tokens (480 ms) of audio before the next span arrives; the chunks still add up to `push`."""
+    voc = tiny_vocoder()
+    cfg = voc.stream_config
+    tokens = np.random.default_rng(3).integers(0, 4096, 15)
+    chunks = list(voc.stream().push_chunks(tokens))
+    assert [len(c) for c in chunks] == [cfg.first_chunk_tokens * voc.samples_per_token,
+                                        (15 - cfg.lookahead_tokens - cfg.first_chunk_tokens) * voc.samples_per_token]
+    np.testing.assert_array_equal(np.concatenate(chunks), voc.stream().push(tokens))
+
+
 def test_save_load_roundtrip(tmp_path):
     voc = tiny_vocoder()
     tokens = np.arange(40, 70)

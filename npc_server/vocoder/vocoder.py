@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -208,18 +208,31 @@ class VocoderStream:
         self.fade_in, self.fade_out = np.sin(ramp).astype(np.float32) ** 2, np.cos(ramp).astype(np.float32) ** 2
 
     def push(self, semantic_ids: Iterable[int]) -> np.ndarray:
+        """Add tokens; return the audio of every chunk they complete (see `push_chunks`)."""
+        out = list(self.push_chunks(semantic_ids))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def push_chunks(self, semantic_ids: Iterable[int]) -> Iterator[np.ndarray]:
+        """Add tokens and yield each completed chunk as soon as it is decoded. The first chunk is
+        `first_chunk_tokens` long (fast first audio); the second catches up with what is already there (at least
+        `first_chunk_tokens`, at most `chunk_tokens`), so a first push of a whole 15-token span leaves 480 ms of
+        audio, not 200 ms, buffered at the client before the next span arrives; later chunks are `chunk_tokens`."""
         if self.closed:
             raise RuntimeError("this stream was flushed; open a new one with Vocoder.stream()")
         new = _as_token_array(semantic_ids, self.vocoder.flow.config.n_codes)
         self.tokens = np.concatenate([self.tokens, new])
-        out = []
+        first, look = self.cfg.first_chunk_tokens, self.cfg.lookahead_tokens
         while True:
-            size = self.cfg.first_chunk_tokens if self.emitted == 0 else self.cfg.chunk_tokens
+            if self.emitted == 0:
+                size = first
+            elif self.emitted == first:
+                size = min(self.cfg.chunk_tokens, max(first, len(self.tokens) - look - self.emitted))
+            else:
+                size = self.cfg.chunk_tokens
             end = self.emitted + size
-            if len(self.tokens) < end + self.cfg.lookahead_tokens:
+            if len(self.tokens) < end + look:
                 break
-            out.append(self._emit(end, final=False))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+            yield self._emit(end, final=False)
 
     def flush(self) -> np.ndarray:
         if self.closed:
