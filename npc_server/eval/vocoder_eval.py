@@ -250,9 +250,21 @@ def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray]) -> dict:
     }
 
 
+def _mel_db_distance(a: np.ndarray, b: np.ndarray, sr: int) -> float:
+    """Mean absolute difference of two waveforms' 80-band log-mel spectra in dB (floor -80 dB): what a listener
+    compares, blind to the phase drift that makes waveform L2 large even when the spectra agree."""
+    import librosa
+
+    n = min(len(a), len(b))
+    mels = [librosa.power_to_db(librosa.feature.melspectrogram(y=x[:n].astype(np.float32), sr=sr, n_fft=1024,
+                                                               hop_length=240, n_mels=80), ref=1.0, top_db=None)
+            for x in (a, b)]
+    return float(np.mean(np.abs(np.maximum(mels[0], -80.0) - np.maximum(mels[1], -80.0))))
+
+
 def _streaming(vocoder: Vocoder, token_sets: list[np.ndarray], push_size: int = 3) -> dict:
     """Streams each utterance as the backbone would (a few tokens at a time); compute time only."""
-    rel, first_chunk_ms, compute_s, audio_s = [], [], 0.0, 0.0
+    rel, mel_db, first_chunk_ms, compute_s, audio_s = [], [], [], 0.0, 0.0
     for t in tqdm(token_sets, desc="streaming", unit="utt"):
         offline, _ = vocoder.decode(t, voice="joe")
         stream = vocoder.stream(voice="joe")
@@ -271,12 +283,15 @@ def _streaming(vocoder: Vocoder, token_sets: list[np.ndarray], push_size: int = 
         wav = np.concatenate(chunks)
         audio_s += len(wav) / vocoder.sample_rate
         rel.append(float(np.linalg.norm(wav - offline) / max(np.linalg.norm(offline), 1e-9)))
+        mel_db.append(_mel_db_distance(wav, offline, vocoder.sample_rate))
         if first is not None:
             first_chunk_ms.append(first * 1000)
     cfg = vocoder.stream_config
     return {
         "stream_rel_l2_vs_offline_max": float(np.max(rel)),
         "stream_rel_l2_vs_offline_median": float(np.median(rel)),
+        "stream_logmel_db_vs_offline_median": float(np.median(mel_db)),
+        "stream_logmel_db_vs_offline_max": float(np.max(mel_db)),
         "rtf_streaming": compute_s / max(audio_s, 1e-9),
         "first_chunk_compute_ms_median": float(np.median(first_chunk_ms)) if first_chunk_ms else float("nan"),
         "first_chunk_compute_ms_max": float(np.max(first_chunk_ms)) if first_chunk_ms else float("nan"),
@@ -328,6 +343,8 @@ def to_markdown(res: dict) -> str:
                      f"for {res['first_chunk_audio_ms']} ms of audio after {res['first_chunk_tokens_needed']} tokens")
         lines.append(f"- streaming vs offline relative L2: median {res['stream_rel_l2_vs_offline_median']:.4f}, "
                      f"max {res['stream_rel_l2_vs_offline_max']:.4f}")
+        lines.append(f"- streaming vs offline log-mel distance: median {res['stream_logmel_db_vs_offline_median']:.2f} dB, "
+                     f"max {res['stream_logmel_db_vs_offline_max']:.2f} dB")
     if "voices" in res:
         lines.append(f"- pitch shift: mean abs error {res['pitch_shift_abs_err_st_mean']:.2f} st; "
                      f"{100 * res['pitch_shift_within_1st']:.0f}% within 1 st")
