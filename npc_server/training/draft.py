@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from npc_server.backbone.model import PRESETS, build_model, count_parameters, preset
 from npc_server.backbone.template import KIND_AUDIO
@@ -20,7 +18,7 @@ from npc_server.training.lm_common import (
     prepare_token_cache,
     save_bundle,
 )
-from npc_server.training.lm_data import IGNORE, collate, fit_length, pretrain_examples, sft_examples
+from npc_server.training.lm_data import collate, sft_training_set
 from npc_server.training.loop import (
     add_train_args,
     config_from_args,
@@ -28,6 +26,7 @@ from npc_server.training.loop import (
     teardown_distributed,
     train,
 )
+from npc_server.training.losses import token_losses
 
 
 def make_draft_loss(teacher: torch.nn.Module | None, distill: float, audio_end_id: int):
@@ -39,13 +38,8 @@ def make_draft_loss(teacher: torch.nn.Module | None, distill: float, audio_end_i
             p.requires_grad_(False)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        kinds = batch["kinds"][:, 1:]
-        per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
-                                  reduction="none").view_as(labels)
-        valid = labels != IGNORE
-        loss = per_tok.sum() / valid.sum().clamp(min=1)
+        t = token_losses(model, batch)
+        logits, labels, kinds, per_tok, valid, loss = t.logits, t.labels, t.kinds, t.per_token, t.valid, t.mean
         audio = valid & ((kinds == KIND_AUDIO) | (labels == audio_end_id))
         metrics = {}
         with torch.no_grad():
@@ -107,14 +101,7 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         print(f"draft {config.preset}: {count_parameters(model) / 1e6:.2f}M parameters "
               f"(backbone {count_parameters(target) / 1e6:.2f}M), distill weight {args.distill}")
-    examples = sft_examples(corpus, cache, template, split="train", personas_dir=args.personas)
-    if not examples:
-        raise ValueError(f"no SFT examples: are the dialogue audio ids of {corpus} in the token cache?")
-    if args.pretrain_mix > 0:
-        extra = pretrain_examples(corpus, cache, template, split="train")
-        random.Random(cfg.seed).shuffle(extra)
-        examples += extra[: int(len(examples) * args.pretrain_mix)]
-    examples = fit_length(examples, args.max_len)
+    examples = sft_training_set(corpus, cache, template, args.personas, args.pretrain_mix, cfg.seed, args.max_len)
     pad = config.layout.special("<|pad|>")
     loss_fn = make_draft_loss(target if args.distill > 0 else None, args.distill,
                               config.layout.special("<|audio_end|>"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,20 @@ def sft_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTempla
                                mode=mode)
         out.append(enc.extend(template.assistant_body(answer)))
     return out
+
+
+def sft_training_set(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate, personas_dir,
+                     pretrain_mix: float, seed: int, max_len: int) -> list[Encoded]:
+    """The SFT training examples (train split) plus `pretrain_mix` x as many shuffled pretraining sequences against
+    forgetting, without those longer than `max_len`: what `train sft` and `train draft` learn from."""
+    examples = sft_examples(corpus_dir, cache, template, split="train", personas_dir=personas_dir)
+    if not examples:
+        raise ValueError(f"no SFT examples: are the dialogue audio ids of {corpus_dir} in the token cache?")
+    if pretrain_mix > 0:
+        extra = pretrain_examples(corpus_dir, cache, template, split="train")
+        random.Random(seed).shuffle(extra)
+        examples += extra[: int(len(examples) * pretrain_mix)]
+    return fit_length(examples, max_len)
 
 
 def dpo_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate, split: str = "train",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -13,15 +15,33 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over target positions; reports text and audio losses separately."""
+@dataclass
+class TokenLosses:
+    """Next-token cross-entropy of one batch, position by position (everything shifted: position t predicts t+1)."""
+
+    logits: torch.Tensor  # [B, T-1, V] float32
+    labels: torch.Tensor  # [B, T-1], IGNORE where nothing is predicted
+    kinds: torch.Tensor  # [B, T-1] token kinds of the labels
+    per_token: torch.Tensor  # [B, T-1], 0 where ignored
+    valid: torch.Tensor  # [B, T-1] bool
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.per_token.sum() / self.valid.sum().clamp(min=1)
+
+
+def token_losses(model: torch.nn.Module, batch: dict) -> TokenLosses:
     logits = _logits(model, batch)[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    kinds = batch["kinds"][:, 1:]
     per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
                               reduction="none").view_as(labels)
-    valid = labels != IGNORE
-    loss = per_tok.sum() / valid.sum().clamp(min=1)
+    return TokenLosses(logits, labels, batch["kinds"][:, 1:], per_tok, labels != IGNORE)
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over target positions; reports text and audio losses separately."""
+    t = token_losses(model, batch)
+    loss, per_tok, valid, kinds = t.mean, t.per_token, t.valid, t.kinds
     metrics = {}
     with torch.no_grad():
         for name, kind in (("text_loss", KIND_TEXT), ("audio_loss", KIND_AUDIO)):

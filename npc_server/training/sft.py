@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
 
 from npc_server.training.lm_common import (
@@ -14,12 +13,7 @@ from npc_server.training.lm_common import (
     prepare_token_cache,
     save_bundle,
 )
-from npc_server.training.lm_data import (
-    collate,
-    fit_length,
-    pretrain_examples,
-    sft_examples,
-)
+from npc_server.training.lm_data import collate, sft_training_set
 from npc_server.training.loop import (
     add_train_args,
     config_from_args,
@@ -44,14 +38,7 @@ def main(argv: list[str]) -> int:
     corpus = corpus_dir(args)
     cache = prepare_token_cache(args, rank, world)
     model, config, tok, template = load_bundle(args.init)
-    examples = sft_examples(corpus, cache, template, split="train", personas_dir=args.personas)
-    if not examples:
-        raise ValueError(f"no SFT examples: are the dialogue audio ids of {corpus} in the token cache?")
-    if args.pretrain_mix > 0:
-        extra = pretrain_examples(corpus, cache, template, split="train")
-        random.Random(cfg.seed).shuffle(extra)
-        examples += extra[: int(len(examples) * args.pretrain_mix)]
-    examples = fit_length(examples, args.max_len)
+    examples = sft_training_set(corpus, cache, template, args.personas, args.pretrain_mix, cfg.seed, args.max_len)
     pad = config.layout.special("<|pad|>")
     train(model.train(), examples, lambda b: collate(b, pad), lm_loss, cfg,
           save_final=lambda m, d: save_bundle(m, config, tok, d), desc="sft")
