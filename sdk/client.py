@@ -23,6 +23,10 @@ class NpcError(Exception):
         self.code, self.message = code, message
 
 
+def _pcm_samples(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
 @dataclass
 class AudioEvent:
     pcm: bytes  # s16le mono
@@ -30,7 +34,7 @@ class AudioEvent:
     sequence: int
 
     def samples(self) -> np.ndarray:
-        return np.frombuffer(self.pcm, dtype="<i2").astype(np.float32) / 32768.0
+        return _pcm_samples(self.pcm)
 
 
 @dataclass
@@ -58,6 +62,10 @@ class Answer:
     pcm: bytes
     sample_rate: int
     end: EndEvent
+
+    def samples(self) -> np.ndarray:
+        """The whole answer as float32 samples in [-1, 1) at `sample_rate`."""
+        return _pcm_samples(self.pcm)
 
     def save_wav(self, path: str | Path) -> None:
         with wave.open(str(path), "wb") as w:

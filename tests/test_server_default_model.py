@@ -10,13 +10,11 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-import soundfile as sf
 
 from npc_server.eval.vocoder_eval import Listener, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
-from sdk import AudioEvent, EndEvent, NpcClient, NpcError, TextEvent
+from sdk import AudioEvent, EndEvent, NpcClient, NpcError
 
 COMPONENTS = ("tokenizer", "backbone", "vocoder")
 # What a listener must hear: Whisper tiny.en's transcript of the spoken answer against the answer's own subtitle.
@@ -80,28 +78,15 @@ def client(server):
         yield c
 
 
-def collect(speech):
-    audio, text, end = [], [], None
-    for ev in speech:
-        if isinstance(ev, AudioEvent):
-            audio.append(ev)
-        elif isinstance(ev, TextEvent):
-            text.append(ev.text)
-        elif isinstance(ev, EndEvent):
-            end = ev
-    pcm = b"".join(a.pcm for a in audio)
-    wav = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-    return wav, "".join(text), end
-
-
 def wer(subtitle: str, transcript: str) -> float:
     ref = normalize_text(subtitle)
     return word_errors(ref, normalize_text(transcript)) / max(1, len(ref))
 
 
 def test_spoken_question_gets_an_intelligible_spoken_answer(client, questions, listener):
-    wav, text, end = collect(client.speak(npc="innkeeper", audio=questions["room"], output_sample_rate=16000))
-    assert end is not None and not end.interrupted
+    answer = client.ask("innkeeper", questions["room"], output_sample_rate=16000)
+    wav, text, end = answer.samples(), answer.text, answer.end
+    assert not end.interrupted
     assert text.strip(), "empty subtitle"
     assert len(wav) / 16000 == pytest.approx(end.audio_seconds, abs=1e-3)
     assert end.audio_seconds > 0.5, f"answer of {end.audio_seconds:.2f} s for subtitle {text!r}"
@@ -111,9 +96,10 @@ def test_spoken_question_gets_an_intelligible_spoken_answer(client, questions, l
 
 def test_follow_up_in_a_session_prefills_only_the_new_turn(client, questions):
     session = client.open_session("innkeeper")
-    _, first_text, first = collect(client.speak(npc="innkeeper", audio=questions["room"], session=session))
-    wav, text, second = collect(client.speak(npc="innkeeper", audio=questions["follow"], session=session,
-                                             output_sample_rate=16000))
+    first_answer = client.ask("innkeeper", questions["room"], session=session)
+    answer = client.ask("innkeeper", questions["follow"], session=session, output_sample_rate=16000)
+    first_text, first = first_answer.text, first_answer.end
+    wav, text, second = answer.samples(), answer.text, answer.end
     assert first_text.strip() and text.strip()
     assert len(wav) / 16000 > 0.5, f"answer of {len(wav) / 16000:.2f} s for subtitle {text!r}"
     # the second turn prefills its own audio and text only: the system prompt and first turn come from the KV cache
@@ -138,8 +124,7 @@ def test_cancel_mid_answer_keeps_what_was_spoken(client, questions):
     assert chunks >= 1
     assert end is None or end.interrupted
     # the session is still usable and answers the next question
-    _, text, after = collect(client.speak(npc="innkeeper", audio=questions["room"], session=session))
-    assert after is not None and text.strip()
+    assert client.ask("innkeeper", questions["room"], session=session).text.strip()
     client.close_session(session)
 
 
@@ -149,9 +134,9 @@ def test_reloaded_persona_answers_in_its_own_voice(server, client, questions, li
     (server["personas"] / "night_innkeeper.yaml").write_text(new)
     try:
         assert "night_innkeeper" in {p["id"] for p in (client.reload_personas(), client.list_personas())[1]}
-        wav, text, end = collect(client.speak(npc="night_innkeeper", audio=questions["room"], output_sample_rate=16000))
-        assert end is not None and text.strip()
-        assert wer(text, listener.transcribe(wav, 16000)) <= MAX_WER
+        answer = client.ask("night_innkeeper", questions["room"], output_sample_rate=16000)
+        assert answer.text.strip()
+        assert wer(answer.text, listener.transcribe(answer.samples(), 16000)) <= MAX_WER
     finally:
         (server["personas"] / "night_innkeeper.yaml").unlink()
         client.reload_personas()
@@ -159,10 +144,10 @@ def test_reloaded_persona_answers_in_its_own_voice(server, client, questions, li
 
 def test_client_errors_are_statuses_and_the_server_lives_on(server, client, questions):
     with pytest.raises(NpcError) as e:
-        collect(client.speak(npc="nobody", audio=questions["room"]))
+        client.ask("nobody", questions["room"])
     assert e.value.code == grpc.StatusCode.NOT_FOUND.name
     with pytest.raises(NpcError) as e:
-        collect(client.speak(npc="innkeeper", audio=b"RIFF" + os.urandom(200)))
+        client.ask("innkeeper", b"RIFF" + os.urandom(200))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT.name
     assert server["proc"].poll() is None
     assert client.health()["status"] == "ok"
