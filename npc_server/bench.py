@@ -176,6 +176,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question set (default 2)")
     ap.add_argument("--concurrency", default="1,2,4", help="parallel clients to try (default 1,2,4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    ap.add_argument("--workers", type=int, default=1, help="answer scheduler threads of the server (default 1)")
     ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
     ap.add_argument("--no-draft", action="store_true",
                     help="serve without <model-dir>/draft (no speculative decoding) and skip its comparison")
@@ -194,7 +195,7 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2
-    service = NpcService(engine, PersonaStore(args.personas))
+    service = NpcService(engine, PersonaStore(args.personas), workers=args.workers)
     server, port = start_grpc(service, "127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),

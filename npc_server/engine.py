@@ -129,6 +129,10 @@ class Engine:
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 
+    def enable_batching(self) -> bool:
+        """Batch the decode steps of answers that run concurrently on several threads (backbone/batching.py)."""
+        return self.generator.enable_batching()
+
     # ---- sessions ----------------------------------------------------------------------------------------
 
     def system_prompt(self, persona, controls: Controls | None = None) -> SystemPrompt:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
+from npc_server.backbone.fast import FastForward
 from npc_server.backbone.template import (
     AssistantTurn,
     BlockGrammar,
@@ -110,11 +111,14 @@ _KEEP_ARG = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in _F
 
 @torch.inference_mode()
 def forward_tokens(model: torch.nn.Module, cache: DynamicCache, ids: list[int], device: torch.device,
-                   last_only: bool = False) -> tuple[torch.Tensor, DynamicCache]:
+                   last_only: bool = False, fast: FastForward | None = None) -> tuple[torch.Tensor, DynamicCache]:
     """Feed `ids` through `model` on top of `cache`; returns (logits [len(ids), vocab] fp32, or [1, vocab] for the
-    last position only when `last_only`, skipping the LM head for the rest), and the updated cache."""
+    last position only when `last_only`, skipping the LM head for the rest), and the updated cache. With `fast`
+    (a `FastForward` of `model`) the lean CPU path computes the same thing."""
     if not ids:
         raise ValueError("nothing to prefill")
+    if fast is not None:
+        return fast.forward(cache, ids, last_only), cache
     x = torch.tensor([ids], dtype=torch.long, device=device)
     kwargs = {_CACHE_ARG: cache}
     if last_only and _KEEP_ARG:
@@ -205,8 +209,12 @@ class Generator:
     pass, and the sampled tokens keep exactly the backbone's distribution (see backbone/speculative.py)."""
 
     def __init__(self, model: torch.nn.Module, template: ChatTemplate, max_context: int | None = None,
-                 draft=None, draft_k: int = 2, draft_min_prob: float = 0.0):
+                 draft=None, draft_k: int = 2, draft_min_prob: float = 0.0, fast: bool = True):
+        """`fast`: run inference through `FastForward` (same results, far less overhead on the CPU) when the model
+        supports it; False keeps the plain transformers forward (the reference)."""
         self.model = model.eval()
+        self.fast = FastForward(model) if fast and FastForward.supports(model) else None
+        self.batcher = None  # a StepBatcher once `enable_batching()` is called
         self.template = template
         self.layout = template.layout
         cfg_max = getattr(model.config, "max_position_embeddings", 2048)
@@ -217,12 +225,13 @@ class Generator:
             from npc_server.backbone.speculative import SpeculativeDecoder
 
             self.speculative = draft if isinstance(draft, SpeculativeDecoder) else \
-                SpeculativeDecoder(draft, draft_k, draft_min_prob)
+                SpeculativeDecoder(draft, draft_k, draft_min_prob, fast=fast)
             self.speculative.check_compatible(self)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None,
-                        draft=None, draft_k: int | None = None, draft_min_prob: float | None = None) -> Generator:
+                        draft=None, draft_k: int | None = None, draft_min_prob: float | None = None,
+                        fast: bool = True) -> Generator:
         """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone,
         and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding. The draft's
         settings default to its `speculative.json` ({"k": .., "min_prob": ..}, written by benchmarks/speculative.py
@@ -243,7 +252,16 @@ class Generator:
             draft_min_prob = float(settings.get("min_prob", 0.0)) if draft_min_prob is None else draft_min_prob
         template = ChatTemplate(config.layout, TextTokenizer.from_pretrained(directory))
         return cls(model, template, max_context, draft=draft_model, draft_k=draft_k or 2,
-                   draft_min_prob=draft_min_prob or 0.0)
+                   draft_min_prob=draft_min_prob or 0.0, fast=fast)
+
+    def enable_batching(self, window_s: float = 0.003) -> bool:
+        """Let answers that run concurrently on different threads share one forward pass per decode step
+        (backbone/batching.py). Needs the fast path; returns whether batching is on."""
+        from npc_server.backbone.batching import StepBatcher
+
+        if self.fast is not None and self.batcher is None:
+            self.batcher = StepBatcher(self.fast, window_s)
+        return self.batcher is not None
 
     # --- sessions ---------------------------------------------------------------------------------------
     def start_session(self, system: SystemPrompt) -> Session:
@@ -255,10 +273,14 @@ class Generator:
             self.speculative.sync(session)
         return session
 
-    def _forward(self, session: Session, ids: list[int], last_only: bool = False) -> torch.Tensor:
+    def _forward(self, session: Session, ids: list[int], last_only: bool = False,
+                 rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32), or
-        [1, vocab] for the last position only when `last_only` (skips the LM head for the rest of a prefill)."""
-        logits, session.cache = forward_tokens(self.model, session.cache, ids, self.device, last_only)
+        [1, vocab] for the last position only when `last_only` (skips the LM head for the rest of a prefill).
+        `rows` (`BlockGrammar.rows()`): on the fast path only these LM-head rows are computed, the rest are -inf."""
+        if self.fast is not None and rows is not None:
+            return self.fast.forward(session.cache, ids, last_only, rows)
+        logits, session.cache = forward_tokens(self.model, session.cache, ids, self.device, last_only, self.fast)
         return logits
 
     @staticmethod
@@ -324,7 +346,13 @@ class Generator:
     ) -> Iterator[Event]:
         """Answer one user turn, streaming TextDelta / AudioChunk events and a final TurnEnd. Only the new turn
         is prefilled; the history comes from the session's KV cache. Audio spans are decoded speculatively when
-        the generator has a draft model, unless `speculative` is False (same distribution either way)."""
+        the generator has a draft model, unless `speculative` is False (same distribution either way). With
+        batching enabled, the plain decode steps of answers running on other threads share forward passes."""
+        events = self._respond(session, user, mode, sampling, should_stop, speculative)
+        return self.batcher.track(events) if self.batcher is not None else events
+
+    def _respond(self, session: Session, user: UserTurn, mode: Mode, sampling: SamplingConfig,
+                 should_stop: Callable[[], bool] | None, speculative: bool) -> Iterator[Event]:
         mode = Mode(mode)
         t0 = time.perf_counter()
         prompt = self.template.user(user).ids + self.template.assistant_prefix(mode).ids
@@ -378,7 +406,10 @@ class Generator:
             if drafter is not None and budget >= 2 and drafter.wants(grammar):
                 new = drafter.round(self, session, token, grammar, sampling, rng, budget, stats)
             else:
-                logits = self._forward(session, [token], last_only=True)[-1]
+                if self.batcher is not None:
+                    logits = self.batcher.step(session.cache, token, grammar.rows())[-1]
+                else:
+                    logits = self._forward(session, [token], last_only=True, rows=grammar.rows())[-1]
                 session.segments[-1].append(token)
                 stats.target_forwards += 1
                 new = [self._sample(logits, grammar, sampling, rng)]

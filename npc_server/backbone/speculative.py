@@ -33,6 +33,7 @@ from npc_server.backbone.generator import (
     sampling_temperature,
     token_probs,
 )
+from npc_server.backbone.fast import FastForward
 from npc_server.backbone.template import BlockGrammar
 
 
@@ -47,14 +48,16 @@ class DraftState:
 class SpeculativeDecoder:
     """Proposes audio tokens with a draft backbone and verifies them with the generator's backbone."""
 
-    def __init__(self, draft: torch.nn.Module, k: int = 2, min_prob: float = 0.0):
+    def __init__(self, draft: torch.nn.Module, k: int = 2, min_prob: float = 0.0, fast: bool = True):
         """`k`: most proposals per round. `min_prob`: stop proposing after a token the draft itself gave less than
-        this probability (a likely rejection; saves draft passes). Neither changes the sampled distribution."""
+        this probability (a likely rejection; saves draft passes). Neither changes the sampled distribution.
+        `fast`: run the draft through `FastForward` where it supports the model."""
         if k < 1:
             raise ValueError("draft_k must be >= 1")
         if not 0.0 <= min_prob < 1.0:
             raise ValueError("min_prob must be in [0, 1)")
         self.model = draft.eval()
+        self.fast = FastForward(draft) if fast and FastForward.supports(draft) else None
         self.k = k
         self.min_prob = min_prob
         self.device = next(draft.parameters()).device
@@ -86,7 +89,8 @@ class SpeculativeDecoder:
         n = min(n, len(want) - 1)  # re-feed at least the last token to get its logits
         if n < len(have):
             state.cache.crop(n - len(have))
-        logits, state.cache = forward_tokens(self.model, state.cache, want[n:], self.device, last_only=True)
+        logits, state.cache = forward_tokens(self.model, state.cache, want[n:], self.device, last_only=True,
+                                             fast=self.fast)
         state.ids = want
         return logits[-1]
 
@@ -138,7 +142,8 @@ class SpeculativeDecoder:
             if not confident or len(proposals) >= limit or not self.wants(state_grammar):
                 break
             draft = session.draft
-            q_logits, draft.cache = forward_tokens(self.model, draft.cache, [d], self.device, last_only=True)
+            q_logits, draft.cache = forward_tokens(self.model, draft.cache, [d], self.device, last_only=True,
+                                                         fast=self.fast)
             q_logits = q_logits[-1]
             draft.ids.append(d)
             stats.draft_forwards += 1

@@ -334,6 +334,19 @@ class BlockGrammar:
             self._masks[key] = m
         return self._masks[key]
 
+    def rows(self) -> list[tuple[int, int]]:
+        """The allowed next ids as sorted [lo, hi) ranges (what `mask()` marks): a forward pass need only compute
+        these rows of the LM head (backbone/fast.py)."""
+        out = []
+        for g in self.allowed_groups():
+            if g == "text":
+                out.append((0, self.text_vocab))
+            elif g == "semantic":
+                out.append((self.layout.audio_offset + N_LINGUISTIC, self.layout.size))
+            else:
+                out.append((self._ids[g], self._ids[g] + 1))
+        return sorted(out)
+
     def allowed_groups(self) -> tuple[str, ...]:
         if self.finished:
             return ()

@@ -66,6 +66,8 @@ class NpcService:
         self.auth_token = auth_token
         self.sessions = SessionManager(limits)
         self.scheduler = Scheduler(workers)
+        if workers > 1 and hasattr(engine, "enable_batching"):
+            engine.enable_batching()  # concurrent answers share decode steps
         self._active = 0
         self._active_lock = threading.Lock()
 
