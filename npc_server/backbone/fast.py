@@ -82,14 +82,12 @@ class FastForward:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _qkv(self, h: torch.Tensor, weights, positions: torch.Tensor):
-        """h [N, hidden] (normed) -> q [N, heads, hd], k/v [N, kv, hd] with rotary applied at `positions` [N]."""
-        qkv = F.linear(h, weights[1])
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        q = self._rope(q.view(-1, self.n_heads, self.head_dim), cos, sin)
-        k = self._rope(k.view(-1, self.n_kv, self.head_dim), cos, sin)
-        return q, k, v.view(-1, self.n_kv, self.head_dim)
+    def _qkv(self, h: torch.Tensor, weights, cos: torch.Tensor, sin: torch.Tensor):
+        """h [N, hidden] (normed) -> q [N, heads, hd], k/v [N, kv, hd], rotary applied with cos/sin [N, 1, hd]
+        (q and k rotated in one go: they share the positions)."""
+        qkv = F.linear(h, weights[1]).view(h.shape[0], self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = self._rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+        return qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
 
     def _attend(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, past: int) -> torch.Tensor:
         """q [T, heads, hd] for positions past..past+T-1; k_all/v_all [1, kv, past+T, hd] -> [T, heads*hd]."""
@@ -131,11 +129,11 @@ class FastForward:
         past = cache.get_seq_length()
         if past + len(ids) > self.cos.shape[0]:
             raise ValueError(f"{past + len(ids)} positions exceed the model's {self.cos.shape[0]}")
-        positions = torch.arange(past, past + len(ids))
+        cos, sin = self.cos[past:past + len(ids)].unsqueeze(1), self.sin[past:past + len(ids)].unsqueeze(1)
         x = self.embed[torch.tensor(ids, dtype=torch.long)]
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), w[0], self.eps)
-            q, k, v = self._qkv(h, w, positions)
+            q, k, v = self._qkv(h, w, cos, sin)
             k_all, v_all = cache.update(k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), i)
             x = x + F.linear(self._attend(q, k_all, v_all, past), w[2])
             x = self._mlp(x, w)
@@ -150,10 +148,11 @@ class FastForward:
         if max(pasts) + 1 > self.cos.shape[0]:
             raise ValueError("a conversation exceeds the model's positions")
         positions = torch.tensor(pasts, dtype=torch.long)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         x = self.embed[torch.tensor(tokens, dtype=torch.long)]
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), w[0], self.eps)
-            q, k, v = self._qkv(h, w, positions)
+            q, k, v = self._qkv(h, w, cos, sin)
             outs = []
             for b, cache in enumerate(caches):
                 k_all, v_all = cache.update(k[b:b + 1].transpose(0, 1).unsqueeze(0),

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shared auth token clients must send (default: $NPC_VOICE_TOKEN)")
     ap.add_argument("--insecure-loopback", action="store_true",
                     help="allow running without a token; only when binding a loopback address (development)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    ap.add_argument("--workers", type=int, default=1, help="answer scheduler threads (default 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per operation (default 1: the model's ops are too small to split; "
+                         "the cores are used by concurrent answers instead)")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="answer threads (default 4); with more than one, concurrent answers share each decode step "
+                         "(batched) and vocode in parallel")
     ap.add_argument("--no-draft", action="store_true",
                     help="do not use <model-dir>/draft for speculative audio decoding even when it exists")
     ap.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)

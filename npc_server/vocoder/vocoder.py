@@ -25,13 +25,15 @@ STREAM_TOLERANCE = 0.05
 @dataclass
 class StreamConfig:
     first_chunk_tokens: int = 5  # 200 ms of audio once 5 + lookahead tokens are in
-    chunk_tokens: int = 15  # later chunks: 600 ms
+    chunk_tokens: int = 15  # the third chunk: 600 ms
+    max_chunk_tokens: int = 0  # chunks after the third (0 = chunk_tokens); longer chunks re-decode less context
     lookahead_tokens: int = 3  # right context a chunk waits for (its audio also seeds the crossfade)
     left_context_tokens: int = 12  # already-emitted tokens re-decoded as left context
     crossfade_samples: int = 480  # 20 ms at 24 kHz
 
     def validate(self, samples_per_token: int) -> None:
-        if min(self.first_chunk_tokens, self.chunk_tokens) < 1 or self.lookahead_tokens < 1:
+        if min(self.first_chunk_tokens, self.chunk_tokens) < 1 or self.lookahead_tokens < 1 or \
+                self.max_chunk_tokens < 0:
             raise ValueError("chunk sizes and lookahead must be at least one token")
         if self.crossfade_samples > self.lookahead_tokens * samples_per_token:
             raise ValueError("crossfade_samples must fit inside the lookahead")
@@ -200,6 +202,7 @@ class VocoderStream:
         self.cfg = vocoder.stream_config
         self.tokens = np.zeros(0, dtype=np.int64)
         self.emitted = 0  # tokens whose audio has left (apart from the held crossfade tail)
+        self.n_chunks = 0  # chunks emitted
         self.tail: np.ndarray | None = None
         self.closed = False
         self.phases: dict[int, float] = {0: 0.0}  # source phase at absolute frame boundaries already decoded
@@ -216,19 +219,23 @@ class VocoderStream:
         """Add tokens and yield each completed chunk as soon as it is decoded. The first chunk is
         `first_chunk_tokens` long (fast first audio); the second catches up with what is already there (at least
         `first_chunk_tokens`, at most `chunk_tokens`), so a first push of a whole 15-token span leaves 480 ms of
-        audio, not 200 ms, buffered at the client before the next span arrives; later chunks are `chunk_tokens`."""
+        audio, not 200 ms, buffered at the client before the next span arrives; the third chunk is `chunk_tokens`,
+        later ones `max_chunk_tokens` (when set): once the client holds a buffer, longer chunks cut the share of
+        re-decoded left context (the vocoder's main streaming cost)."""
         if self.closed:
             raise RuntimeError("this stream was flushed; open a new one with Vocoder.stream()")
         new = _as_token_array(semantic_ids, self.vocoder.flow.config.n_codes)
         self.tokens = np.concatenate([self.tokens, new])
         first, look = self.cfg.first_chunk_tokens, self.cfg.lookahead_tokens
         while True:
-            if self.emitted == 0:
+            if self.n_chunks == 0:
                 size = first
-            elif self.emitted == first:
+            elif self.n_chunks == 1:
                 size = min(self.cfg.chunk_tokens, max(first, len(self.tokens) - look - self.emitted))
-            else:
+            elif self.n_chunks == 2:
                 size = self.cfg.chunk_tokens
+            else:
+                size = max(self.cfg.chunk_tokens, self.cfg.max_chunk_tokens)
             end = self.emitted + size
             if len(self.tokens) < end + look:
                 break
@@ -262,6 +269,7 @@ class VocoderStream:
         if self.tail is not None:
             seg[:xf] = self.tail * self.fade_out + seg[:xf] * self.fade_in
         self.emitted = end
+        self.n_chunks += 1
         if final:
             self.tail = None
             return seg
