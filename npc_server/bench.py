@@ -279,7 +279,7 @@ def main(argv: list[str]) -> int:
             results["cascade"] = cascade_baseline(questions, "A room for the night costs five gold.",
                                                   os.cpu_count() or 2)  # the baseline gets every core
             results["ratio_ttfa_ours_over_cascade"] = results["single"]["ttfa_ms_p50"] / results["cascade"]["first_audio_ms_p50"]
-    server.stop(0)
+    server.stop(0).wait()  # let the handler threads finish before the interpreter exits
     service.shutdown()
     print_table(results)
     if args.json:
