@@ -144,6 +144,24 @@ def test_second_chunk_catches_up_with_a_whole_span():
     np.testing.assert_array_equal(np.concatenate(chunks), voc.stream().push(tokens))
 
 
+def test_later_chunks_grow_to_max_chunk_tokens():
+    """After the third chunk, chunks are `max_chunk_tokens` long (less re-decoded context per second of audio),
+    and the streamed audio still matches offline within the tolerance."""
+    cfg = StreamConfig(first_chunk_tokens=5, chunk_tokens=15, lookahead_tokens=3, left_context_tokens=12,
+                       max_chunk_tokens=30)
+    voc = tiny_vocoder(stream=cfg)
+    tokens = np.random.default_rng(4).integers(0, 4096, 120)
+    stream = voc.stream()
+    chunks = []
+    for i in range(0, len(tokens), 15):
+        chunks += list(stream.push_chunks(tokens[i:i + 15]))
+    assert [len(c) // voc.samples_per_token for c in chunks] == [5, 7, 15, 30, 30, 30]
+    streamed = np.concatenate(chunks + [stream.flush()])
+    offline, _ = voc.decode(tokens)
+    assert streamed.shape == offline.shape
+    assert rel_err(streamed, offline) < STREAM_TOLERANCE
+
+
 def test_save_load_roundtrip(tmp_path):
     voc = tiny_vocoder()
     tokens = np.arange(40, 70)
