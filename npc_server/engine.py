@@ -202,7 +202,10 @@ class Engine:
         # ~45 tokens per second of answer (15 audio + 10 text + 2 markers per 0.6 s block)
         budget = int(persona.max_answer_seconds * 45) + 16
         sampling = replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, budget))
-        events = self.generator.respond(session, user, mode=answer_mode, sampling=sampling)
+        # the vocoder's first chunk needs first_chunk_tokens + lookahead codes: hand them over before the span ends
+        stream_cfg = self.vocoder.stream_config
+        early = stream_cfg.first_chunk_tokens + stream_cfg.lookahead_tokens
+        events = self.generator.respond(session, user, mode=answer_mode, sampling=sampling, early_audio=early)
         try:
             for ev in events:
                 state.in_flight = True

@@ -144,6 +144,20 @@ def test_constrained_output_follows_the_template(gen, mode):
         assert all(0 <= c < 4096 for c in end.audio.tolist())
 
 
+def test_early_audio_hands_over_the_first_codes_before_the_span_ends(gen):
+    """`early_audio=8`: the first span's first 8 codes leave as their own chunk, right after the 8th audio token;
+    the tokens and the concatenated codes are the same as without it."""
+    sampling = SamplingConfig(temperature=1.0, seed=5, max_new_tokens=200)
+    plain = list(gen.respond(gen.start_session(SYSTEM), Q1, sampling=sampling))
+    early = list(gen.respond(gen.start_session(SYSTEM), Q1, sampling=sampling, early_audio=8))
+    assert early[-1].ids == plain[-1].ids
+    chunks = [e.codes for e in early if isinstance(e, AudioChunk)]
+    first_span = [e.codes for e in plain if isinstance(e, AudioChunk)][0]
+    assert len(first_span) > 8  # the random tiny model writes full spans at this seed
+    assert len(chunks[0]) == 8 and len(chunks[1]) == len(first_span) - 8
+    assert torch.equal(torch.cat(chunks), early[-1].audio)
+
+
 def test_sampling_settings(gen):
     def run(sampling):
         session = gen.start_session(SYSTEM)

@@ -59,7 +59,8 @@ class TextDelta:
 
 @dataclass
 class AudioChunk:
-    """One finished audio span of the answer: semantic codes (0..4095) for the vocoder."""
+    """Semantic codes (0..4095) for the vocoder: one finished audio span of the answer, or, with `early_audio`, the
+    first codes of the first span and then the rest of that span."""
 
     codes: torch.Tensor
 
@@ -343,16 +344,19 @@ class Generator:
         sampling: SamplingConfig = SamplingConfig(),
         should_stop: Callable[[], bool] | None = None,
         speculative: bool = True,
+        early_audio: int = 0,
     ) -> Iterator[Event]:
         """Answer one user turn, streaming TextDelta / AudioChunk events and a final TurnEnd. Only the new turn
         is prefilled; the history comes from the session's KV cache. Audio spans are decoded speculatively when
         the generator has a draft model, unless `speculative` is False (same distribution either way). With
-        batching enabled, the plain decode steps of answers running on other threads share forward passes."""
-        events = self._respond(session, user, mode, sampling, should_stop, speculative)
+        batching enabled, the plain decode steps of answers running on other threads share forward passes.
+        `early_audio` > 0: the first span's first `early_audio` codes leave as their own AudioChunk as soon as they
+        exist (the vocoder can start the first audio before the span is complete); the tokens are unchanged."""
+        events = self._respond(session, user, mode, sampling, should_stop, speculative, early_audio)
         return self.batcher.track(events) if self.batcher is not None else events
 
     def _respond(self, session: Session, user: UserTurn, mode: Mode, sampling: SamplingConfig,
-                 should_stop: Callable[[], bool] | None, speculative: bool) -> Iterator[Event]:
+                 should_stop: Callable[[], bool] | None, speculative: bool, early_audio: int) -> Iterator[Event]:
         mode = Mode(mode)
         t0 = time.perf_counter()
         prompt = self.template.user(user).ids + self.template.assistant_prefix(mode).ids
@@ -371,6 +375,7 @@ class Generator:
         text_ids: list[int] = []
         text_sent = ""
         span: list[int] = []
+        sent = 0  # codes of `span` already yielded (the early part of the first span)
         audio: list[int] = []
         stop_reason = "end"
         # `new`: tokens sampled in one step; all but the last are already in the cache (accepted draft tokens)
@@ -390,10 +395,14 @@ class Generator:
                         text_sent = text
                 elif self.layout.is_semantic(token):
                     span.append(self.layout.to_semantic_codes([token])[0])
+                    if early_audio and not audio and len(span) == early_audio:
+                        yield AudioChunk(torch.tensor(span, dtype=torch.long))
+                        sent = len(span)
                 elif token == self.layout.special("<|audio_end|>") and span:
                     audio += span
-                    yield AudioChunk(torch.tensor(span, dtype=torch.long))
-                    span = []
+                    if len(span) > sent:
+                        yield AudioChunk(torch.tensor(span[sent:], dtype=torch.long))
+                    span, sent = [], 0
                 if grammar.finished or len(body) >= sampling.max_new_tokens or (
                         should_stop is not None and should_stop()):
                     # the cache must end right before `token`: drop it and any accepted tokens after it
@@ -422,7 +431,8 @@ class Generator:
             body += closing
             if span:
                 audio += span
-                yield AudioChunk(torch.tensor(span, dtype=torch.long))
+                if len(span) > sent:
+                    yield AudioChunk(torch.tensor(span[sent:], dtype=torch.long))
             self._forward(session, [token] + closing[:-1], last_only=True)
             session.segments[-1] += [token] + closing[:-1]
             session.pending = closing[-1:]
