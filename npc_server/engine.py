@@ -15,6 +15,10 @@ from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPr
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
+# subtitle text leaves in pieces of at most this many tokens (one AQAA text part), or with the next audio: one
+# message per token would cost a scheduler step and a network message each for no gain (the audio follows the text)
+TEXT_FLUSH_TOKENS = 10
+
 # the service's output modes -> the template's answer modes
 _MODES = {"audio_and_text": Mode.AUDIO_TEXT, "text_only": Mode.TEXT, "audio_only": Mode.AUDIO}
 
@@ -197,6 +201,7 @@ class Engine:
         voc = self.vocoder.stream(voice=controls.voice, pitch_st=controls.pitch_st) if answer_mode != Mode.TEXT else None
         vocoder_s = 0.0
         text_so_far = ""
+        unsent_text, unsent_tokens = "", 0  # subtitle text not yet yielded (see TEXT_FLUSH_TOKENS)
         codes: list[int] = []
         audio_s = 0.0
         # ~45 tokens per second of answer (15 audio + 10 text + 2 markers per 0.6 s block)
@@ -212,8 +217,16 @@ class Engine:
                 kind = type(ev).__name__
                 if kind == "TextDelta":
                     text_so_far += ev.text
-                    yield EngineText(ev.text)
-                elif kind == "AudioChunk":
+                    unsent_text += ev.text
+                    unsent_tokens += 1
+                    if unsent_tokens >= TEXT_FLUSH_TOKENS:
+                        yield EngineText(unsent_text)
+                        unsent_text, unsent_tokens = "", 0
+                    continue
+                if unsent_text:  # the text of a block leaves before its audio (and before the end message)
+                    yield EngineText(unsent_text)
+                    unsent_text, unsent_tokens = "", 0
+                if kind == "AudioChunk":
                     codes += ev.codes.tolist()
                     # each vocoder chunk leaves as soon as it is decoded (the first one is short: fast first audio)
                     chunks = voc.push_chunks(ev.codes.tolist())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from npc_server.audio import load_audio
-from npc_server.engine import Engine, EngineAudio, EngineDone, EngineText
+from npc_server.backbone.generator import AudioChunk, TextDelta
+from npc_server.backbone.template import UserTurn
+from npc_server.engine import TEXT_FLUSH_TOKENS, Engine, EngineAudio, EngineDone, EngineText
 from npc_server.personas import parse_persona
 from npc_server.paths import DEFAULT_PERSONAS_DIR
 
@@ -50,3 +55,26 @@ def test_listener_equals_offline_encoding(tiny_model_dir, question_wav):
     streamed = listener.finish()
     offline = engine.tokenizer.encode(wav, sr).interleaved
     assert torch.equal(streamed, offline)
+
+
+def test_subtitles_leave_in_block_pieces_before_their_audio(tiny_model_dir, question_wav):
+    """Text goes out in pieces of at most TEXT_FLUSH_TOKENS tokens, always before the audio that follows it; the
+    pieces add up to the spoken text."""
+    engine = Engine.from_pretrained(tiny_model_dir)
+    path = DEFAULT_PERSONAS_DIR / "blacksmith.yaml"
+    persona = parse_persona(path.read_text().replace("max_answer_seconds: 10", "max_answer_seconds: 2"), str(path))
+    wav, _ = load_audio(question_wav, target_sr=16000)
+    events, end = _answer(engine, engine.new_state(persona), persona, wav)
+    pieces = [e.text for e in events if isinstance(e, EngineText)]
+    assert "".join(pieces) == end.spoken_text
+    # the same greedy answer straight from the generator: one TextDelta per text token
+    state = engine.new_state(persona)
+    user = UserTurn(audio=engine.tokenizer.encode(wav, 16000).interleaved)
+    sampling = replace(engine.sampling, max_new_tokens=int(persona.max_answer_seconds * 45) + 16)
+    raw = list(engine.generator.respond(state.session, user, sampling=sampling))
+    n_text = sum(isinstance(e, TextDelta) for e in raw)
+    n_audio = sum(isinstance(e, AudioChunk) for e in raw)
+    assert raw[-1].text == end.spoken_text
+    assert len(pieces) <= math.ceil(n_text / TEXT_FLUSH_TOKENS) + n_audio + 1
+    if n_text > 3:
+        assert len(pieces) < n_text
