@@ -177,6 +177,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", default="1,2,4", help="parallel clients to try (default 1,2,4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per op of the server (default 1, as serve)")
     ap.add_argument("--workers", type=int, default=4, help="answer threads of the server (default 4, as serve)")
+    ap.add_argument("--batch-lanes", type=int, default=2, help="decode batches at once (default 2, as serve)")
     ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
     ap.add_argument("--no-draft", action="store_true",
                     help="serve without <model-dir>/draft (no speculative decoding) and skip its comparison")
@@ -195,13 +196,13 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2
-    service = NpcService(engine, PersonaStore(args.personas), workers=args.workers)
+    service = NpcService(engine, PersonaStore(args.personas), workers=args.workers, batch_lanes=args.batch_lanes)
     server, port = start_grpc(service, "127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
                      "model": engine.name, "npc": args.npc,
                      "draft": engine.generator.speculative is not None,
-                     "workers": args.workers, "threads": args.threads,
+                     "workers": args.workers, "threads": args.threads, "batch_lanes": args.batch_lanes,
                      "fast_path": engine.generator.fast is not None}
     with tempfile.TemporaryDirectory() as tmp:
         questions = make_questions(Path(tmp))
@@ -290,7 +291,8 @@ def main(argv: list[str]) -> int:
 def print_table(r: dict) -> None:
     s = r["single"]
     print(f"\nnpc-server bench — {r['model']} — npc {r['npc']} — {r['machine']} — "
-          f"{r['workers']} workers x {r['threads']} thread(s), fast path {'on' if r['fast_path'] else 'off'}")
+          f"{r['workers']} workers x {r['threads']} thread(s), {r['batch_lanes']} batch lane(s), "
+          f"fast path {'on' if r['fast_path'] else 'off'}")
     print(f"{'metric':<44}{'value':>12}")
     rows = [
         ("time to first audio p50 / p95 (ms)", f"{s['ttfa_ms_p50']:.0f} / {s['ttfa_ms_p95']:.0f}"),

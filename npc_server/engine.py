@@ -133,9 +133,10 @@ class Engine:
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 
-    def enable_batching(self) -> bool:
-        """Batch the decode steps of answers that run concurrently on several threads (backbone/batching.py)."""
-        return self.generator.enable_batching()
+    def enable_batching(self, lanes: int = 1) -> bool:
+        """Batch the decode steps of answers that run concurrently on several threads (backbone/batching.py), with
+        up to `lanes` batches computed at once (one per core)."""
+        return self.generator.enable_batching(lanes=lanes)
 
     # ---- sessions ----------------------------------------------------------------------------------------
 

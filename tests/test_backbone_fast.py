@@ -123,23 +123,25 @@ def _answer_all(generator, questions, threads: bool):
     return results
 
 
-def test_concurrent_answers_share_steps_and_stay_the_same(default_generator):
-    """Three answers on three threads with batching on: same greedy tokens as one at a time, and the steps were
-    actually shared (mean batch size > 1)."""
-    questions = [UserTurn(audio=list(range(k, 5000, 97 + k))) for k in (1, 2, 3)]
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_concurrent_answers_share_steps_and_stay_the_same(default_generator, lanes):
+    """Four answers on four threads with batching on (one lane, or two batches at once): same greedy tokens as one
+    at a time, and the steps were actually shared (mean batch size > 1)."""
+    questions = [UserTurn(audio=list(range(k, 5000, 97 + k))) for k in (1, 2, 3, 4)]
     gen = Generator(default_generator.model, default_generator.template)
     alone = _answer_all(gen, questions, threads=False)
-    assert gen.enable_batching(window_s=0.05)
+    assert gen.enable_batching(window_s=0.05, lanes=lanes)
     together = _answer_all(gen, questions, threads=True)
     assert together == alone
     stats = gen.batcher.stats
     assert stats.max_batch >= 2 and stats.requests > stats.steps
 
 
-def test_batcher_passes_errors_to_every_waiting_answer(tiny, monkeypatch):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_batcher_passes_errors_to_every_waiting_answer(tiny, monkeypatch, lanes):
     model, _ = tiny
     fast = FastForward(model)
-    batcher = StepBatcher(fast, window_s=0.5)
+    batcher = StepBatcher(fast, window_s=0.5, lanes=lanes)
     caches = [_cache(model) for _ in range(3)]
     for c in caches:
         fast.forward(c, [1, 2, 3])
@@ -168,4 +170,4 @@ def test_batcher_passes_errors_to_every_waiting_answer(tiny, monkeypatch):
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
     assert errors == ["kaput"] * 3
-    assert batcher._running == 0 and not batcher._pending and not batcher._busy
+    assert batcher._running == 0 and not batcher._pending and batcher._busy == 0 and batcher._in_flight == 0

@@ -44,15 +44,21 @@ class BatchStats:
 class StepBatcher:
     """Batches single-token decode steps of concurrent answers (thread safe)."""
 
-    def __init__(self, fast: FastForward, window_s: float = 0.003, max_batch: int = 16):
+    def __init__(self, fast: FastForward, window_s: float = 0.003, max_batch: int = 16, lanes: int = 1):
+        """`lanes`: batches that may run at the same time (each on its own thread, so on its own core); the
+        answers waiting for a step are split evenly across the free lanes."""
+        if lanes < 1 or max_batch < 1:
+            raise ValueError("lanes and max_batch must be >= 1")
         self.fast = fast
         self.window_s = window_s
         self.max_batch = max_batch
+        self.lanes = lanes
         self.stats = BatchStats()
         self._cv = threading.Condition()
         self._pending: list[_Request] = []
         self._running = 0  # answers executing generator code right now (they will step or yield soon)
-        self._busy = False  # a batch is being computed
+        self._busy = 0  # lanes computing a batch now
+        self._in_flight = 0  # requests inside those batches
 
     # ---- which answers to wait for -----------------------------------------------------------------------
     def track(self, events: Iterator[T]) -> Iterator[T]:
@@ -82,24 +88,30 @@ class StepBatcher:
         with self._cv:
             self._pending.append(req)
             self._cv.notify_all()
-            while not req.done and (self._busy or self._pending[0] is not req):
-                self._cv.wait()
+            while not req.done and (self._busy >= self.lanes or not self._pending or self._pending[0] is not req):
+                self._cv.wait()  # (a request taken into another lane's batch is no longer pending)
             if req.done:
                 return self._result(req)
-            # this thread leads the next batch: wait (briefly) for the other running answers to arrive
-            self._busy = True
+            # this thread leads the next batch: wait (briefly) for its share of the running answers to arrive
+            self._busy += 1
             deadline = time.monotonic() + self.window_s
-            while len(self._pending) < min(self._running, self.max_batch):
+            while True:
+                waiting = self._running - self._in_flight  # answers that will step soon, this one included
+                free = self.lanes - self._busy + 1  # lanes for them, this one included
+                target = min(self.max_batch, max(1, -(-waiting // free)))
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if len(self._pending) >= target or left <= 0:
                     break
                 self._cv.wait(left)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            batch, self._pending = self._pending[:target], self._pending[target:]
+            self._in_flight += len(batch)
+            self._cv.notify_all()  # the next in line may lead another lane
         try:
             self._run(batch)
         finally:
             with self._cv:
-                self._busy = False
+                self._busy -= 1
+                self._in_flight -= len(batch)
                 for r in batch:
                     r.done = True
                 self._cv.notify_all()

@@ -255,13 +255,14 @@ class Generator:
         return cls(model, template, max_context, draft=draft_model, draft_k=draft_k or 2,
                    draft_min_prob=draft_min_prob or 0.0, fast=fast)
 
-    def enable_batching(self, window_s: float = 0.003) -> bool:
+    def enable_batching(self, window_s: float = 0.003, lanes: int = 1) -> bool:
         """Let answers that run concurrently on different threads share one forward pass per decode step
-        (backbone/batching.py). Needs the fast path; returns whether batching is on."""
+        (backbone/batching.py), with up to `lanes` batches at once. Needs the fast path; returns whether
+        batching is on."""
         from npc_server.backbone.batching import StepBatcher
 
         if self.fast is not None and self.batcher is None:
-            self.batcher = StepBatcher(self.fast, window_s)
+            self.batcher = StepBatcher(self.fast, window_s, lanes=lanes)
         return self.batcher is not None
 
     # --- sessions ---------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class NpcService:
         limits: Limits = Limits(),
         auth_token: str | None = None,
         workers: int = 1,
+        batch_lanes: int = 1,
     ):
         self.engine = engine
         self.personas = personas
@@ -67,7 +68,7 @@ class NpcService:
         self.sessions = SessionManager(limits)
         self.scheduler = Scheduler(workers)
         if workers > 1 and hasattr(engine, "enable_batching"):
-            engine.enable_batching()  # concurrent answers share decode steps
+            engine.enable_batching(batch_lanes)  # concurrent answers share decode steps
         self._active = 0
         self._active_lock = threading.Lock()
 

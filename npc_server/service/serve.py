@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=4,
                     help="answer threads (default 4); with more than one, concurrent answers share each decode step "
                          "(batched) and vocode in parallel")
+    ap.add_argument("--batch-lanes", type=int, default=2,
+                    help="decode batches computed at once, each on its own core (default 2)")
     ap.add_argument("--no-draft", action="store_true",
                     help="do not use <model-dir>/draft for speculative audio decoding even when it exists")
     ap.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)
@@ -88,7 +90,8 @@ def main(argv: list[str]) -> int:
         max_session_memory_mb=args.session_memory_mb,
         session_idle_seconds=args.idle_timeout,
     )
-    service = NpcService(engine, store, limits, auth_token=args.token, workers=args.workers)
+    service = NpcService(engine, store, limits, auth_token=args.token, workers=args.workers,
+                         batch_lanes=args.batch_lanes)
     store.watch(on_reload=lambda r: log.info("personas reloaded: %s changed, %s removed, %d error(s)",
                                               r.changed, r.removed, len(r.errors)))
     server, grpc_port = start_grpc(service, args.host, args.port)
