@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -178,8 +178,13 @@ class Engine:
         audio: np.ndarray | QuestionStream | None = None,
         text: str = "",
         mode: str = "audio_and_text",
+        load: Callable[[], int] | None = None,
     ) -> Iterator[EngineText | EngineAudio | EngineDone]:
-        """Stream the answer to one question: 16 kHz float32 audio (or a QuestionStream that heard it) and/or text."""
+        """Stream the answer to one question: 16 kHz float32 audio (or a QuestionStream that heard it) and/or text.
+
+        `load()`: answers the server is running now. When the first audio is ready and n > 1 answers share the
+        cores, the first chunk is n times longer (at most one regular chunk): each answer then advances more slowly,
+        and a 200 ms first chunk would run dry before the next one is ready."""
         t0 = time.perf_counter()
         audio_ids = None
         if isinstance(audio, QuestionStream):
@@ -228,6 +233,10 @@ class Engine:
                     yield EngineText(unsent_text)
                     unsent_text, unsent_tokens = "", 0
                 if kind == "AudioChunk":
+                    if not codes and load is not None:
+                        busy = max(1, int(load()))
+                        voc.first_chunk_tokens = min(max(voc.cfg.chunk_tokens, voc.first_chunk_tokens),
+                                                     voc.first_chunk_tokens * busy)
                     codes += ev.codes.tolist()
                     # each vocoder chunk leaves as soon as it is decoded (the first one is short: fast first audio)
                     chunks = voc.push_chunks(ev.codes.tolist())

@@ -78,3 +78,20 @@ def test_subtitles_leave_in_block_pieces_before_their_audio(tiny_model_dir, ques
     assert len(pieces) <= math.ceil(n_text / TEXT_FLUSH_TOKENS) + n_audio + 1
     if n_text > 3:
         assert len(pieces) < n_text
+
+
+def test_a_busy_server_sends_a_longer_first_chunk(tiny_model_dir, question_wav):
+    """With n answers in flight the first chunk is n times longer (capped at one regular chunk), so each client
+    starts with a buffer that covers the slower progress; alone, the first chunk stays short."""
+    engine = Engine.from_pretrained(tiny_model_dir)
+    path = DEFAULT_PERSONAS_DIR / "blacksmith.yaml"
+    persona = parse_persona(path.read_text().replace("max_answer_seconds: 10", "max_answer_seconds: 3"), str(path))
+    wav, _ = load_audio(question_wav, target_sr=16000)
+    cfg, spt = engine.vocoder.stream_config, engine.vocoder.samples_per_token
+    controls = engine.system_prompt(persona).controls
+    firsts = {}
+    for busy in (1, 3):
+        events = list(engine.answer(engine.new_state(persona), persona, controls, audio=wav, load=lambda: busy))
+        firsts[busy] = next(len(e.wav) for e in events if isinstance(e, EngineAudio))
+    assert firsts[1] == cfg.first_chunk_tokens * spt
+    assert firsts[3] == min(cfg.chunk_tokens, 3 * cfg.first_chunk_tokens) * spt

@@ -281,7 +281,8 @@ class NpcService:
     def _answer(self, state, session_id, persona, controls, cfg, audio, t0, is_cancelled) -> Iterator[SpeakEvent]:
         mode = cfg.mode
         job = self.scheduler.submit(
-            self.engine.answer(state, persona, controls, audio=audio, text=cfg.text, mode=mode.value)
+            self.engine.answer(state, persona, controls, audio=audio, text=cfg.text, mode=mode.value,
+                               load=lambda: self._active)
         )
         out_sr = cfg.output_sample_rate or self.engine.sample_rate
         seq = 0

@@ -203,6 +203,8 @@ class VocoderStream:
         self.tokens = np.zeros(0, dtype=np.int64)
         self.emitted = 0  # tokens whose audio has left (apart from the held crossfade tail)
         self.n_chunks = 0  # chunks emitted
+        # may be raised before the first chunk leaves (a busy server buys its clients a longer first buffer)
+        self.first_chunk_tokens = self.cfg.first_chunk_tokens
         self.tail: np.ndarray | None = None
         self.closed = False
         self.phases: dict[int, float] = {0: 0.0}  # source phase at absolute frame boundaries already decoded
@@ -226,7 +228,7 @@ class VocoderStream:
             raise RuntimeError("this stream was flushed; open a new one with Vocoder.stream()")
         new = _as_token_array(semantic_ids, self.vocoder.flow.config.n_codes)
         self.tokens = np.concatenate([self.tokens, new])
-        first, look = self.cfg.first_chunk_tokens, self.cfg.lookahead_tokens
+        first, look = self.first_chunk_tokens, self.cfg.lookahead_tokens
         while True:
             if self.n_chunks == 0:
                 size = first
