@@ -113,9 +113,12 @@ class Engine:
         self._prefix_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None, draft: bool = True) -> "Engine":
+    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None, draft: bool = True,
+                        device: str = "cpu") -> "Engine":
         """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json), and the optional
-        draft backbone models/<name>/draft for speculative audio decoding unless `draft` is False."""
+        draft backbone models/<name>/draft for speculative audio decoding unless `draft` is False. `device` places
+        the backbone (e.g. "cuda": transformers with flash-attn when the `gpu` extra is installed, else SDPA); the
+        tokenizer and vocoder stay on the CPU."""
         from npc_server.backbone.generator import Generator
         from npc_server.tokenizer import AudioTokenizer
         from npc_server.vocoder import Vocoder
@@ -129,7 +132,8 @@ class Engine:
         tokenizer = AudioTokenizer.from_pretrained(model_dir / "tokenizer")
         draft_dir = model_dir / "draft"
         use_draft = draft and (draft_dir / "config.json").is_file()
-        generator = Generator.from_pretrained(model_dir / "backbone", draft=draft_dir if use_draft else None)
+        generator = Generator.from_pretrained(model_dir / "backbone", draft=draft_dir if use_draft else None,
+                                              device=device)
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 

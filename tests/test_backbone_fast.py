@@ -171,3 +171,20 @@ def test_batcher_passes_errors_to_every_waiting_answer(tiny, monkeypatch, lanes)
     assert not any(t.is_alive() for t in threads)
     assert errors == ["kaput"] * 3
     assert batcher._running == 0 and not batcher._pending and batcher._busy == 0 and batcher._in_flight == 0
+
+
+def test_attention_kernel_choice(monkeypatch):
+    """SDPA on the CPU; flash-attn 2 only on a CUDA device with the flash_attn package (the `gpu` extra)."""
+    import importlib.util
+
+    from npc_server.backbone import model as model_module
+
+    assert model_module.attention_implementation("cpu") == "sdpa"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert model_module.attention_implementation("cuda") == "flash_attention_2"
+    assert model_module.attention_implementation("cpu") == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert model_module.attention_implementation("cuda") == "sdpa"
+    built = model_module.build_model(preset("tiny", n_text=512))
+    assert built.config._attn_implementation == "sdpa"

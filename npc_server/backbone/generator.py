@@ -232,7 +232,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, max_context: int | None = None,
                         draft=None, draft_k: int | None = None, draft_min_prob: float | None = None,
-                        fast: bool = True) -> Generator:
+                        fast: bool = True, device: str | torch.device = "cpu") -> Generator:
         """Load a backbone bundle (model.safetensors + config.json + tokenizer.json), e.g. models/default/backbone,
         and optionally a draft bundle (same layout, e.g. models/default/draft) for speculative decoding. The draft's
         settings default to its `speculative.json` ({"k": .., "min_prob": ..}, written by benchmarks/speculative.py
@@ -240,10 +240,10 @@ class Generator:
         from npc_server.backbone.model import load_backbone
         from npc_server.backbone.text_tokenizer import TextTokenizer
 
-        model, config = load_backbone(directory, dtype=dtype)
+        model, config = load_backbone(directory, dtype=dtype, device=device)
         draft_model = None
         if draft is not None:
-            draft_model, draft_config = load_backbone(draft, dtype=dtype)
+            draft_model, draft_config = load_backbone(draft, dtype=dtype, device=device)
             if draft_config.n_text != config.n_text:
                 raise ValueError(f"draft {draft} has {draft_config.n_text} text ids, the backbone {config.n_text}: "
                                  "a draft must share the backbone's vocabulary")

@@ -95,9 +95,21 @@ def preset(name: str, n_text: int) -> BackboneConfig:
     return replace(PRESETS[name], n_text=n_text)
 
 
-def build_model(config: BackboneConfig) -> LlamaForCausalLM:
+def attention_implementation(device: str | torch.device = "cpu") -> str:
+    """transformers attention kernel for `device`: flash-attn 2 on a CUDA device when the `gpu` extra
+    (flash-attn) is installed, else PyTorch SDPA (the CPU path; on CPU the generator's FastForward also uses SDPA)."""
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(config: BackboneConfig, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A freshly initialised backbone (fp32)."""
-    return LlamaForCausalLM(config.to_llama_config())
+    llama = config.to_llama_config()
+    llama._attn_implementation = attn_implementation
+    return LlamaForCausalLM(llama)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -131,11 +143,16 @@ def load_config(directory: str | Path) -> BackboneConfig:
     return BackboneConfig.from_dict(meta["backbone"])
 
 
-def load_backbone(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, BackboneConfig]:
-    """Load a backbone saved by `save_backbone`, in eval mode."""
+def load_backbone(directory: str | Path, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, BackboneConfig]:
+    """Load a backbone saved by `save_backbone`, in eval mode, on `device` (attention kernel chosen by
+    `attention_implementation`; flash-attn needs fp16/bf16, so a CUDA device with flash-attn gets bf16)."""
     directory = Path(directory)
     config = load_config(directory)
-    model = build_model(config)
+    attn = attention_implementation(device)
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        dtype = torch.bfloat16
+    model = build_model(config, attn)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no backbone weights at {weights}")
@@ -146,4 +163,4 @@ def load_backbone(directory: str | Path, dtype: torch.dtype = torch.float32) -> 
         raise ValueError(f"checkpoint {weights} does not match its config: missing={missing} unexpected={unexpected}")
     if config.tie_embeddings:
         model.tie_weights()
-    return model.to(dtype).eval(), config
+    return model.to(device=device, dtype=dtype).eval(), config

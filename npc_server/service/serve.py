@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=4,
                     help="answer threads (default 4); with more than one, concurrent answers share each decode step "
                          "(batched) and vocode in parallel")
+    ap.add_argument("--device", default="cpu",
+                    help="where the backbone runs (default cpu; cuda uses flash-attn when the gpu extra is installed)")
     ap.add_argument("--batch-lanes", type=int, default=2,
                     help="decode batches computed at once, each on its own core (default 2)")
     ap.add_argument("--no-draft", action="store_true",
@@ -80,7 +82,8 @@ def main(argv: list[str]) -> int:
     for err in store.last_errors:
         log.warning("persona error: %s", err)
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft)
+        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
+                                        device=args.device)
     except FileNotFoundError as exc:
         print(f"npc-server: {exc}", file=sys.stderr)
         return 2
