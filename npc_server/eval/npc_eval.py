@@ -231,6 +231,11 @@ def main(argv: list[str]) -> int:
     rows = load_dialogues(corpus, args.split)
     if not rows:
         raise ValueError(f"no {args.split!r} dialogues in {corpus}")
+    rendered = [r for r in rows if r["question_audio_id"] in manifest]
+    if len(rendered) < len(rows):  # a corpus whose generation was stopped early (it is prefix-stable)
+        print(f"{len(rows) - len(rendered)} of {len(rows)} {args.split} dialogues have no rendered question audio "
+              f"yet; evaluating among the other {len(rendered)}")
+        rows = rendered
     random.Random(args.seed).shuffle(rows)
     rows = rows[: args.limit]
     personas = persona_infos(args.personas)
