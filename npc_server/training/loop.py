@@ -58,7 +58,8 @@ def add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, batch
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto (default) measures which is faster on this CPU")
     g.add_argument("--ckpt-every", type=int, default=200)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
@@ -69,12 +70,17 @@ def add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, batch
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from npc_server.training.precision import resolve
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = resolve(args.precision)
+    if args.precision == "auto":
+        log.info("precision: %s (measured faster on this CPU)", precision)
     return TrainConfig(
         out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
-        weight_decay=args.weight_decay, precision=args.precision, ckpt_every=args.ckpt_every,
+        weight_decay=args.weight_decay, precision=precision, ckpt_every=args.ckpt_every,
         log_every=args.log_every, seed=args.seed, stop_after=args.stop_after, resume=not args.no_resume,
         bucket=not args.no_bucket,
     )

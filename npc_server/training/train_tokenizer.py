@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=150, help="warm-up steps")
     p.add_argument("--max-hours", type=float, default=None, help="train on a random subset of this many hours")
     p.add_argument("--max-seconds", type=float, default=15.0, help="skip longer training utterances")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype on CPU; auto (default) measures which is faster on this CPU")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes for the audio/F0 cache")
     p.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between resumable checkpoints")
@@ -363,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.freeze_norms:
         recalibrate_norms(model, train, block, args.batch_seconds)
         _freeze_norms(model)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    from npc_server.training.precision import resolve
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve(args.dtype) == "bf16")
     log = (run_dir / "train_log.jsonl").open("a" if ckpt is not None else "w")
     model.train()
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="train tokenizer", unit="s")

@@ -430,7 +430,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pitch-aug", type=float, default=0.5, help="fraction of utterances also seen pitch-shifted")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto (default) measures which is faster on this CPU")
+    p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -438,7 +440,10 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    bf16 = not args.no_bf16
+    from npc_server.training.precision import resolve
+
+    bf16 = resolve("fp32" if args.no_bf16 else args.precision) == "bf16"
+    print(f"precision: {'bf16 autocast' if bf16 else 'fp32'}")
     mel_cfg = MelConfig()
     vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
     minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0}[args.stage]
