@@ -238,9 +238,7 @@ class Engine:
                     unsent_text, unsent_tokens = "", 0
                 if kind == "AudioChunk":
                     if not codes and load is not None:
-                        busy = max(1, int(load()))
-                        voc.first_chunk_tokens = min(max(voc.cfg.chunk_tokens, voc.first_chunk_tokens),
-                                                     voc.first_chunk_tokens * busy)
+                        voc.share_cores(int(load()))
                     codes += ev.codes.tolist()
                     # each vocoder chunk leaves as soon as it is decoded (the first one is short: fast first audio)
                     chunks = voc.push_chunks(ev.codes.tolist())

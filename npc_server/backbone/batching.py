@@ -35,10 +35,19 @@ class _Request:
 
 @dataclass
 class BatchStats:
-    steps: int = 0  # forward passes run
-    requests: int = 0  # token steps served (requests / steps = mean batch size)
-    max_batch: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> passes
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> forward passes run with it
+
+    @property
+    def steps(self) -> int:  # forward passes run
+        return sum(self.sizes.values())
+
+    @property
+    def requests(self) -> int:  # token steps served (requests / steps = mean batch size)
+        return sum(size * n for size, n in self.sizes.items())
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.sizes, default=0)
 
 
 class StepBatcher:
@@ -138,11 +147,8 @@ class StepBatcher:
         except BaseException as exc:  # every waiting answer gets the error, none hangs
             for r in batch:
                 r.error = exc
-        s = self.stats
-        s.steps += 1
-        s.requests += len(batch)
-        s.max_batch = max(s.max_batch, len(batch))
-        s.sizes[len(batch)] = s.sizes.get(len(batch), 0) + 1
+        sizes = self.stats.sizes
+        sizes[len(batch)] = sizes.get(len(batch), 0) + 1
 
 
 def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -121,22 +121,32 @@ class FastForward:
         return out
 
     # ---- forward -------------------------------------------------------------------------------------
+    def _run(self, ids: list[int], caches: list[DynamicCache], spans: list[slice]) -> torch.Tensor:
+        """The layers for `ids`, rows `spans[b]` on top of `caches[b]` (updated in place) -> final hidden states.
+        Projections and MLP run once over all rows; attention runs per conversation."""
+        pasts = [c.get_seq_length() for c in caches]
+        if max(p + s.stop - s.start for p, s in zip(pasts, spans)) > self.cos.shape[0]:
+            raise ValueError(f"a conversation exceeds the model's {self.cos.shape[0]} positions")
+        positions = torch.cat([torch.arange(p, p + s.stop - s.start) for p, s in zip(pasts, spans)])
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        x = self.embed[torch.tensor(ids, dtype=torch.long)]
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), w[0], self.eps)
+            q, k, v = self._qkv(h, w, cos, sin)
+            outs = []
+            for cache, past, s in zip(caches, pasts, spans):
+                k_all, v_all = cache.update(k[s].transpose(0, 1).unsqueeze(0), v[s].transpose(0, 1).unsqueeze(0), i)
+                outs.append(self._attend(q[s], k_all, v_all, past))
+            x = x + F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), w[2])
+            x = self._mlp(x, w)
+        return x
+
     @torch.inference_mode()
     def forward(self, cache: DynamicCache, ids: list[int], last_only: bool = False,
                 rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Feed `ids` on top of `cache` (updated in place); logits [len(ids), vocab] fp32, or [1, vocab] when
         `last_only` (same contract as `generator.forward_tokens`); `rows` limits the LM head (see `_logits`)."""
-        past = cache.get_seq_length()
-        if past + len(ids) > self.cos.shape[0]:
-            raise ValueError(f"{past + len(ids)} positions exceed the model's {self.cos.shape[0]}")
-        cos, sin = self.cos[past:past + len(ids)].unsqueeze(1), self.sin[past:past + len(ids)].unsqueeze(1)
-        x = self.embed[torch.tensor(ids, dtype=torch.long)]
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), w[0], self.eps)
-            q, k, v = self._qkv(h, w, cos, sin)
-            k_all, v_all = cache.update(k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), i)
-            x = x + F.linear(self._attend(q, k_all, v_all, past), w[2])
-            x = self._mlp(x, w)
+        x = self._run(ids, [cache], [slice(0, len(ids))])
         return self._logits(x[-1:] if last_only else x, rows)
 
     @torch.inference_mode()
@@ -144,20 +154,5 @@ class FastForward:
                       rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """One decode step for several conversations: token b goes on top of caches[b]. -> logits [B, vocab].
         The projections and MLP run once for the whole batch; attention runs per conversation."""
-        pasts = [c.get_seq_length() for c in caches]
-        if max(pasts) + 1 > self.cos.shape[0]:
-            raise ValueError("a conversation exceeds the model's positions")
-        positions = torch.tensor(pasts, dtype=torch.long)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        x = self.embed[torch.tensor(tokens, dtype=torch.long)]
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), w[0], self.eps)
-            q, k, v = self._qkv(h, w, cos, sin)
-            outs = []
-            for b, cache in enumerate(caches):
-                k_all, v_all = cache.update(k[b:b + 1].transpose(0, 1).unsqueeze(0),
-                                            v[b:b + 1].transpose(0, 1).unsqueeze(0), i)
-                outs.append(self._attend(q[b:b + 1], k_all, v_all, pasts[b]))
-            x = x + F.linear(torch.cat(outs), w[2])
-            x = self._mlp(x, w)
+        x = self._run(tokens, caches, [slice(b, b + 1) for b in range(len(caches))])
         return self._logits(x, rows)

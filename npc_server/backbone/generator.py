@@ -112,14 +112,16 @@ _KEEP_ARG = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in _F
 
 @torch.inference_mode()
 def forward_tokens(model: torch.nn.Module, cache: DynamicCache, ids: list[int], device: torch.device,
-                   last_only: bool = False, fast: FastForward | None = None) -> tuple[torch.Tensor, DynamicCache]:
+                   last_only: bool = False, fast: FastForward | None = None,
+                   rows: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, DynamicCache]:
     """Feed `ids` through `model` on top of `cache`; returns (logits [len(ids), vocab] fp32, or [1, vocab] for the
     last position only when `last_only`, skipping the LM head for the rest), and the updated cache. With `fast`
-    (a `FastForward` of `model`) the lean CPU path computes the same thing."""
+    (a `FastForward` of `model`) the lean CPU path computes the same thing; there `rows` limits the LM head to
+    those id ranges (the other logits are -inf; the transformers path ignores `rows`)."""
     if not ids:
         raise ValueError("nothing to prefill")
     if fast is not None:
-        return fast.forward(cache, ids, last_only), cache
+        return fast.forward(cache, ids, last_only, rows), cache
     x = torch.tensor([ids], dtype=torch.long, device=device)
     kwargs = {_CACHE_ARG: cache}
     if last_only and _KEEP_ARG:
@@ -280,9 +282,8 @@ class Generator:
         """Feed `ids` through the model on top of the session cache; returns logits [len(ids), vocab] (fp32), or
         [1, vocab] for the last position only when `last_only` (skips the LM head for the rest of a prefill).
         `rows` (`BlockGrammar.rows()`): on the fast path only these LM-head rows are computed, the rest are -inf."""
-        if self.fast is not None and rows is not None:
-            return self.fast.forward(session.cache, ids, last_only, rows)
-        logits, session.cache = forward_tokens(self.model, session.cache, ids, self.device, last_only, self.fast)
+        logits, session.cache = forward_tokens(self.model, session.cache, ids, self.device, last_only, self.fast,
+                                               rows)
         return logits
 
     @staticmethod

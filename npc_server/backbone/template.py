@@ -320,25 +320,10 @@ class BlockGrammar:
         sp = layout.special
         self._ids = {n: sp(n) for n in ("<|text_end|>", "<|audio_start|>", "<|audio_end|>", "<|end|>")}
 
-    def _mask(self, *groups: str) -> torch.Tensor:
-        key = tuple(sorted(groups))
-        if key not in self._masks:
-            m = torch.zeros(self.layout.size, dtype=torch.bool)
-            for g in groups:
-                if g == "text":
-                    m[: self.text_vocab] = True
-                elif g == "semantic":
-                    m[self.layout.audio_offset + N_LINGUISTIC: self.layout.size] = True
-                else:
-                    m[self._ids[g]] = True
-            self._masks[key] = m
-        return self._masks[key]
-
-    def rows(self) -> list[tuple[int, int]]:
-        """The allowed next ids as sorted [lo, hi) ranges (what `mask()` marks): a forward pass need only compute
-        these rows of the LM head (backbone/fast.py)."""
+    def _ranges(self, groups) -> list[tuple[int, int]]:
+        """Id ranges [lo, hi) of token groups ("text", "semantic" or a special token name), sorted."""
         out = []
-        for g in self.allowed_groups():
+        for g in groups:
             if g == "text":
                 out.append((0, self.text_vocab))
             elif g == "semantic":
@@ -346,6 +331,20 @@ class BlockGrammar:
             else:
                 out.append((self._ids[g], self._ids[g] + 1))
         return sorted(out)
+
+    def _mask(self, *groups: str) -> torch.Tensor:
+        key = tuple(sorted(groups))
+        if key not in self._masks:
+            m = torch.zeros(self.layout.size, dtype=torch.bool)
+            for lo, hi in self._ranges(groups):
+                m[lo:hi] = True
+            self._masks[key] = m
+        return self._masks[key]
+
+    def rows(self) -> list[tuple[int, int]]:
+        """The allowed next ids as sorted [lo, hi) ranges (what `mask()` marks): a forward pass need only compute
+        these rows of the LM head (backbone/fast.py)."""
+        return self._ranges(self.allowed_groups())
 
     def allowed_groups(self) -> tuple[str, ...]:
         if self.finished:

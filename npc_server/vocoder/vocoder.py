@@ -203,14 +203,20 @@ class VocoderStream:
         self.tokens = np.zeros(0, dtype=np.int64)
         self.emitted = 0  # tokens whose audio has left (apart from the held crossfade tail)
         self.n_chunks = 0  # chunks emitted
-        # may be raised before the first chunk leaves (a busy server buys its clients a longer first buffer)
-        self.first_chunk_tokens = self.cfg.first_chunk_tokens
+        self.first_chunk_tokens = self.cfg.first_chunk_tokens  # raised by share_cores() on a busy server
         self.tail: np.ndarray | None = None
         self.closed = False
         self.phases: dict[int, float] = {0: 0.0}  # source phase at absolute frame boundaries already decoded
         n = self.cfg.crossfade_samples
         ramp = np.linspace(0.0, np.pi / 2, n, dtype=np.float64)
         self.fade_in, self.fade_out = np.sin(ramp).astype(np.float32) ** 2, np.cos(ramp).astype(np.float32) ** 2
+
+    def share_cores(self, answers: int) -> None:
+        """`answers` streams share the cores, so each advances about that many times slower: make the first chunk
+        that many times longer (at most one regular chunk). Only before the first chunk has left."""
+        if self.n_chunks == 0 and answers > 1:
+            self.first_chunk_tokens = min(max(self.cfg.chunk_tokens, self.cfg.first_chunk_tokens),
+                                          self.cfg.first_chunk_tokens * answers)
 
     def push(self, semantic_ids: Iterable[int]) -> np.ndarray:
         """Add tokens; return the audio of every chunk they complete (see `push_chunks`)."""
