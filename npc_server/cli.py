@@ -12,6 +12,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("personas",): ("npc_server.personas:main", "validate and list persona YAML files"),
     ("train", "corpus"): ("npc_server.training.corpus.cli:main", "synthesise the spoken NPC-dialogue corpus"),
     ("train", "tokenizer"): ("npc_server.training.train_tokenizer:main", "train the dual-codebook audio tokenizer"),
+    ("train", "readout"): ("npc_server.training.train_readout:main",
+                           "retrain the linguistic codes' CTC phone readout (the PER probe) on frozen codes"),
     ("train", "vocoder"): ("npc_server.training.train_vocoder:main", "train the flow-matching vocoder"),
     ("train", "pretrain"): ("npc_server.training.pretrain:main", "backbone stage 1: pretraining"),
     ("train", "sft"): ("npc_server.training.sft:main", "backbone stage 2: supervised fine-tuning"),

@@ -97,6 +97,14 @@ def test_eval_end_to_end_text_judge(tmp_path):
         assert r["correct"] in (True, False) and isinstance(r["subtitle"], str)
     assert np.isfinite(report["summary"]["a"]["ALL"]["persona_ok"])
 
+    # the typed-question diagnostic: same dialogues, the question as text instead of the recording
+    typed = tmp_path / "eval_typed.json"
+    assert npc_eval.main(["--corpus", str(corpus), "--audio-tokenizer", str(tmp_path / "tok"), "--judge", "text",
+                          "--question", "text", "--backbone", str(tmp_path / "pre" / "model"),
+                          "--max-new-tokens", "40", "--threads", "1", "--out", str(typed)]) == 0
+    typed_report = json.loads(typed.read_text())
+    assert typed_report["question"] == "text" and typed_report["summary"]["model"]["ALL"]["n"] == 2
+
 
 def test_eval_end_to_end_audio_judge(tmp_path):
     """The audio path: tiny vocoder speaks the answer, Whisper tiny.en transcribes it, speed/pitch are measured."""

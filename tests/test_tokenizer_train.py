@@ -81,3 +81,44 @@ def test_tiny_training_decreases_loss_and_saves(espeak_corpus, tmp_path):
     assert res["speaker_invariance"]["pairs"] > 0
     assert res["usage"]["linguistic"]["tokens"] > 0
     torch.set_num_threads(1)
+
+
+
+def test_readout_retraining_keeps_codes(espeak_corpus, tmp_path):
+    """`train readout` swaps in a GRU readout trained on frozen codes: the loss falls, the codes stay the same,
+    padding does not change a row's logits, and the tokenizer still loads and evaluates."""
+    from npc_server.training.lm_data import tokenize_corpus
+    from npc_server.training.train_readout import main as readout_main
+    from npc_server.training.train_tokenizer import main as tok_main
+
+    base, run = tmp_path / "tok", tmp_path / "run"
+    assert tok_main(["--corpus", str(espeak_corpus), "--out", str(base), "--run-dir", str(run), "--preset", "tiny",
+                     "--minutes", "5", "--batch-seconds", "12", "--lr", "3e-3", "--warmup", "5", "--threads", "1",
+                     "--workers", "1", "--max-steps", "10"]) == 0
+    tok = AudioTokenizer.from_pretrained(base)
+    tokens = tmp_path / "tokens"
+    assert tokenize_corpus(espeak_corpus, tok, tokens) == 36
+
+    out = tmp_path / "tok_gru"
+    assert readout_main(["--corpus", str(espeak_corpus), "--tokens", str(tokens), "--tokenizer", str(base),
+                         "--out", str(out), "--rnn-layers", "1", "--max-steps", "60", "--batch-tokens", "400",
+                         "--lr", "3e-3", "--threads", "1"]) == 0
+    record = json.loads((out / "training.json").read_text())["readout"]
+    assert record["steps"] == 60 and record["loss_last"] < 0.8 * record["loss_first"], record
+    new = AudioTokenizer.from_pretrained(out)
+    assert new.linguistic.cfg.readout_rnn_layers == 1 and new.linguistic.readout.rnn is not None
+
+    wav_path = espeak_corpus / "audio" / "heldout-0-1.wav"
+    from npc_server.audio.io import load_audio
+
+    wav, sr = load_audio(wav_path)
+    a, b = tok.encode(wav, sr), new.encode(wav, sr)
+    assert torch.equal(a.linguistic, b.linguistic) and torch.equal(a.semantic, b.semantic)
+
+    # a padded batch gives each row the logits it gets alone (the GRU's backward pass skips the padding)
+    codes = a.linguistic.long()[None]
+    alone = new.linguistic.phone_logits(codes)
+    padded = torch.cat([codes, torch.zeros(1, 7, dtype=torch.long)], 1)
+    both = new.linguistic.phone_logits(torch.cat([padded, padded]), torch.tensor([codes.shape[1], codes.shape[1] + 7]))
+    assert torch.allclose(both[0, : alone.shape[1]], alone[0], atol=1e-5)
+    assert isinstance(new.phones_from_tokens(a.linguistic), list)

@@ -115,16 +115,21 @@ def voice_references(corpus: Path, manifest: dict[str, dict], per_voice: int = 6
 
 # --- evaluation --------------------------------------------------------------------------------------------------
 def answer_row(generator: Generator, tokenizer, row: dict, manifest: dict, corpus: Path,
-               personas: dict[str, PersonaInfo], sampling: SamplingConfig) -> dict:
-    q = manifest[row["question_audio_id"]]
-    wav, sr = load_audio(corpus / q["audio"])
-    audio_ids = tokenizer.encode(wav, sr).interleaved
+               personas: dict[str, PersonaInfo], sampling: SamplingConfig, question: str = "audio") -> dict:
+    """Answer one dialogue; `question` = "audio" (the player's recording, the product) or "text" (the same question
+    typed, a diagnostic that separates listening from answering)."""
     system, override = dialogue_prompt(row, personas)  # persona defaults + API overrides, as the engine does
+    if question == "text":
+        user = UserTurn(text=row["question_text"], controls=override)
+    else:
+        q = manifest[row["question_audio_id"]]
+        wav, sr = load_audio(corpus / q["audio"])
+        user = UserTurn(audio=tokenizer.encode(wav, sr).interleaved, controls=override)
     session = generator.start_session(system)
     for turn in row.get("history", []):
         generator.add_turn(session, UserTurn(text=turn["question"]), AssistantTurn(text=turn["answer"], mode=Mode.TEXT))
     t0 = time.perf_counter()
-    end = generator.generate(session, UserTurn(audio=audio_ids, controls=override), Mode.AUDIO_TEXT, sampling)
+    end = generator.generate(session, user, Mode.AUDIO_TEXT, sampling)
     return {"subtitle": end.text, "audio_codes": end.audio, "stop_reason": end.stop_reason,
             "gen_s": time.perf_counter() - t0, "tokens": end.generated_tokens}
 
@@ -217,6 +222,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=200, help="dialogues to evaluate (a seeded sample)")
     parser.add_argument("--judge", choices=("audio", "text"), default="audio",
                         help="audio: vocoder + Whisper + parselmouth; text: subtitles only (no vocoder needed)")
+    parser.add_argument("--question", choices=("audio", "text"), default="audio",
+                        help="audio: the player's recorded question (default); text: the same question typed "
+                             "(diagnostic: separates understanding speech from answering)")
     parser.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=600)
@@ -262,7 +270,7 @@ def main(argv: list[str]) -> int:
         generator = Generator.from_pretrained(path)
         results = []
         for row in tqdm(rows, desc=f"eval {name}"):
-            ans = answer_row(generator, tokenizer, row, manifest, corpus, personas, sampling)
+            ans = answer_row(generator, tokenizer, row, manifest, corpus, personas, sampling, args.question)
             wav, sr, transcript = None, 0, None
             if vocoder is not None and len(ans["audio_codes"]):
                 wav, sr = vocoder.decode(ans["audio_codes"].tolist(), voice=row["npc_voice"]
@@ -278,7 +286,7 @@ def main(argv: list[str]) -> int:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"corpus": str(corpus), "split": args.split, "judge": args.judge,
+        args.out.write_text(json.dumps({"corpus": str(corpus), "split": args.split, "judge": args.judge, "question": args.question,
                                         "summary": summaries, "results": all_results}, indent=2,
                                        ensure_ascii=False, default=_json_scalar) + "\n", encoding="utf-8")
         args.out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")

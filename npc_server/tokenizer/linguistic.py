@@ -24,6 +24,7 @@ class LinguisticConfig(QuantizedStreamConfig):
     n_phones: int = 64  # phone inventory size (CTC blank is an extra class 0)
     readout_hidden: int = 192
     readout_layers: int = 3
+    readout_rnn_layers: int = 0  # bidirectional GRU layers on top of the conv readout (0 = conv only)
     ctc_upsample: int = 3  # CTC outputs per 60 ms token (phones can be faster than 16.7 Hz)
 
 
@@ -35,7 +36,8 @@ class LinguisticTokenizer(nn.Module):
         self.cfg = cfg
         self.encoder = StreamingEncoder(cfg.encoder)
         self.vq = make_quantizer(cfg.quantizer, cfg.vq, cfg.fsq)
-        self.readout = ConvReadout(cfg.q_dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers)
+        self.readout = ConvReadout(cfg.q_dim, cfg.readout_hidden, cfg.n_phones + 1, cfg.ctc_upsample, cfg.readout_layers,
+                                    rnn_layers=cfg.readout_rnn_layers)
 
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None, state=None):
         """mel [B, n_mels, T] -> dict(z (unit, continuous), zq (straight-through), codes, vq_loss), new state."""
@@ -47,6 +49,6 @@ class LinguisticTokenizer(nn.Module):
         z, state = self.encoder(mel, state)
         return self.vq.encode(z), state
 
-    def phone_logits(self, codes: torch.Tensor) -> torch.Tensor:
+    def phone_logits(self, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, T] -> CTC logits [B, T * ctc_upsample, n_phones + 1] (blank = 0)."""
-        return self.readout(self.vq.embed(codes))
+        return self.readout(self.vq.embed(codes), lengths)

@@ -181,9 +181,11 @@ class StreamingEncoder(nn.Module):
 
 
 class ConvReadout(nn.Module):
-    """Non-causal conv stack over quantised vectors -> `upsample` sets of logits per token (CTC phone readout)."""
+    """Non-causal conv stack over quantised vectors (+ optional bidirectional GRU layers for sentence-wide context)
+    -> `upsample` sets of logits per token (CTC phone readout)."""
 
-    def __init__(self, in_dim: int, hidden: int, n_out: int, upsample: int, layers: int = 3, kernel: int = 3):
+    def __init__(self, in_dim: int, hidden: int, n_out: int, upsample: int, layers: int = 3, kernel: int = 3,
+                 rnn_layers: int = 0):
         super().__init__()
         self.upsample = upsample
         self.n_out = n_out
@@ -193,11 +195,30 @@ class ConvReadout(nn.Module):
             mods += [nn.Conv1d(c, hidden, kernel, padding=kernel // 2), nn.GELU()]
             c = hidden
         self.net = nn.Sequential(*mods)
+        self.rnn = (nn.GRU(hidden, hidden // 2, num_layers=rnn_layers, batch_first=True, bidirectional=True)
+                    if rnn_layers else None)
+        self.rnn_norm = nn.LayerNorm(hidden) if rnn_layers else None
         self.head = nn.Linear(hidden, upsample * n_out)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, T, in_dim] -> logits [B, T * upsample, n_out]."""
-        h = self.net(z.transpose(1, 2)).transpose(1, 2)
+    def forward(self, z: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, T, in_dim] -> logits [B, T * upsample, n_out]. `lengths` (valid tokens per row) keeps padding out
+        of the GRU's backward direction; without it every row is taken as full length."""
+        if lengths is None:
+            h = self.net(z.transpose(1, 2)).transpose(1, 2)
+        else:  # zero everything past each row's end, as the conv padding of a row alone would be
+            keep = (torch.arange(z.shape[1], device=z.device)[None, :] < lengths.to(z.device)[:, None])[:, None, :]
+            h = z.transpose(1, 2) * keep
+            for mod in self.net:
+                h = mod(h) * keep if isinstance(mod, nn.GELU) else mod(h)
+            h = h.transpose(1, 2)
+        if self.rnn is not None:
+            if lengths is not None:
+                packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+                r, _ = self.rnn(packed)
+                r, _ = nn.utils.rnn.pad_packed_sequence(r, batch_first=True, total_length=h.shape[1])
+            else:
+                r, _ = self.rnn(h)
+            h = self.rnn_norm(h + r)
         b, t, _ = h.shape
         return self.head(h).view(b, t * self.upsample, self.n_out)
 

@@ -1,0 +1,199 @@
+"""`npc-server train readout`: retrain the linguistic stream's CTC phone readout on frozen codes (encoders untouched).
+
+The readout is the probe that measures how much phonetic content the linguistic codes carry (issue 4's phone error
+rate); it is not on the serving path. Because the encoders and quantisers stay as they are, the codes (and so the
+backbone and vocoder trained on them) do not change. The readout learns from the audio-token cache of the corpus
+(`<corpus>/tokens/*.npz`, written by the backbone's `tokenize_corpus`), so no audio is decoded here.
+
+  npc-server train readout --rnn-layers 2 --minutes 20 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
+from npc_server.tokenizer.linguistic import LinguisticTokenizer
+from npc_server.tokenizer.phones import ctc_greedy, edit_distance
+from npc_server.tokenizer.tokenizer import AudioTokenizer
+from npc_server.training.train_tokenizer import read_manifest
+
+
+@dataclass
+class CodeItem:
+    codes: np.ndarray  # linguistic codes, int64 [T]
+    phones: list[int]  # reference phone ids (1..n; 0 is the CTC blank)
+
+
+def load_items(corpus: Path, tokens: Path, split: str, model: AudioTokenizer) -> list[CodeItem]:
+    """Codes from the token cache + reference phones from the manifest for one split (rows without tokens or
+    phones are skipped)."""
+    items = []
+    up = model.linguistic.cfg.ctc_upsample
+    for r in read_manifest(corpus):
+        if r.get("split") != split:
+            continue
+        path = tokens / f"{r['id']}.npz"
+        if not path.is_file():
+            continue
+        phones = model.inventory.encode(r.get("phonemes", ""))
+        with np.load(path) as z:
+            codes = z["linguistic"].astype(np.int64)
+        if phones and len(codes) * up >= len(phones):
+            items.append(CodeItem(codes, phones))
+    return items
+
+
+def batches(items: list[CodeItem], max_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Length-sorted buckets of at most `max_tokens` padded codes, in random order."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].codes) + rng.random())
+    out, cur, longest = [], [], 0
+    for i in order:
+        longest = max(longest, len(items[i].codes))
+        if cur and longest * (len(cur) + 1) > max_tokens:
+            out.append(cur)
+            cur, longest = [], len(items[i].codes)
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def collate(items: list[CodeItem], idx: list[int]):
+    lengths = torch.tensor([len(items[i].codes) for i in idx])
+    codes = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
+    for b, i in enumerate(idx):
+        codes[b, : lengths[b]] = torch.from_numpy(items[i].codes)
+    targets = torch.tensor([p for i in idx for p in items[i].phones])
+    tlen = torch.tensor([len(items[i].phones) for i in idx])
+    return codes, lengths, targets, tlen
+
+
+def ctc_loss(ling: LinguisticTokenizer, batch) -> torch.Tensor:
+    codes, lengths, targets, tlen = batch
+    logits = ling.phone_logits(codes, lengths)
+    lp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+    return F.ctc_loss(lp, targets, lengths * ling.cfg.ctc_upsample, tlen, blank=0, zero_infinity=True)
+
+
+@torch.no_grad()
+def phone_error_rate(ling: LinguisticTokenizer, items: list[CodeItem], max_tokens: int = 4000) -> float:
+    """Greedy-CTC PER of the readout over `items`."""
+    was = ling.training
+    ling.eval()
+    errs = total = 0
+    for idx in batches(items, max_tokens, random.Random(0)):
+        codes, lengths, _, _ = collate(items, idx)
+        logits = ling.phone_logits(codes, lengths)
+        for b, i in enumerate(idx):
+            n = int(lengths[b]) * ling.cfg.ctc_upsample
+            errs += edit_distance(ctc_greedy(logits[b, :n].argmax(-1).tolist()), items[i].phones)
+            total += len(items[i].phones)
+    ling.train(was)
+    return errs / max(1, total)
+
+
+def new_readout(model: AudioTokenizer, rnn_layers: int, keep_conv: bool) -> None:
+    """Replace the linguistic readout by one with `rnn_layers` GRU layers; `keep_conv` copies the old conv stack and
+    head (a warm start: the GRU is residual, so the old readout is where training begins from)."""
+    ling = model.linguistic
+    old = ling.readout.state_dict()
+    ling.cfg.readout_rnn_layers = rnn_layers
+    fresh = LinguisticTokenizer(ling.cfg).readout
+    if keep_conv:
+        fresh.load_state_dict({k: v for k, v in old.items() if k.startswith(("net.", "head."))}, strict=False)
+    ling.readout = fresh
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="npc-server train readout", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    p.add_argument("--tokens", type=Path, default=None, help="audio-token cache (default: <corpus>/tokens)")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer", help="tokenizer to start from")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer",
+                   help="where to write the tokenizer with the new readout (encoders copied unchanged)")
+    p.add_argument("--rnn-layers", type=int, default=2, help="bidirectional GRU layers on top of the conv readout")
+    p.add_argument("--fresh-conv", action="store_true", help="do not warm-start the conv stack from the old readout")
+    p.add_argument("--minutes", type=float, default=20.0, help="training budget (the LR schedule follows it)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
+    p.add_argument("--batch-tokens", type=int, default=2400, help="padded codes per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    corpus = args.corpus.expanduser()
+    tokens = (args.tokens or corpus / "tokens").expanduser()
+    if not tokens.is_dir():
+        raise SystemExit(f"no token cache at {tokens}: run `npc-server train pretrain` once (it fills it) or "
+                         "tokenize the corpus first")
+
+    model = AudioTokenizer.from_pretrained(args.tokenizer).float()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    train, valid = load_items(corpus, tokens, "train", model), load_items(corpus, tokens, "valid", model)
+    if not train:
+        raise SystemExit(f"no train utterances with tokens in {tokens}")
+    valid = valid[:400]
+    per_before = phone_error_rate(model.linguistic, valid) if valid else None
+    new_readout(model, args.rnn_layers, keep_conv=not args.fresh_conv)
+    ling = model.linguistic
+    params = list(ling.readout.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    print(f"readout: {len(train)} train / {len(valid)} valid utterances, {sum(p.numel() for p in params):,} "
+          f"parameters, valid PER before {per_before if per_before is None else f'{per_before:.2%}'}")
+
+    budget = args.minutes * 60
+    t0, step, losses = time.perf_counter(), 0, []
+    bar = tqdm(total=int(budget), unit="s", desc="readout")
+    done = False
+    while not done:
+        for idx in batches(train, args.batch_tokens, rng):
+            frac = min(1.0, (time.perf_counter() - t0) / budget)
+            for g in opt.param_groups:  # 100 warm-up steps, then cosine to 5% over the time budget
+                g["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+            loss = ctc_loss(ling, collate(train, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.n = min(int(budget), int(time.perf_counter() - t0))
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.3f}")
+            if step % 500 == 0 and valid:
+                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.3f}, valid PER {phone_error_rate(ling, valid):.2%}")
+            if time.perf_counter() - t0 >= budget or (args.max_steps and step >= args.max_steps):
+                done = True
+                break
+    bar.close()
+    per_after = phone_error_rate(ling, valid) if valid else None
+    model.save_pretrained(args.out)
+    record = {
+        "readout": {
+            "rnn_layers": args.rnn_layers, "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "loss_first": round(float(np.mean(losses[:50])), 4), "loss_last": round(float(np.mean(losses[-50:])), 4),
+            "train_utterances": len(train), "valid_per_before": per_before, "valid_per_after": per_after,
+            "command": "npc-server train readout " + " ".join(sys.argv[3:] if argv is None else argv),
+        }
+    }
+    info = args.out / "training.json"
+    old = json.loads(info.read_text()) if info.exists() else {}
+    info.write_text(json.dumps({**old, **record}, indent=2) + "\n")
+    print(f"valid PER {per_before} -> {per_after}; wrote {args.out}")
+    return 0
