@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "merge"): ("npc_server.training.merge:main", "backbone stage 4: weight merging"),
     ("train", "draft"): ("npc_server.training.draft:main", "draft backbone for speculative audio decoding"),
     ("eval", "tokenizer"): ("npc_server.eval.tokenizer_eval:main", "evaluate the audio tokenizer"),
+    ("eval", "listen"): ("npc_server.eval.listen_eval:main",
+                         "how well the backbone hears: WER of its ASR-task transcripts of held-out questions"),
     ("eval", "vocoder"): ("npc_server.eval.vocoder_eval:main", "evaluate the vocoder"),
     ("eval", "npc"): ("npc_server.eval.npc_eval:main", "NPC-Eval: held-out spoken-answer evaluation"),
     ("bench",): ("npc_server.bench:main", "latency benchmarks (time to first audio, RTF, concurrency)"),

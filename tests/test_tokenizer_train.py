@@ -122,3 +122,17 @@ def test_readout_retraining_keeps_codes(espeak_corpus, tmp_path):
     both = new.linguistic.phone_logits(torch.cat([padded, padded]), torch.tensor([codes.shape[1], codes.shape[1] + 7]))
     assert torch.allclose(both[0, : alone.shape[1]], alone[0], atol=1e-5)
     assert isinstance(new.phones_from_tokens(a.linguistic), list)
+
+
+def test_code_jitter_moves_to_grid_neighbours():
+    from npc_server.training.train_readout import jitter_codes
+
+    levels = [4, 4, 4, 4, 4]
+    codes = torch.arange(1024)
+    assert torch.equal(jitter_codes(codes, 0.0, levels), codes)
+    g = torch.Generator().manual_seed(0)
+    moved = jitter_codes(codes, 1.0, levels, g)
+    base = torch.tensor([1, 4, 16, 64, 256])
+    d_old, d_new = (codes[:, None] // base) % 4, (moved[:, None] // base) % 4
+    assert (d_old - d_new).abs().max() == 1  # one grid step at most, per digit
+    assert (moved != codes).float().mean() > 0.9 and moved.min() >= 0 and moved.max() < 1024

@@ -72,6 +72,7 @@ def evaluate(model: AudioTokenizer, corpus: Path, rows: list[dict], split: str, 
     errs = ref_total = oov = 0
     audio_s = enc_s = 0.0
     by_lang = defaultdict(lambda: [0, 0])
+    by_role = defaultdict(lambda: [0, 0])
     per_rows = 0
     for r in tqdm(rows, desc="eval tokenizer", unit="utt", disable=not show):
         wav, sr = load_audio(corpus / r["audio"])
@@ -92,6 +93,8 @@ def evaluate(model: AudioTokenizer, corpus: Path, rows: list[dict], split: str, 
             ref_total += len(ref)
             by_lang[r.get("language", "?")][0] += e
             by_lang[r.get("language", "?")][1] += len(ref)
+            by_role[r.get("role", "?")][0] += e
+            by_role[r.get("role", "?")][1] += len(ref)
             per_rows += 1
     split_ids = [r["id"] for r in rows if r.get("split") == split]
     ling = torch.cat([toks[i].linguistic for i in split_ids])
@@ -120,6 +123,8 @@ def evaluate(model: AudioTokenizer, corpus: Path, rows: list[dict], split: str, 
         "audio_hours": round(audio_s / 3600, 3),
         "per": round(errs / max(1, ref_total), 4),
         "per_by_language": {k: round(v[0] / max(1, v[1]), 4) for k, v in sorted(by_lang.items())},
+        # in the corpus' heldout split the players' voices are unseen; the NPCs speak in voice-bank voices
+        "per_by_role": {k: round(v[0] / max(1, v[1]), 4) for k, v in sorted(by_role.items())},
         "ref_phones": ref_total,
         "oov_phone_units": oov,
         "usage": {"linguistic": codebook_usage(ling, 1024), "semantic": codebook_usage(sem, 4096)},
@@ -156,6 +161,9 @@ def format_table(res: dict) -> str:
     ]
     for lang, per in res["per_by_language"].items():
         lines.append(f"{'  PER ' + lang:<46}{per:>12.2%}")
+    role_note = {"player": "player voices (unseen in heldout)", "npc": "NPC voices (voice bank)"}
+    for role, per in res.get("per_by_role", {}).items():
+        lines.append(f"{'  PER ' + role_note.get(role, role):<46}{per:>12.2%}")
     return "\n".join(lines)
 
 

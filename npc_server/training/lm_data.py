@@ -218,8 +218,16 @@ def plain_sequence(template: ChatTemplate, text: str | None = None, audio=None) 
     return enc
 
 
+PRETRAIN_TASKS = ("asr", "tts", "continuation", "text")
+
+
 def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate,
-                      split: str = "train") -> list[Encoded]:
+                      split: str = "train", tasks: Iterable[str] = PRETRAIN_TASKS) -> list[Encoded]:
+    """The pretraining sequences of `split`, of the chosen `tasks` (see the module docstring)."""
+    tasks = set(tasks)
+    unknown = tasks - set(PRETRAIN_TASKS)
+    if unknown:
+        raise ValueError(f"unknown pretraining task(s) {sorted(unknown)}; choose from {', '.join(PRETRAIN_TASKS)}")
     manifest = load_manifest(corpus_dir)
     out: list[Encoded] = []
     texts: set[str] = set()
@@ -234,15 +242,15 @@ def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatT
         toks = cache.get(row["id"])
         voice = row["speaker"] if row["speaker"] in VOICE_BANK else "joe"
         controls = controls_of(row, voice)
-        # ASR-like: audio -> text
-        asr = template.system(SystemPrompt(persona="custom", controls=controls, task="asr"))
-        asr.extend(template.user(UserTurn(audio=toks["interleaved"])))
-        asr.extend(template.assistant(AssistantTurn(text=row["text"], mode=Mode.TEXT)))
-        out.append(asr)
-        # audio continuation
-        out.append(plain_sequence(template, audio=toks["interleaved"]))
+        if "asr" in tasks:  # ASR-like: audio -> text
+            asr = template.system(SystemPrompt(persona="custom", controls=controls, task="asr"))
+            asr.extend(template.user(UserTurn(audio=toks["interleaved"])))
+            asr.extend(template.assistant(AssistantTurn(text=row["text"], mode=Mode.TEXT)))
+            out.append(asr)
+        if "continuation" in tasks:
+            out.append(plain_sequence(template, audio=toks["interleaved"]))
         # TTS-like: text -> the voice's text+audio blocks (only for voice-bank speakers: the NPC voices)
-        if row["speaker"] in VOICE_BANK:
+        if "tts" in tasks and row["speaker"] in VOICE_BANK:
             # half of them carry emotion/speed/pitch as a per-turn override, the way SFT and serving do
             as_override = _bucket("tts:" + row["id"]) < 50
             base = Controls(voice=controls.voice, language=controls.language, accent=controls.accent)
@@ -253,7 +261,8 @@ def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatT
             out.append(tts)
     for d in load_dialogues(corpus_dir, split):
         texts.update([d["question_text"], d["answer_text"]])
-    out += [plain_sequence(template, text=t) for t in sorted(texts)]
+    if "text" in tasks:
+        out += [plain_sequence(template, text=t) for t in sorted(texts)]
     if missing:
         log.warning("%d utterances of split %s are not in the token cache", missing, split)
     return out

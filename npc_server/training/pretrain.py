@@ -19,6 +19,7 @@ from npc_server.training.lm_common import (
     save_bundle,
 )
 from npc_server.training.lm_data import (
+    PRETRAIN_TASKS,
     collate,
     fit_length,
     persona_texts,
@@ -43,6 +44,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text-tokenizer", type=Path, default=None,
                         help="reuse this tokenizer.json (file or folder) instead of training one on the corpus")
     parser.add_argument("--init", type=Path, default=None, help="continue from this backbone bundle")
+    parser.add_argument("--tasks", default=",".join(PRETRAIN_TASKS),
+                        help=f"comma-separated pretraining tasks (default all: {','.join(PRETRAIN_TASKS)})")
     add_train_args(parser, steps=4000, lr=1e-3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -69,7 +72,8 @@ def main(argv: list[str]) -> int:
         template = ChatTemplate(config.layout, tok)
     if rank == 0:
         print(f"backbone {config.preset}: {count_parameters(model) / 1e6:.2f}M parameters, vocab {config.vocab_size}")
-    examples = fit_length(pretrain_examples(corpus, cache, template, split="train"), args.max_len)
+    examples = fit_length(pretrain_examples(corpus, cache, template, split="train",
+                                             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()]), args.max_len)
     pad = config.layout.special("<|pad|>")
     train(model, examples, lambda b: collate(b, pad), lm_loss, cfg,
           save_final=lambda m, d: save_bundle(m, config, tok, d), desc="pretrain")

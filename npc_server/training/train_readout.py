@@ -81,8 +81,26 @@ def collate(items: list[CodeItem], idx: list[int]):
     return codes, lengths, targets, tlen
 
 
-def ctc_loss(ling: LinguisticTokenizer, batch) -> torch.Tensor:
+def jitter_codes(codes: torch.Tensor, p: float, levels: list[int], generator: torch.Generator | None = None):
+    """Move each FSQ digit of each code one grid step up or down with probability `p` (clamped to the grid).
+
+    Unseen voices land on neighbouring grid points of the codes a training voice would get for the same phone
+    (docs/tokenizer_report.md), so the readout is trained to read those neighbours the same way."""
+    if p <= 0:
+        return codes
+    base = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
+    lv = torch.tensor(levels)
+    digits = (codes[..., None] // base) % lv
+    move = (torch.rand(digits.shape, generator=generator) < p).long()
+    sign = torch.randint(0, 2, digits.shape, generator=generator) * 2 - 1
+    digits = torch.minimum(torch.clamp(digits + move * sign, min=0), lv - 1)
+    return (digits * base).sum(-1)
+
+
+def ctc_loss(ling: LinguisticTokenizer, batch, jitter: float = 0.0) -> torch.Tensor:
     codes, lengths, targets, tlen = batch
+    if jitter > 0:
+        codes = jitter_codes(codes, jitter, ling.cfg.fsq.levels)
     logits = ling.phone_logits(codes, lengths)
     lp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
     return F.ctc_loss(lp, targets, lengths * ling.cfg.ctc_upsample, tlen, blank=0, zero_infinity=True)
@@ -131,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     p.add_argument("--batch-tokens", type=int, default=2400, help="padded codes per batch")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--code-jitter", type=float, default=0.0,
+                   help="training augmentation: probability that each FSQ digit of a code moves one grid step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -144,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tokenize the corpus first")
 
     model = AudioTokenizer.from_pretrained(args.tokenizer).float()
+    if args.code_jitter > 0 and model.linguistic.cfg.quantizer != "fsq":
+        raise SystemExit("--code-jitter needs the FSQ quantiser (the grid defines the neighbours)")
     for prm in model.parameters():
         prm.requires_grad_(False)
     train, valid = load_items(corpus, tokens, "train", model), load_items(corpus, tokens, "valid", model)
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             frac = min(1.0, (time.perf_counter() - t0) / budget)
             for g in opt.param_groups:  # 100 warm-up steps, then cosine to 5% over the time budget
                 g["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-            loss = ctc_loss(ling, collate(train, idx))
+            loss = ctc_loss(ling, collate(train, idx), args.code_jitter)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(args.out)
     record = {
         "readout": {
-            "rnn_layers": args.rnn_layers, "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "rnn_layers": args.rnn_layers, "code_jitter": args.code_jitter, "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
             "loss_first": round(float(np.mean(losses[:50])), 4), "loss_last": round(float(np.mean(losses[-50:])), 4),
             "train_utterances": len(train), "valid_per_before": per_before, "valid_per_after": per_after,
             "command": "npc-server train readout " + " ".join(sys.argv[3:] if argv is None else argv),
