@@ -105,6 +105,17 @@ def test_eval_end_to_end_text_judge(tmp_path):
     typed_report = json.loads(typed.read_text())
     assert typed_report["question"] == "text" and typed_report["summary"]["model"]["ALL"]["n"] == 2
 
+    # the listening test: ASR-task transcripts of the held-out recordings, scored against what was said
+    from npc_server.eval import listen_eval
+
+    heard = tmp_path / "listen.json"
+    assert listen_eval.main(["--corpus", str(corpus), "--audio-tokenizer", str(tmp_path / "tok"), "--role", "any",
+                             "--backbone", str(tmp_path / "pre" / "model"), "--max-new-tokens", "20",
+                             "--threads", "1", "--out", str(heard)]) == 0
+    listened = json.loads(heard.read_text())["models"]["model"]
+    assert listened["n"] >= 2 and listened["wer"] >= 0.0
+    assert all(r["text"] and isinstance(r["transcript"], str) for r in listened["results"])
+
 
 def test_eval_end_to_end_audio_judge(tmp_path):
     """The audio path: tiny vocoder speaks the answer, Whisper tiny.en transcribes it, speed/pitch are measured."""

@@ -265,6 +265,14 @@ def test_tokenize_corpus_with_audio_tokenizer_on_real_speech(tmp_path):
     _, _, _, template = load_bundle_for_test(tmp_path)
     examples = pretrain_examples(corpus, cache, template)
     assert any(template.layout.audio_offset <= i for e in examples for i in e.ids)
+    # --tasks: ASR-like sequences only (audio in, text out: one per cached train utterance), or text only
+    asr = pretrain_examples(corpus, cache, template, tasks=["asr"])
+    n_train = sum(r["split"] == "train" for r in rows.values())
+    assert len(asr) == n_train and all(any(template.layout.audio_offset <= i for i in e.ids) for e in asr)
+    text = pretrain_examples(corpus, cache, template, tasks=["text"])
+    assert text and not any(template.layout.audio_offset <= i for e in text for i in e.ids)
+    with pytest.raises(ValueError, match="unknown pretraining task"):
+        pretrain_examples(corpus, cache, template, tasks=["asr", "nope"])
 
 
 def load_bundle_for_test(tmp_path):
