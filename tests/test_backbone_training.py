@@ -105,6 +105,15 @@ def test_sft_examples_cover_history_modes_and_targets(corpus, pretrained):
             assert "<|user|>Hello there.<|end|><|assistant|><|mode:text|>Good day, traveller.<|text_end|><|end|>" in rendered
     assert "<|mode:audio_text|>" in modes
 
+    # SFT with an ASR-only pretraining mix above 1 (the ASR sequences repeat to fill it)
+    from npc_server.training.lm_data import sft_training_set
+
+    mixed = sft_training_set(corpus, cache, template, None, pretrain_mix=2.5, seed=0, max_len=4096,
+                             pretrain_tasks=["asr"])
+    extra = mixed[len(examples):]
+    assert len(mixed) == len(examples) + int(2.5 * len(examples))
+    assert all("<|task:asr|>" in template.render(e.ids) for e in extra)
+
 
 def test_dialogue_prompt_uses_persona_defaults_and_per_turn_overrides(tmp_path):
     from npc_server.backbone.template import Controls

@@ -309,16 +309,20 @@ def sft_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTempla
 
 
 def sft_training_set(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate, personas_dir,
-                     pretrain_mix: float, seed: int, max_len: int) -> list[Encoded]:
-    """The SFT training examples (train split) plus `pretrain_mix` x as many shuffled pretraining sequences against
-    forgetting, without those longer than `max_len`: what `train sft` and `train draft` learn from."""
+                     pretrain_mix: float, seed: int, max_len: int,
+                     pretrain_tasks: Iterable[str] = PRETRAIN_TASKS) -> list[Encoded]:
+    """The SFT training examples (train split) plus `pretrain_mix` x as many shuffled pretraining sequences (of
+    `pretrain_tasks`) against forgetting, without those longer than `max_len`: what `train sft` and `train draft`
+    learn from. A mix above 1 repeats the pretraining sequences as needed."""
     examples = sft_examples(corpus_dir, cache, template, split="train", personas_dir=personas_dir)
     if not examples:
         raise ValueError(f"no SFT examples: are the dialogue audio ids of {corpus_dir} in the token cache?")
     if pretrain_mix > 0:
-        extra = pretrain_examples(corpus_dir, cache, template, split="train")
+        extra = pretrain_examples(corpus_dir, cache, template, split="train", tasks=pretrain_tasks)
         random.Random(seed).shuffle(extra)
-        examples += extra[: int(len(examples) * pretrain_mix)]
+        want = int(len(examples) * pretrain_mix)
+        if extra:
+            examples += (extra * (want // len(extra) + 1))[:want]
     return fit_length(examples, max_len)
 
 

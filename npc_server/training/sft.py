@@ -13,7 +13,7 @@ from npc_server.training.lm_common import (
     prepare_token_cache,
     save_bundle,
 )
-from npc_server.training.lm_data import collate, sft_training_set
+from npc_server.training.lm_data import PRETRAIN_TASKS, collate, sft_training_set
 from npc_server.training.loop import (
     add_train_args,
     config_from_args,
@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--init", type=Path, required=True, help="pretrained backbone bundle (…/model)")
     parser.add_argument("--pretrain-mix", type=float, default=0.1,
                         help="add this fraction (relative to the SFT set) of pretraining sequences against forgetting")
+    parser.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS),
+                        help="comma-separated tasks of those pretraining sequences (e.g. asr: keep learning to listen)")
     add_train_args(parser, steps=2000, lr=3e-4)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -38,7 +40,8 @@ def main(argv: list[str]) -> int:
     corpus = corpus_dir(args)
     cache = prepare_token_cache(args, rank, world)
     model, config, tok, template = load_bundle(args.init)
-    examples = sft_training_set(corpus, cache, template, args.personas, args.pretrain_mix, cfg.seed, args.max_len)
+    examples = sft_training_set(corpus, cache, template, args.personas, args.pretrain_mix, cfg.seed, args.max_len,
+                                [t.strip() for t in args.pretrain_tasks.split(",") if t.strip()])
     pad = config.layout.special("<|pad|>")
     train(model.train(), examples, lambda b: collate(b, pad), lm_loss, cfg,
           save_final=lambda m, d: save_bundle(m, config, tok, d), desc="sft")
