@@ -124,14 +124,16 @@ def phone_error_rate(ling: LinguisticTokenizer, items: list[CodeItem], max_token
 
 
 def new_readout(model: AudioTokenizer, rnn_layers: int, keep_conv: bool) -> None:
-    """Replace the linguistic readout by one with `rnn_layers` GRU layers; `keep_conv` copies the old conv stack and
-    head (a warm start: the GRU is residual, so the old readout is where training begins from)."""
+    """Replace the linguistic readout by one with `rnn_layers` GRU layers; `keep_conv` copies the old weights that
+    fit: the conv stack and head, and the GRU too when the old readout already had the same one (so a second run
+    continues the first)."""
     ling = model.linguistic
     old = ling.readout.state_dict()
     ling.cfg.readout_rnn_layers = rnn_layers
     fresh = LinguisticTokenizer(ling.cfg).readout
     if keep_conv:
-        fresh.load_state_dict({k: v for k, v in old.items() if k.startswith(("net.", "head."))}, strict=False)
+        own = fresh.state_dict()
+        fresh.load_state_dict({k: v for k, v in old.items() if k in own and own[k].shape == v.shape}, strict=False)
     ling.readout = fresh
 
 
