@@ -286,8 +286,8 @@ def main(argv: list[str]) -> int:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"corpus": str(corpus), "split": args.split, "judge": args.judge, "question": args.question,
-                                        "summary": summaries, "results": all_results}, indent=2,
-                                       ensure_ascii=False, default=_json_scalar) + "\n", encoding="utf-8")
+        args.out.write_text(json.dumps({"corpus": str(corpus), "split": args.split, "judge": args.judge,
+                                        "question": args.question, "summary": summaries, "results": all_results},
+                                       indent=2, ensure_ascii=False, default=_json_scalar) + "\n", encoding="utf-8")
         args.out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     return 0

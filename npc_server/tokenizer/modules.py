@@ -201,8 +201,9 @@ class ConvReadout(nn.Module):
         self.head = nn.Linear(hidden, upsample * n_out)
 
     def forward(self, z: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, T, in_dim] -> logits [B, T * upsample, n_out]. `lengths` (valid tokens per row) keeps padding out
-        of the GRU's backward direction; without it every row is taken as full length."""
+        """z [B, T, in_dim] -> logits [B, T * upsample, n_out]. With `lengths` (valid tokens per row) each row's
+        logits do not depend on the padding after it (conv inputs zeroed past the end, the GRU run on packed rows);
+        without it every row is taken as full length."""
         if lengths is None:
             h = self.net(z.transpose(1, 2)).transpose(1, 2)
         else:  # zero everything past each row's end, as the conv padding of a row alone would be

@@ -137,6 +137,10 @@ def new_readout(model: AudioTokenizer, rnn_layers: int, keep_conv: bool) -> None
     ling.readout = fresh
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="npc-server train readout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     params = list(ling.readout.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     print(f"readout: {len(train)} train / {len(valid)} valid utterances, {sum(p.numel() for p in params):,} "
-          f"parameters, valid PER before {per_before if per_before is None else f'{per_before:.2%}'}")
+          f"parameters, valid PER before {_pct(per_before)}")
 
     budget = args.minutes * 60
     t0, step, losses = time.perf_counter(), 0, []
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.n = min(int(budget), int(time.perf_counter() - t0))
             bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.3f}")
             if step % 500 == 0 and valid:
-                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.3f}, valid PER {phone_error_rate(ling, valid):.2%}")
+                per = phone_error_rate(ling, valid)
+                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.3f}, valid PER {per:.2%}")
             if time.perf_counter() - t0 >= budget or (args.max_steps and step >= args.max_steps):
                 done = True
                 break
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(args.out)
     record = {
         "readout": {
-            "rnn_layers": args.rnn_layers, "code_jitter": args.code_jitter, "steps": step, "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "rnn_layers": args.rnn_layers, "code_jitter": args.code_jitter, "steps": step,
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
             "loss_first": round(float(np.mean(losses[:50])), 4), "loss_last": round(float(np.mean(losses[-50:])), 4),
             "train_utterances": len(train), "valid_per_before": per_before, "valid_per_after": per_after,
             "command": "npc-server train readout " + " ".join(sys.argv[3:] if argv is None else argv),
@@ -219,5 +225,5 @@ def main(argv: list[str] | None = None) -> int:
     info = args.out / "training.json"
     old = json.loads(info.read_text()) if info.exists() else {}
     info.write_text(json.dumps({**old, **record}, indent=2) + "\n")
-    print(f"valid PER {per_before} -> {per_after}; wrote {args.out}")
+    print(f"valid PER {_pct(per_before)} -> {_pct(per_after)}; wrote {args.out}")
     return 0
