@@ -174,3 +174,9 @@ def test_cli_mels_then_flow_stage(corpus, tmp_path):
     assert info["flow"]["steps"] > 0 and info["flow"]["examples"] >= 3
     wav, sr = Vocoder.from_pretrained(out).decode([5, 6, 7, 8], voice="gb_female", pitch_st=2.0)
     assert wav.shape == (4 * 960,) and np.isfinite(wav).all()
+    # fine-tuning into a new folder keeps the init's training history and adds the new run after it
+    out2 = tmp_path / "voc2"
+    assert tv.main(["--stage", "flow", "--minutes", "0.03", "--flow-segment-tokens", "20", "--init", str(out),
+                    *[a if a != str(out) else str(out2) for a in common]]) == 0
+    history = json.loads((out2 / "training.json").read_text())
+    assert history["flow"] == info["flow"] and history["flow_2"]["steps"] > 0

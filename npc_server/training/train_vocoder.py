@@ -389,18 +389,24 @@ def _load_or_new_vocoder(out: Path, init: Path | None, flow_cfg: FlowConfig, gen
     return Vocoder(FlowDecoder(flow_cfg), Generator(gen_cfg))
 
 
-def _export(vocoder: Vocoder, out: Path, info: dict, component: str) -> None:
+def _export(vocoder: Vocoder, out: Path, info: dict, component: str, init: Path | None = None) -> None:
     """Write the vocoder to `out`, taking only `component` ("flow" or "generator") from this run: the other one
-    is re-read from `out` so that two stages training at the same time do not undo each other."""
+    is re-read from `out` so that two stages training at the same time do not undo each other. training.json keeps
+    the history (of `out`, else of `init`); a stage trained again is added as "flow_2", "flow_3", ..."""
     if (out / "model.safetensors").exists():
         shipped = Vocoder.from_pretrained(out)
         setattr(shipped, component, getattr(vocoder, component))
         vocoder = shipped
     vocoder.save_pretrained(out)
     info_path = out / "training.json"
-    old = json.loads(info_path.read_text()) if info_path.exists() else {}
-    old.update(info)
-    info_path.write_text(json.dumps(old, indent=2))
+    source = info_path if info_path.exists() else (init / "training.json" if init is not None else None)
+    history = json.loads(source.read_text()) if source is not None and source.exists() else {}
+    for key, value in info.items():
+        name, n = key, 2
+        while name in history:
+            name, n = f"{key}_{n}", n + 1
+        history[name] = value
+    info_path.write_text(json.dumps(history, indent=2))
     print(f"saved vocoder to {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
 
 
@@ -479,7 +485,7 @@ def main(argv: list[str]) -> int:
             lambda m, b: generator_loss(m, logmel, mrstft, b[0], b[1], bf16), args.run_dir, minutes, args.lr or 5e-4,
         )
         print(f"generator: {stats}")
-        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator")
+        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator", args.init)
 
     if args.stage in ("all", "flow", "mels"):
         mel_path = args.run_dir / "mel_cache.pt"
@@ -516,6 +522,10 @@ def main(argv: list[str]) -> int:
             state = {k: v for k, v in state.items() if not k.startswith("token_embed.")}
             vocoder.flow.load_state_dict(state, strict=False)
             print(f"warm start from {proxy_ckpt} (all but the token embedding)")
+        covered = sum(uid in tokens for uid in mel_cache)
+        if covered < len(mel_cache):
+            print(f"warning: {tok_path} has tokens for {covered} of the {len(mel_cache)} utterances in the mel cache; "
+                  "the others are skipped (--rebuild-tokens encodes them all)")
         examples = join_caches(mel_cache, tokens, vocoder.flow.config)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
@@ -526,5 +536,5 @@ def main(argv: list[str]) -> int:
         )
         print(f"flow: {stats}")
         if not args.proxy_tokens:
-            _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow")
+            _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow", args.init)
     return 0
