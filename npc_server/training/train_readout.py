@@ -3,7 +3,8 @@
 The readout is the probe that measures how much phonetic content the linguistic codes carry (issue 4's phone error
 rate); it is not on the serving path. Because the encoders and quantisers stay as they are, the codes (and so the
 backbone and vocoder trained on them) do not change. The readout learns from the audio-token cache of the corpus
-(`<corpus>/tokens/*.npz`, written by the backbone's `tokenize_corpus`), so no audio is decoded here.
+(`<corpus>/tokens/*.npz`, written by the backbone's `tokenize_corpus`), so no audio is decoded here; that cache
+must come from the same encoders (after retraining the tokenizer, delete it so that it is filled again).
 
   npc-server train readout --rnn-layers 2 --minutes 20 --threads 1
 """
