@@ -125,13 +125,15 @@ def test_readout_retraining_keeps_codes(espeak_corpus, tmp_path):
 
 
 def test_code_jitter_moves_to_grid_neighbours():
+    from npc_server.tokenizer.quantizers import FiniteScalarQuantizer, FSQConfig
     from npc_server.training.train_readout import jitter_codes
 
-    levels = [4, 4, 4, 4, 4]
+    fsq = FiniteScalarQuantizer(FSQConfig(levels=[4, 4, 4, 4, 4]))
     codes = torch.arange(1024)
-    assert torch.equal(jitter_codes(codes, 0.0, levels), codes)
+    assert torch.equal(fsq.from_digits(fsq.digits(codes)), codes)
+    assert torch.equal(jitter_codes(codes, 0.0, fsq), codes)
     g = torch.Generator().manual_seed(0)
-    moved = jitter_codes(codes, 1.0, levels, g)
+    moved = jitter_codes(codes, 1.0, fsq, g)
     base = torch.tensor([1, 4, 16, 64, 256])
     d_old, d_new = (codes[:, None] // base) % 4, (moved[:, None] // base) % 4
     assert (d_old - d_new).abs().max() == 1  # one grid step at most, per digit

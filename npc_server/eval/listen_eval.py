@@ -20,6 +20,7 @@ from tqdm import tqdm
 from npc_server.audio.io import load_audio
 from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import Mode, SystemPrompt, UserTurn
+from npc_server.eval.npc_eval import add_backbone_argument, backbone_dirs
 from npc_server.eval.vocoder_eval import normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 from npc_server.training.lm_data import controls_of, load_manifest
@@ -36,8 +37,7 @@ def transcribe(generator: Generator, audio_ids, row: dict, max_new_tokens: int) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="npc-server eval listen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", action="append", default=None,
-                   help="NAME=DIR or DIR of a backbone bundle; repeat to compare (default models/default/backbone)")
+    add_backbone_argument(p)
     p.add_argument("--audio-tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
     p.add_argument("--corpus", type=Path, default=None, help="default: <data dir>/corpus/default")
     p.add_argument("--split", default="heldout")
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         wav, sr = load_audio(corpus / r["audio"])
         audio[r["id"]] = tokenizer.encode(wav, sr).interleaved
 
-    specs = args.backbone or [str(DEFAULT_MODEL_DIR / "backbone")]
-    models = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in specs)
+    models = backbone_dirs(args.backbone)
     report = {"corpus": str(corpus), "split": args.split, "role": args.role, "models": {}}
     for name, path in models.items():
         generator = Generator.from_pretrained(path)

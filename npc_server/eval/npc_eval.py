@@ -210,11 +210,21 @@ def to_markdown(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def add_backbone_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", action="append", default=None,
+                        help="NAME=DIR or DIR of a backbone bundle; repeat to compare (default models/default/backbone)")
+
+
+def backbone_dirs(specs: list[str] | None) -> dict[str, str]:
+    """`--backbone` values -> {name: directory} (a bare DIR is named after its folder)."""
+    specs = specs or [str(DEFAULT_MODEL_DIR / "backbone")]
+    return dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in specs)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server eval npc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", action="append", default=None,
-                        help="NAME=DIR or DIR of a backbone bundle; repeat to compare (default models/default/backbone)")
+    add_backbone_argument(parser)
     parser.add_argument("--audio-tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
     parser.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
     parser.add_argument("--corpus", type=Path, default=None, help="default: <data dir>/corpus/default")
@@ -262,8 +272,7 @@ def main(argv: list[str]) -> int:
         listener = Listener(threads=args.threads)
         refs = voice_references(corpus, manifest)
 
-    specs = args.backbone or [str(DEFAULT_MODEL_DIR / "backbone")]
-    models = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in specs)
+    models = backbone_dirs(args.backbone)
     sampling = SamplingConfig(temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens)
     all_results, summaries = {}, {}
     for name, path in models.items():

@@ -156,16 +156,23 @@ class FiniteScalarQuantizer(nn.Module):
         b = self._bound(z.float())
         return b + (torch.round(b) - b).detach()  # integer grid values, straight-through gradient
 
+    def digits(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [...] -> grid indices per dimension [..., dim], each 0..levels[i]-1."""
+        return (codes.long()[..., None] // self.basis) % self.levels.long()
+
+    def from_digits(self, digits: torch.Tensor) -> torch.Tensor:
+        """Grid indices per dimension [..., dim] -> codes [...] (inverse of `digits`)."""
+        return (digits * self.basis).sum(-1)
+
     def _to_codes(self, q: torch.Tensor) -> torch.Tensor:
-        return ((q.round().long() + (self.levels.long() // 2)) * self.basis).sum(-1)
+        return self.from_digits(q.round().long() + self.levels.long() // 2)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         return self._to_codes(self._round(z))
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [...] -> grid points scaled to about [-1, 1]: [..., dim]."""
-        digits = (codes.long()[..., None] // self.basis) % self.levels.long()
-        return (digits - self.levels.long() // 2).float() / (self.levels // 2)
+        return (self.digits(codes) - self.levels.long() // 2).float() / (self.levels // 2)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, update: bool = True):
         with torch.autocast(device_type=z.device.type, enabled=False):

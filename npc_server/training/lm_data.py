@@ -221,6 +221,11 @@ def plain_sequence(template: ChatTemplate, text: str | None = None, audio=None) 
 PRETRAIN_TASKS = ("asr", "tts", "continuation", "text")
 
 
+def parse_tasks(text: str) -> list[str]:
+    """"asr, tts" (a --tasks / --pretrain-tasks value) -> ["asr", "tts"]; pretrain_examples checks the names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatTemplate,
                       split: str = "train", tasks: Iterable[str] = PRETRAIN_TASKS) -> list[Encoded]:
     """The pretraining sequences of `split`, of the chosen `tasks` (see the module docstring)."""

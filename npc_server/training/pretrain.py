@@ -22,6 +22,7 @@ from npc_server.training.lm_data import (
     PRETRAIN_TASKS,
     collate,
     fit_length,
+    parse_tasks,
     persona_texts,
     pretrain_examples,
 )
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         print(f"backbone {config.preset}: {count_parameters(model) / 1e6:.2f}M parameters, vocab {config.vocab_size}")
     examples = fit_length(pretrain_examples(corpus, cache, template, split="train",
-                                             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()]), args.max_len)
+                                             tasks=parse_tasks(args.tasks)), args.max_len)
     pad = config.layout.special("<|pad|>")
     train(model, examples, lambda b: collate(b, pad), lm_loss, cfg,
           save_final=lambda m, d: save_bundle(m, config, tok, d), desc="pretrain")

@@ -13,7 +13,7 @@ from npc_server.training.lm_common import (
     prepare_token_cache,
     save_bundle,
 )
-from npc_server.training.lm_data import PRETRAIN_TASKS, collate, sft_training_set
+from npc_server.training.lm_data import PRETRAIN_TASKS, collate, parse_tasks, sft_training_set
 from npc_server.training.loop import (
     add_train_args,
     config_from_args,
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     cache = prepare_token_cache(args, rank, world)
     model, config, tok, template = load_bundle(args.init)
     examples = sft_training_set(corpus, cache, template, args.personas, args.pretrain_mix, cfg.seed, args.max_len,
-                                [t.strip() for t in args.pretrain_tasks.split(",") if t.strip()])
+                                parse_tasks(args.pretrain_tasks))
     pad = config.layout.special("<|pad|>")
     train(model.train(), examples, lambda b: collate(b, pad), lm_loss, cfg,
           save_final=lambda m, d: save_bundle(m, config, tok, d), desc="sft")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 from npc_server.tokenizer.linguistic import LinguisticTokenizer
 from npc_server.tokenizer.phones import ctc_greedy, edit_distance
+from npc_server.tokenizer.quantizers import FiniteScalarQuantizer
 from npc_server.tokenizer.tokenizer import AudioTokenizer
 from npc_server.training.train_tokenizer import read_manifest
 
@@ -82,26 +83,24 @@ def collate(items: list[CodeItem], idx: list[int]):
     return codes, lengths, targets, tlen
 
 
-def jitter_codes(codes: torch.Tensor, p: float, levels: list[int], generator: torch.Generator | None = None):
+def jitter_codes(codes: torch.Tensor, p: float, fsq: FiniteScalarQuantizer, generator: torch.Generator | None = None):
     """Move each FSQ digit of each code one grid step up or down with probability `p` (clamped to the grid).
 
     Unseen voices land on neighbouring grid points of the codes a training voice would get for the same phone
     (docs/tokenizer_report.md), so the readout is trained to read those neighbours the same way."""
     if p <= 0:
         return codes
-    base = torch.cumprod(torch.tensor([1] + levels[:-1]), 0)
-    lv = torch.tensor(levels)
-    digits = (codes[..., None] // base) % lv
+    digits = fsq.digits(codes)
     move = (torch.rand(digits.shape, generator=generator) < p).long()
     sign = torch.randint(0, 2, digits.shape, generator=generator) * 2 - 1
-    digits = torch.minimum(torch.clamp(digits + move * sign, min=0), lv - 1)
-    return (digits * base).sum(-1)
+    top = fsq.levels.long() - 1
+    return fsq.from_digits(torch.minimum(torch.clamp(digits + move * sign, min=0), top))
 
 
 def ctc_loss(ling: LinguisticTokenizer, batch, jitter: float = 0.0) -> torch.Tensor:
     codes, lengths, targets, tlen = batch
     if jitter > 0:
-        codes = jitter_codes(codes, jitter, ling.cfg.fsq.levels)
+        codes = jitter_codes(codes, jitter, ling.vq)
     logits = ling.phone_logits(codes, lengths)
     lp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
     return F.ctc_loss(lp, targets, lengths * ling.cfg.ctc_upsample, tlen, blank=0, zero_infinity=True)
