@@ -89,6 +89,14 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert len(res["pitch_shift"]) == 8
     assert res["rtf_offline"] > 0 and res["first_chunk_compute_ms_median"] > 0
     assert res["stream_rel_l2_vs_offline_max"] < 0.05
+    assert res["stream_logmel_db_vs_offline_max"] < res["offline_other_noise_logmel_db_median"]
+    by_voice = res["wer_by_voice"]
+    assert set(by_voice) == {"gb_female", "scot_male"}
+    assert sum(d["words"] for d in by_voice.values()) == res["words"]
+    assert ve.heldout_rows(heldout_corpus, 5, 0, speakers=["scot_male"])[0]["id"] == "h1"
+    with pytest.raises(ValueError, match="of joe"):
+        ve.heldout_rows(heldout_corpus, 5, 0, speakers=["joe"])
     written = {p.name for p in (tmp_path / "s").iterdir()}
     assert "mels.png" in written and "0_h0_resynth.wav" in written and "voice_joe.wav" in written
-    assert "WER" in ve.to_markdown(res)
+    md = ve.to_markdown(res)
+    assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md

@@ -9,19 +9,22 @@ import pytest
 import torch
 
 from npc_server.audio.io import load_audio
+from npc_server.paths import DEFAULT_MODEL_DIR
 from npc_server.vocoder import (
-    STREAM_TOLERANCE, FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig, StreamConfig, Vocoder,
+    STREAM_MEL_TOLERANCE_DB, STREAM_TOLERANCE, FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig,
+    StreamConfig, Vocoder, logmel_distance_db,
 )
 
 torch.set_num_threads(1)
 
 
-def tiny_vocoder(seed: int = 0, stream: StreamConfig | None = None) -> Vocoder:
+def tiny_vocoder(seed: int = 0, stream: StreamConfig | None = None, cond_transformers: int = 0) -> Vocoder:
     """A small randomly initialised vocoder; zero-initialised output layers get small random weights so every
-    conditioning path reaches the output."""
+    conditioning path reaches the output. Without token-encoder transformers (`cond_transformers`) its receptive
+    field is narrow enough for the served 3-token lookahead to reproduce offline waveforms."""
     torch.manual_seed(seed)
     flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
-                                  attn_window=8, n_steps=3))
+                                  cond_transformer_layers=cond_transformers, attn_window=8, n_steps=3))
     gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
     with torch.no_grad():
         for p in [*flow.parameters(), *gen.parameters()]:
@@ -109,16 +112,35 @@ def test_streaming_equals_offline(step):
     assert rel_err(streamed, offline) < STREAM_TOLERANCE
 
 
-def test_streaming_exact_with_enough_context():
+@pytest.mark.parametrize("cond_transformers", [0, 1])
+def test_streaming_exact_with_enough_context(cond_transformers):
     """With context wider than the receptive field the chunks equal the offline output to float precision:
     the positional noise makes chunked sampling reproduce offline sampling."""
-    cfg = StreamConfig(first_chunk_tokens=5, chunk_tokens=10, lookahead_tokens=40, left_context_tokens=40)
-    voc = tiny_vocoder(stream=cfg)
+    cfg = StreamConfig(first_chunk_tokens=5, chunk_tokens=10, lookahead_tokens=60, left_context_tokens=60)
+    voc = tiny_vocoder(stream=cfg, cond_transformers=cond_transformers)
     tokens = np.random.default_rng(2).integers(0, 4096, 70)
     offline, _ = voc.decode(tokens)
     stream = voc.stream()
     streamed = np.concatenate([stream.push(tokens[i : i + 7]) for i in range(0, 70, 7)] + [stream.flush()])
     assert rel_err(streamed, offline) < 1e-4
+
+
+def test_shipped_model_streams_within_mel_tolerance(speech):
+    """The trained vocoder with the served chunk settings (3-token lookahead, shorter than its receptive field):
+    streamed audio is within the stated log-mel tolerance of offline audio, and closer to it than the same tokens
+    decoded offline with other flow noise (the model's own sampling variation)."""
+    from npc_server.tokenizer import AudioTokenizer
+
+    tokenizer = AudioTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer").eval()
+    voc = Vocoder.from_pretrained(DEFAULT_MODEL_DIR / "vocoder")
+    ids = tokenizer.encode(speech, 24000).semantic.numpy()
+    offline, sr = voc.decode(ids, voice="joe")
+    stream = voc.stream(voice="joe")
+    streamed = np.concatenate([stream.push(ids[i : i + 3]) for i in range(0, len(ids), 3)] + [stream.flush()])
+    assert stream.n_chunks >= 4 and len(streamed) == len(offline)
+    distance = logmel_distance_db(streamed, offline, sr)
+    assert distance < STREAM_MEL_TOLERANCE_DB
+    assert distance < logmel_distance_db(voc.reseeded(voc.seed + 1).decode(ids, voice="joe")[0], offline, sr)
 
 
 def test_first_audio_after_first_chunk():

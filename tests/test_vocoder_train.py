@@ -180,3 +180,39 @@ def test_cli_mels_then_flow_stage(corpus, tmp_path):
                     *[a if a != str(out) else str(out2) for a in common]]) == 0
     history = json.loads((out2 / "training.json").read_text())
     assert history["flow"] == info["flow"] and history["flow_2"]["steps"] > 0
+
+
+def test_tokens_from_corpus_cache_and_added_encoder_transformers(corpus, tmp_path):
+    """`--tokens-from-corpus` reads the semantic codes of the corpus' audio-token cache (no encoding) and
+    `--cond-transformer-layers` grows the token encoder of an --init model: the new blocks start as the identity."""
+    out, run = tmp_path / "voc", tmp_path / "run"
+    common = ["--corpus", str(corpus), "--run-dir", str(run), "--threads", "1", "--batch", "2",
+              "--flow-segment-tokens", "20"]
+    assert tv.main(["--stage", "mels", "--out", str(out), *common]) == 0
+    mel_cache = torch.load(run / "mel_cache.pt", weights_only=False)
+    (corpus / "tokens").mkdir(exist_ok=True)
+    semantic = {}
+    for uid, item in mel_cache.items():
+        semantic[uid] = EnergyTokenizer().encode(*load_audio(corpus / item["audio"])).semantic.numpy()
+        if uid != "u2":  # one utterance without a cached file is left out
+            np.savez(corpus / "tokens" / f"{uid}.npz", semantic=semantic[uid].astype(np.int16),
+                     linguistic=np.zeros(1, np.int16))
+    tokens = tv.corpus_token_cache(mel_cache, corpus)
+    assert set(tokens) == {"u0", "u1"}
+    np.testing.assert_array_equal(tokens["u0"].numpy(), semantic["u0"])
+
+    torch.manual_seed(0)
+    base = Vocoder(FlowDecoder(small_flow_config()), Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2)))
+    base.eval().save_pretrained(tmp_path / "init")
+    before = Vocoder.from_pretrained(tmp_path / "init")
+    grown = Vocoder.from_pretrained(tmp_path / "init")
+    tv.resize_cond_transformers(grown, 2)
+    assert len(grown.flow.cond_transformers) == 2 and grown.flow.config.cond_transformer_layers == 2
+    ids = list(range(200, 240))
+    np.testing.assert_array_equal(grown.eval().decode(ids)[0], before.decode(ids)[0])
+
+    assert tv.main(["--stage", "flow", "--tokens-from-corpus", "--cond-transformer-layers", "1", "--minutes", "0.03",
+                    "--init", str(tmp_path / "init"), "--out", str(out), *common]) == 0
+    trained = Vocoder.from_pretrained(out)
+    assert trained.flow.config.cond_transformer_layers == 1
+    assert set(torch.load(run / "token_cache.pt", weights_only=False)) == {"u0", "u1"}

@@ -202,6 +202,19 @@ def build_token_cache(mel_cache: dict, corpus: Path, tokenizer) -> dict[str, tor
     return out
 
 
+def corpus_token_cache(mel_cache: dict, corpus: Path) -> dict[str, torch.Tensor]:
+    """Semantic tokens of the utterances in the mel cache read from the corpus' audio-token cache
+    (`<corpus>/tokens/<id>.npz`, written by the backbone's `tokenize_corpus` with the same tokenizer): no audio is
+    encoded. Utterances without a cached file are left out."""
+    out = {}
+    for uid in tqdm(mel_cache, desc="semantic tokens (corpus cache)", unit="utt"):
+        path = corpus / "tokens" / f"{uid}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                out[uid] = torch.from_numpy(z["semantic"].astype(np.int16))
+    return out
+
+
 def proxy_token_cache(mel_cache: dict, n_codes: int, fpt: int, seed: int) -> dict[str, torch.Tensor]:
     """Stand-in 25 Hz codes before the trained tokenizer exists: nearest neighbour of each 4-frame mel patch among
     n_codes patches sampled from the data. Used only to warm up the flow decoder (its U-Net learns mel structure,
@@ -389,6 +402,22 @@ def _load_or_new_vocoder(out: Path, init: Path | None, flow_cfg: FlowConfig, gen
     return Vocoder(FlowDecoder(flow_cfg), Generator(gen_cfg))
 
 
+def resize_cond_transformers(vocoder: Vocoder, n: int) -> None:
+    """Give the flow's token encoder `n` transformer blocks, keeping every trained weight; new blocks start as the
+    identity (zero-initialised residual branches), so the model's output is unchanged until they train."""
+    cfg = vocoder.flow.config
+    if cfg.cond_transformer_layers == n:
+        return
+    old = vocoder.flow.state_dict()
+    cfg.cond_transformer_layers = n
+    flow = FlowDecoder(cfg)
+    missing, unexpected = flow.load_state_dict(old, strict=False)
+    if any(not k.startswith("cond_transformers.") for k in [*missing, *unexpected]):
+        raise RuntimeError(f"unexpected flow tensors when resizing: {missing} {unexpected}")
+    vocoder.flow = flow
+    print(f"flow token encoder: {n} transformer blocks ({len(missing)} new tensors, {len(unexpected)} dropped)")
+
+
 def _export(vocoder: Vocoder, out: Path, info: dict, component: str, init: Path | None = None) -> None:
     """Write the vocoder to `out`, taking only `component` ("flow" or "generator") from this run: the other one
     is re-read from `out` so that two stages training at the same time do not undo each other. training.json keeps
@@ -425,6 +454,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
+    p.add_argument("--tokens-from-corpus", action="store_true",
+                   help="take the semantic tokens from <corpus>/tokens/*.npz (the backbone's audio-token cache, same "
+                        "tokenizer) instead of encoding the audio; rewrites the run's token cache")
+    p.add_argument("--cond-transformer-layers", type=int, default=None,
+                   help="flow: number of token-rate transformer blocks in the token encoder; blocks added to an "
+                        "--init/--out model start as identity (warm start)")
     p.add_argument("--token-utts", type=int, default=0,
                    help="tokenize only the first N cached utterances (0 = all); encoding is the slow part")
     p.add_argument("--proxy-tokens", action="store_true",
@@ -452,6 +487,8 @@ def main(argv: list[str]) -> int:
     print(f"precision: {'bf16 autocast' if bf16 else 'fp32'}")
     mel_cfg = MelConfig()
     vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
+    if args.cond_transformer_layers is not None:
+        resize_cond_transformers(vocoder, args.cond_transformer_layers)
     minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0}[args.stage]
 
     if args.stage in ("all", "generator"):
@@ -500,7 +537,10 @@ def main(argv: list[str]) -> int:
             return 0
         fpt = vocoder.flow.config.frames_per_token
         tok_path = args.run_dir / ("token_cache_proxy.pt" if args.proxy_tokens else "token_cache.pt")
-        if tok_path.exists() and not args.rebuild_tokens:
+        if args.tokens_from_corpus and not args.proxy_tokens:
+            tokens = corpus_token_cache(mel_cache, args.corpus)
+            torch.save(tokens, tok_path)
+        elif tok_path.exists() and not args.rebuild_tokens:
             tokens = torch.load(tok_path, weights_only=False)
             print(f"loaded tokens of {len(tokens)} utterances from {tok_path}")
         elif args.proxy_tokens:

@@ -26,6 +26,8 @@ class FlowConfig:
     cond_layers: int = 2  # residual conv blocks on the token sequence before upsampling
     res_blocks: int = 2  # ResNet blocks per U-Net level (full and half frame rate)
     transformer_layers: int = 2  # at half frame rate
+    cond_transformer_layers: int = 0  # token-rate blocks in the token encoder (context for the prior and condition)
+    cond_lookahead: int = 3  # tokens to the right those blocks may attend to (left: attn_window)
     n_heads: int = 4
     attn_window: int = 12  # 25 Hz frames each side a position may attend to (keeps streaming local)
     kernel_size: int = 5
@@ -93,6 +95,13 @@ class TransformerBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
+    def zero_residual(self) -> "TransformerBlock":
+        """Zero the output layers of both residual branches: the block starts as the identity."""
+        for layer in (self.out, self.ff[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return self
+
     def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
         s1, b1, a1, s2, b2, a2 = self.ada(g).unsqueeze(1).chunk(6, dim=-1)
         h = self.norm1(x) * (1 + s1) + b1
@@ -114,6 +123,8 @@ class FlowDecoder(nn.Module):
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
         self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
         self.cond_blocks = nn.ModuleList(ResBlock1D(d, 3, d) for _ in range(c.cond_layers))
+        self.cond_transformers = nn.ModuleList(
+            TransformerBlock(d, c.n_heads, d).zero_residual() for _ in range(c.cond_transformer_layers))
         self.cond_up = nn.Conv1d(d, d, 5, padding=2)
         self.cond_post = ResBlock1D(d, c.kernel_size, d)
         self.prior_out = nn.Conv1d(d, 2 * c.n_mels, 1)
@@ -148,6 +159,12 @@ class FlowDecoder(nn.Module):
         h = self.cond_in(self.token_embed(tokens).transpose(1, 2))
         for block in self.cond_blocks:
             h = block(h, g)
+        if len(self.cond_transformers):
+            h = h.transpose(1, 2)
+            mask = self._band_mask(h.shape[1], h.device, right=self.config.cond_lookahead)
+            for block in self.cond_transformers:
+                h = block(h, g, mask)
+            h = h.transpose(1, 2)
         h = h.repeat_interleave(self.config.frames_per_token // 2, dim=2)
         h = self.cond_post(h + self.cond_up(h), g)
         return h, self.prior_out(h)
@@ -167,9 +184,12 @@ class FlowDecoder(nn.Module):
         p = (pitch_st.float() / self.config.pitch_scale_st).unsqueeze(-1)
         return self.voice_embed(voice) + self.pitch_mlp(p)
 
-    def _band_mask(self, n: int, device) -> torch.Tensor:
+    def _band_mask(self, n: int, device, right: int | None = None) -> torch.Tensor:
+        """[n, n] True where query i may attend to key j: attn_window positions to the left, `right` (default
+        attn_window) to the right."""
         idx = torch.arange(n, device=device)
-        return (idx[None, :] - idx[:, None]).abs() <= self.config.attn_window
+        rel = idx[None, :] - idx[:, None]
+        return (rel >= -self.config.attn_window) & (rel <= (self.config.attn_window if right is None else right))
 
     # -- velocity -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor):

@@ -64,3 +64,14 @@ def log_mel_numpy(wav: np.ndarray, config: MelConfig | None = None) -> np.ndarra
     """Convenience: mono float32 wav at config.sample_rate -> [n_mels, frames] float32."""
     with torch.no_grad():
         return LogMel(config)(torch.from_numpy(np.asarray(wav, dtype=np.float32)))[0].numpy()
+
+
+def logmel_distance_db(a: np.ndarray, b: np.ndarray, sr: int) -> float:
+    """Mean absolute difference of two waveforms' 80-band log-mel spectra in dB (floor -80 dB, n_fft 1024, hop 240
+    at 24 kHz): what a listener compares, blind to the phase drift that makes waveform L2 large even when the
+    spectra agree. Compares the first min(len(a), len(b)) samples."""
+    n = min(len(a), len(b))
+    mels = [librosa.power_to_db(librosa.feature.melspectrogram(y=x[:n].astype(np.float32), sr=sr, n_fft=1024,
+                                                               hop_length=240, n_mels=80), ref=1.0, top_db=None)
+            for x in (a, b)]
+    return float(np.mean(np.abs(np.maximum(mels[0], -80.0) - np.maximum(mels[1], -80.0))))
