@@ -65,6 +65,11 @@ class AudioChunk:
     codes: torch.Tensor
 
 
+
+def _unsent(span: list[int], sent: int) -> list[AudioChunk]:
+    """The codes of a finished audio span not yet yielded (the first `sent` left early), as zero or one chunk."""
+    return [AudioChunk(torch.tensor(span[sent:], dtype=torch.long))] if len(span) > sent else []
+
 @dataclass
 class DecodeStats:
     """Work done while decoding one answer (prefill excluded). Without a draft model only `target_forwards`
@@ -402,8 +407,7 @@ class Generator:
                         sent = len(span)
                 elif token == self.layout.special("<|audio_end|>") and span:
                     audio += span
-                    if len(span) > sent:
-                        yield AudioChunk(torch.tensor(span[sent:], dtype=torch.long))
+                    yield from _unsent(span, sent)
                     span, sent = [], 0
                 if grammar.finished or len(body) >= sampling.max_new_tokens or (
                         should_stop is not None and should_stop()):
@@ -433,8 +437,7 @@ class Generator:
             body += closing
             if span:
                 audio += span
-                if len(span) > sent:
-                    yield AudioChunk(torch.tensor(span[sent:], dtype=torch.long))
+                yield from _unsent(span, sent)
             self._forward(session, [token] + closing[:-1], last_only=True)
             session.segments[-1] += [token] + closing[:-1]
             session.pending = closing[-1:]
