@@ -36,13 +36,15 @@ from npc_server.training.train_tokenizer import read_manifest
 class CodeItem:
     codes: np.ndarray  # linguistic codes, int64 [T]
     phones: list[int]  # reference phone ids (1..n; 0 is the CTC blank)
+    uid: str = ""  # utterance id in the manifest
 
 
-def load_items(corpus: Path, tokens: Path, split: str, model: AudioTokenizer) -> list[CodeItem]:
-    """Codes from the token cache + reference phones from the manifest for one split (rows without tokens or
-    phones are skipped)."""
+def load_items(corpus: Path, tokens: Path, split: str, model: AudioTokenizer,
+               stream: str = "linguistic") -> list[CodeItem]:
+    """Codes of one stream ("linguistic" or "semantic") from the token cache + reference phones from the manifest
+    for one split (rows without tokens or phones are skipped)."""
     items = []
-    up = model.linguistic.cfg.ctc_upsample
+    up = getattr(model, stream).cfg.ctc_upsample
     for r in read_manifest(corpus):
         if r.get("split") != split:
             continue
@@ -51,9 +53,9 @@ def load_items(corpus: Path, tokens: Path, split: str, model: AudioTokenizer) ->
             continue
         phones = model.inventory.encode(r.get("phonemes", ""))
         with np.load(path) as z:
-            codes = z["linguistic"].astype(np.int64)
+            codes = z[stream].astype(np.int64)
         if phones and len(codes) * up >= len(phones):
-            items.append(CodeItem(codes, phones))
+            items.append(CodeItem(codes, phones, r["id"]))
     return items
 
 
