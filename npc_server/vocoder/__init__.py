@@ -6,6 +6,6 @@ from npc_server.vocoder.mel import LogMel, MelConfig, logmel_distance_db
 from npc_server.vocoder.vocoder import STREAM_MEL_TOLERANCE_DB, STREAM_TOLERANCE, StreamConfig, Vocoder, VocoderStream
 
 __all__ = [
-    "FlowConfig", "FlowDecoder", "Generator", "GeneratorConfig", "LogMel", "MelConfig", "STREAM_MEL_TOLERANCE_DB", "STREAM_TOLERANCE",
-    "StreamConfig", "Vocoder", "VocoderStream", "logmel_distance_db",
+    "FlowConfig", "FlowDecoder", "Generator", "GeneratorConfig", "LogMel", "MelConfig", "STREAM_MEL_TOLERANCE_DB",
+    "STREAM_TOLERANCE", "StreamConfig", "Vocoder", "VocoderStream", "logmel_distance_db",
 ]
