@@ -41,6 +41,21 @@ def psola_pitch_shift(wav: np.ndarray, sr: int, semitones: float) -> np.ndarray:
     return np.pad(out, (0, max(0, n - len(out))))[:n]
 
 
+def measured_shift_st(original: np.ndarray, shifted: np.ndarray, sr: int) -> float:
+    """Semitones between the median F0 of two versions of an utterance (Praat, 40-600 Hz); NaN if either is
+    unvoiced."""
+    import parselmouth
+
+    def median_f0(x: np.ndarray) -> float:
+        f = parselmouth.Sound(x.astype(np.float64), sr).to_pitch(time_step=0.01, pitch_floor=40, pitch_ceiling=600)
+        f = f.selected_array["frequency"]
+        f = f[f > 0]
+        return float(np.median(f)) if len(f) else float("nan")
+
+    a, b = median_f0(original), median_f0(shifted)
+    return float(12 * np.log2(b / a)) if np.isfinite(a) and np.isfinite(b) and a > 0 else float("nan")
+
+
 def frame_f0(wav: np.ndarray, sr: int, hop_seconds: float, n_frames: int) -> np.ndarray:
     """F0 in Hz (0 = unvoiced) at frame centres i * hop_seconds, measured with Praat (parselmouth)."""
     import parselmouth
@@ -173,7 +188,10 @@ class FlowExample:
 
 def build_mel_cache(rows: list[dict], corpus: Path, mel_cfg: MelConfig, pitch_aug: float, seed: int) -> dict:
     """24 kHz log-mels of the given utterances (float16); a `pitch_aug` fraction also gets a PSOLA-shifted copy
-    (+-1..7 semitones) that keeps the tokens of the original: the targets of the pitch conditioning.
+    (+-1..7 semitones requested) that keeps the tokens of the original: the targets of the pitch conditioning. The
+    copy is labelled with the shift measured on it, not the one requested: Praat's PSOLA does not take a low voice
+    below ~60 Hz (joe_low at 66 Hz asked for -7 st moves -0.7 st), and a wrong label teaches the flow to ignore
+    downward requests.
     Needs no tokenizer, so it can run as soon as the corpus exists."""
     logmel = LogMel(mel_cfg)
     rng = random.Random(seed)
@@ -183,7 +201,10 @@ def build_mel_cache(rows: list[dict], corpus: Path, mel_cfg: MelConfig, pitch_au
         variants = [(wav, 0.0)]
         if rng.random() < pitch_aug:
             st = rng.choice([-1, 1]) * rng.uniform(1.0, 7.0)
-            variants.append((psola_pitch_shift(wav, sr, st), st))
+            shifted = psola_pitch_shift(wav, sr, st)
+            got = measured_shift_st(wav, shifted, sr)
+            if np.isfinite(got):  # labelled with the shift PSOLA reached (it cannot go far below 60 Hz)
+                variants.append((shifted, got))
         mels = []
         for w, st in variants:
             with torch.no_grad():
