@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 from npc_server.tokenizer.modules import ConvReadout
-from npc_server.tokenizer.phones import ctc_greedy, edit_distance
 from npc_server.tokenizer.tokenizer import AudioTokenizer
-from npc_server.training.train_readout import batches, collate, ctc_loss, load_items
+from npc_server.training.train_readout import CodeItem, fit_readout, load_items, phone_error_rate
 from npc_server.training.train_tokenizer import read_manifest
 
 
@@ -45,22 +41,10 @@ class CodeProbe(nn.Module):
         return self.readout(self.vq.embed(codes), lengths)
 
 
-@torch.no_grad()
-def per_by_role(probe: CodeProbe, items, roles: list[str]) -> dict[str, float]:
-    probe.eval()
-    errs: dict[str, list[int]] = {}
-    for idx in batches(items, 4000, random.Random(0)):
-        codes, lengths, _, _ = collate(items, idx)
-        logits = probe.phone_logits(codes, lengths)
-        for b, i in enumerate(idx):
-            n = int(lengths[b]) * probe.cfg.ctc_upsample
-            e = edit_distance(ctc_greedy(logits[b, :n].argmax(-1).tolist()), items[i].phones)
-            for key in (roles[i], "all"):
-                errs.setdefault(key, [0, 0])
-                errs[key][0] += e
-                errs[key][1] += len(items[i].phones)
-    probe.train()
-    return {k: e / max(1, t) for k, (e, t) in sorted(errs.items())}
+def per_by_role(probe: CodeProbe, items: list[CodeItem], roles: list[str]) -> dict[str, float]:
+    """Held-out PER over all items and per speaker role."""
+    groups = {"all": items, **{role: [it for it, r in zip(items, roles) if r == role] for role in set(roles)}}
+    return {k: phone_error_rate(probe, group) for k, group in sorted(groups.items())}
 
 
 def main() -> None:
@@ -75,7 +59,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rng = random.Random(0)
     corpus = args.corpus.expanduser()
     model = AudioTokenizer.from_pretrained(args.tokenizer).float()
     for p in model.parameters():
@@ -87,27 +70,10 @@ def main() -> None:
     role_of = {r["id"]: r["role"] for r in read_manifest(corpus)}
     roles = [role_of[item.uid] for item in held]
     probe = CodeProbe(getattr(model, args.stream), len(model.inventory))
-    params = [p for p in probe.readout.parameters()]
+    params = list(probe.readout.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    budget, t0, step, losses = args.minutes * 60, time.perf_counter(), 0, []
-    bar = tqdm(total=int(budget), unit="s", desc=f"probe {args.stream}")
-    while time.perf_counter() - t0 < budget:
-        for idx in batches(train, 2400, rng):
-            frac = min(1.0, (time.perf_counter() - t0) / budget)
-            for g in opt.param_groups:
-                g["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-            loss = ctc_loss(probe, collate(train, idx))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            losses.append(float(loss))
-            bar.n = min(int(budget), int(time.perf_counter() - t0))
-            bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.3f}")
-            if time.perf_counter() - t0 >= budget:
-                break
-    bar.close()
+    step, _, _ = fit_readout(probe, params, opt, train, args.minutes, args.lr, 2400, random.Random(0),
+                             desc=f"probe {args.stream}")
     res = {"stream": args.stream, "minutes": args.minutes, "steps": step, "train_utterances": len(train),
            "heldout_utterances": len(held), "per": per_by_role(probe, held, roles)}
     print(json.dumps(res, indent=2))

@@ -65,10 +65,10 @@ class AudioChunk:
     codes: torch.Tensor
 
 
-
 def _unsent(span: list[int], sent: int) -> list[AudioChunk]:
     """The codes of a finished audio span not yet yielded (the first `sent` left early), as zero or one chunk."""
     return [AudioChunk(torch.tensor(span[sent:], dtype=torch.long))] if len(span) > sent else []
+
 
 @dataclass
 class DecodeStats:

@@ -139,6 +139,41 @@ def new_readout(model: AudioTokenizer, rnn_layers: int, keep_conv: bool) -> None
     ling.readout = fresh
 
 
+def fit_readout(module, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, train: list[CodeItem],
+                minutes: float, lr: float, batch_tokens: int, rng: random.Random, jitter: float = 0.0,
+                valid: list[CodeItem] | None = None, max_steps: int | None = None,
+                desc: str = "readout") -> tuple[int, list[float], float]:
+    """Train `params` of a readout (`module` has `phone_logits`, `vq`, `cfg.ctc_upsample`) with CTC for `minutes`:
+    100 warm-up steps, then cosine to 5% of `lr` over the time budget; valid PER every 500 steps when `valid` is
+    given. -> (steps, losses, seconds)."""
+    budget = minutes * 60
+    t0, step, losses = time.perf_counter(), 0, []
+    bar = tqdm(total=int(budget), unit="s", desc=desc)
+    done = False
+    while not done:
+        for idx in batches(train, batch_tokens, rng):
+            frac = min(1.0, (time.perf_counter() - t0) / budget)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+            loss = ctc_loss(module, collate(train, idx), jitter)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.n = min(int(budget), int(time.perf_counter() - t0))
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.3f}")
+            if step % 500 == 0 and valid:
+                per = phone_error_rate(module, valid)
+                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.3f}, valid PER {per:.2%}")
+            if time.perf_counter() - t0 >= budget or (max_steps and step >= max_steps):
+                done = True
+                break
+    bar.close()
+    return step, losses, time.perf_counter() - t0
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
@@ -188,37 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"readout: {len(train)} train / {len(valid)} valid utterances, {sum(p.numel() for p in params):,} "
           f"parameters, valid PER before {_pct(per_before)}")
 
-    budget = args.minutes * 60
-    t0, step, losses = time.perf_counter(), 0, []
-    bar = tqdm(total=int(budget), unit="s", desc="readout")
-    done = False
-    while not done:
-        for idx in batches(train, args.batch_tokens, rng):
-            frac = min(1.0, (time.perf_counter() - t0) / budget)
-            for g in opt.param_groups:  # 100 warm-up steps, then cosine to 5% over the time budget
-                g["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-            loss = ctc_loss(ling, collate(train, idx), args.code_jitter)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.n = min(int(budget), int(time.perf_counter() - t0))
-            bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.3f}")
-            if step % 500 == 0 and valid:
-                per = phone_error_rate(ling, valid)
-                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.3f}, valid PER {per:.2%}")
-            if time.perf_counter() - t0 >= budget or (args.max_steps and step >= args.max_steps):
-                done = True
-                break
-    bar.close()
+    step, losses, seconds = fit_readout(ling, params, opt, train, args.minutes, args.lr, args.batch_tokens, rng,
+                                        args.code_jitter, valid, args.max_steps)
     per_after = phone_error_rate(ling, valid) if valid else None
     model.save_pretrained(args.out)
     record = {
         "readout": {
             "rnn_layers": args.rnn_layers, "code_jitter": args.code_jitter, "steps": step,
-            "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "minutes": round(seconds / 60, 1),
             "loss_first": round(float(np.mean(losses[:50])), 4), "loss_last": round(float(np.mean(losses[-50:])), 4),
             "train_utterances": len(train), "valid_per_before": per_before, "valid_per_after": per_after,
             "command": "npc-server train readout " + " ".join(sys.argv[3:] if argv is None else argv),
