@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.vocoder.mel import LogMel, logmel_distance_db
+from npc_server.vocoder.phone_judge import PhoneJudge
 from npc_server.vocoder.vocoder import STREAM_MEL_TOLERANCE_DB, Vocoder
 
 # ------------------------------------------------------------------------------------------------------------
@@ -178,12 +180,14 @@ def _voice_for(vocoder: Vocoder, speaker: str) -> str:
 
 
 def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listener: Listener | None,
-             samples_dir: Path | None = None, n_timbre: int = 4, threads: int = 2) -> dict:
-    """Resynthesis metrics on `rows`; `tokenizer=None` means copy synthesis (source mel -> generator only)."""
+             samples_dir: Path | None = None, n_timbre: int = 4, threads: int = 2, judge=None) -> dict:
+    """Resynthesis metrics on `rows`; `tokenizer=None` means copy synthesis (source mel -> generator only).
+    `judge` (a PhoneJudge) adds its phone error rate on the source audio and on the output audio."""
     torch.set_num_threads(threads)
     sr_out = vocoder.sample_rate
     logmel = LogMel(vocoder.mel_config)
     per_utt, decoded, tokens_of = [], [], {}
+    judged: dict[str, list] = {"ref": [], "src": [], "out": []}
     errs_src = errs_out = n_words = 0
     compute_s = audio_s = 0.0
     for r in tqdm(rows, desc="resynthesis", unit="utt"):
@@ -210,6 +214,11 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
             item.update(heard_source=hyp_src, heard_resynth=hyp_out, wer_source=e_src / max(len(ref), 1),
                         wer_resynth=e_out / max(len(ref), 1), words=len(ref), errors_source=e_src,
                         errors_resynth=e_out)
+        if judge is not None:
+            judged["ref"].append(PhoneInventory(judge.config.phones).encode(r.get("phonemes", "")))
+            with torch.no_grad():
+                judged["src"].append(logmel(torch.from_numpy(resample(src, sr, sr_out)))[0])
+                judged["out"].append(logmel(torch.from_numpy(out))[0])
         per_utt.append(item)
         decoded.append((r, src, sr, out))
 
@@ -231,6 +240,11 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
         result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words,
                       wer_by_voice=wer_by_voice(per_utt))
 
+    if judge is not None:
+        from npc_server.training.train_phone_judge import phone_error_rate
+
+        result.update(judge_per_source=phone_error_rate(judge, judged["src"], judged["ref"]),
+                      judge_per_resynth=phone_error_rate(judge, judged["out"], judged["ref"]))
     if tokenizer is not None:
         picks = [r for r in rows if r["id"] in tokens_of][:n_timbre]
         result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks]))
@@ -362,6 +376,9 @@ def to_markdown(res: dict) -> str:
         for voice, d in res.get("wer_by_voice", {}).items():
             lines.append(f"  - {voice}: resynthesised {100 * d['wer_resynth']:.1f}% vs source {100 * d['wer_source']:.1f}% "
                          f"({d['words']} words, {d['utterances']} utterances)")
+    if "judge_per_resynth" in res:
+        lines.append(f"- phone error rate, mel phone judge: resynthesised {100 * res['judge_per_resynth']:.1f}% vs "
+                     f"source audio {100 * res['judge_per_source']:.1f}% (not independent of a flow trained with it)")
     lines.append(f"- F0 error vs source: median {res['f0_err_st_median']:.2f} st; gross (>2 st) "
                  f"{100 * res['f0_gross_err_median']:.1f}%; voicing decision error {100 * res['voicing_decision_err_median']:.1f}%")
     lines.append(f"- RTF offline ({res['threads']} threads): {res['rtf_offline']:.3f}")
@@ -402,6 +419,8 @@ def main(argv: list[str]) -> int:
                    help="comma-separated voices to draw the utterances from (e.g. joe: the piper voice); default all")
     p.add_argument("--copy-synthesis", action="store_true", help="source mel -> generator only (no tokens, no flow)")
     p.add_argument("--no-whisper", action="store_true")
+    p.add_argument("--phone-judge", type=Path, default=None,
+                   help="also score phones with this mel phone judge (`train vocoder --stage judge`)")
     p.add_argument("--samples", type=Path, default=None, help="write listening samples + mels.png here")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "runs" / "vocoder" / "eval.json")
     p.add_argument("--threads", type=int, default=2)
@@ -419,7 +438,8 @@ def main(argv: list[str]) -> int:
     speakers = [v.strip() for v in args.speakers.split(",") if v.strip()]
     rows = heldout_rows(args.corpus, args.n, args.seed, speakers=speakers)
     listener = None if args.no_whisper else Listener(threads=args.threads)
-    res = evaluate(vocoder, tokenizer, rows, args.corpus, listener, args.samples, threads=args.threads)
+    judge = PhoneJudge.from_pretrained(args.phone_judge) if args.phone_judge else None
+    res = evaluate(vocoder, tokenizer, rows, args.corpus, listener, args.samples, threads=args.threads, judge=judge)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(to_markdown(res))

@@ -21,6 +21,7 @@ from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
+from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
 from npc_server.vocoder.vocoder import Vocoder
 
 # ------------------------------------------------------------------------------------------------------------
@@ -356,6 +357,50 @@ def flow_loss(flow: FlowDecoder, mel, tokens, voice, pitch, mask, bf16: bool):
         return flow.loss(mel, tokens, voice, pitch, mask)
 
 
+class OutputJudges:
+    """Training-time losses on the flow's one-step estimate of the clean mel, x_t + (1 - t) v, weighted by t (the
+    estimate is a blurred mean near t = 0):
+    - phones: KL from the frozen phone judge's posteriors on the real mel to those on the estimate, per 50 Hz frame
+      (no alignment needed, so it works on random segments; the flow is pushed to render what the judge hears);
+    - F0: L1 in semitones between the frozen generator's F0 predictor on the estimate and on the real mel, on frames
+      the predictor calls voiced in the real mel (the real mel of a pitch-shifted copy carries the shifted F0, so
+      this is a direct signal for the pitch condition).
+    Both judges are frozen; gradients reach only the flow."""
+
+    def __init__(self, judge: PhoneJudge | None, generator: Generator | None, phone_weight: float, f0_weight: float):
+        self.judge, self.generator = judge, generator
+        self.phone_weight, self.f0_weight = phone_weight, f0_weight
+        for model in (judge, generator):
+            if model is not None:
+                model.eval().requires_grad_(False)
+
+    def __call__(self, flow: FlowDecoder, mel, tokens, voice, pitch, mask, bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, mel_hat, t = flow.loss(mel, tokens, voice, pitch, mask, return_estimate=True)
+        mel_hat = mel_hat.float()
+        parts = {"flow": loss.item()}
+        w = t[:, None]  # [B, 1]
+        if self.judge is not None and self.phone_weight > 0:
+            with torch.no_grad():
+                ref = F.log_softmax(self.judge(mel).float(), dim=-1)
+            hyp = F.log_softmax(self.judge(mel_hat).float(), dim=-1)
+            kl = (ref.exp() * (ref - hyp)).sum(-1)  # [B, F/2]
+            m = mask[:, ::2][:, : kl.shape[1]] * w
+            kl = (kl * m).sum() / m.sum().clamp_min(1.0)
+            loss = loss + self.phone_weight * kl
+            parts["phone_kl"] = kl.item()
+        if self.generator is not None and self.f0_weight > 0:
+            with torch.no_grad():
+                ref_f0, ref_v = self.generator.predict_f0(mel)
+            hyp_f0, _ = self.generator.predict_f0(mel_hat)
+            m = (ref_v > 0).float() * mask[:, : ref_v.shape[1]] * w
+            st = (hyp_f0.float() - ref_f0.float()).abs() * (12 / math.log(2))
+            f0_err = (st * m).sum() / m.sum().clamp_min(1.0)
+            loss = loss + self.f0_weight * f0_err
+            parts["f0_st"] = f0_err.item()
+        return loss, parts
+
+
 # ------------------------------------------------------------------------------------------------------------
 # training loops (time-budgeted, resumable)
 
@@ -460,14 +505,35 @@ def _export(vocoder: Vocoder, out: Path, info: dict, component: str, init: Path 
     print(f"saved vocoder to {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
 
 
+def _train_phone_judge(args, mel_cache: dict, minutes: float) -> int:
+    """--stage judge: CTC phone judge on the run's ground-truth mels, scored on held-out NPC utterances."""
+    from npc_server.tokenizer.phones import PhoneInventory
+    from npc_server.training import train_phone_judge as tj
+
+    phones = json.loads((args.tokenizer / "config.json").read_text())["phones"]
+    inventory = PhoneInventory(phones)
+    rows = read_manifest(args.corpus)
+    items = tj.items_from_mel_cache(mel_cache, rows, inventory)
+    if not items:
+        raise SystemExit("no mels with phones for the judge (does the manifest have phonemes?)")
+    valid = tj.heldout_items(rows, args.corpus, inventory, args.judge_heldout, seed=args.seed)
+    judge = PhoneJudge(PhoneJudgeConfig(phones=phones))
+    stats = tj.train_judge(judge, items, valid, minutes, args.lr or 1e-3, max_frames=6000, seed=args.seed)
+    judge.save_pretrained(args.phone_judge)
+    (args.phone_judge / "training.json").write_text(json.dumps(stats, indent=2))
+    print(f"phone judge: {stats}; saved to {args.phone_judge}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="npc-server train vocoder", description=__doc__)
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "vocoder")
-    p.add_argument("--stage", choices=["all", "generator", "mels", "flow"], default="all",
-                   help="mels: only precompute the flow targets (no tokenizer needed yet)")
+    p.add_argument("--stage", choices=["all", "generator", "mels", "flow", "judge"], default="all",
+                   help="mels: only precompute the flow targets (no tokenizer needed yet); judge: train the mel phone "
+                        "judge (on the run's mel cache) that --phone-weight uses")
     p.add_argument("--minutes", type=float, default=50.0, help="total training time (split 50/50 with --stage all)")
     p.add_argument("--max-hours", type=float, default=2.0, help="hours of corpus audio to use per stage")
     p.add_argument("--bootstrap", type=int, default=0,
@@ -481,6 +547,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cond-transformer-layers", type=int, default=None,
                    help="flow: number of token-rate transformer blocks in the token encoder; blocks added to an "
                         "--init/--out model start as identity (warm start)")
+    p.add_argument("--phone-judge", type=Path, default=REPO_ROOT / "runs" / "phone_judge",
+                   help="the mel phone judge: written by --stage judge, read by --phone-weight")
+    p.add_argument("--phone-weight", type=float, default=0.0,
+                   help="flow: weight of the phone judge's KL on the flow's clean-mel estimate (0 = off)")
+    p.add_argument("--f0-weight", type=float, default=0.0,
+                   help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
+    p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
     p.add_argument("--token-utts", type=int, default=0,
                    help="tokenize only the first N cached utterances (0 = all); encoding is the slow part")
     p.add_argument("--proxy-tokens", action="store_true",
@@ -510,7 +583,8 @@ def main(argv: list[str]) -> int:
     vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
     if args.cond_transformer_layers is not None:
         resize_cond_transformers(vocoder, args.cond_transformer_layers)
-    minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0}[args.stage]
+    minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0,
+               "judge": args.minutes}[args.stage]
 
     if args.stage in ("all", "generator"):
         paths: list[Path] = []
@@ -545,7 +619,7 @@ def main(argv: list[str]) -> int:
         print(f"generator: {stats}")
         _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator", args.init)
 
-    if args.stage in ("all", "flow", "mels"):
+    if args.stage in ("all", "flow", "mels", "judge"):
         mel_path = args.run_dir / "mel_cache.pt"
         if mel_path.exists():
             mel_cache = torch.load(mel_path, weights_only=False)
@@ -556,6 +630,8 @@ def main(argv: list[str]) -> int:
             torch.save(mel_cache, mel_path)
         if args.stage == "mels":
             return 0
+        if args.stage == "judge":
+            return _train_phone_judge(args, mel_cache, minutes)
         fpt = vocoder.flow.config.frames_per_token
         tok_path = args.run_dir / ("token_cache_proxy.pt" if args.proxy_tokens else "token_cache.pt")
         if args.tokens_from_corpus and not args.proxy_tokens:
@@ -590,11 +666,19 @@ def main(argv: list[str]) -> int:
         examples = join_caches(mel_cache, tokens, vocoder.flow.config)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
+        if args.phone_weight > 0 or args.f0_weight > 0:
+            judge = PhoneJudge.from_pretrained(args.phone_judge) if args.phone_weight > 0 else None
+            judges = OutputJudges(judge, vocoder.generator if args.f0_weight > 0 else None,
+                                  args.phone_weight, args.f0_weight)
+            loss_fn = lambda m, b: judges(m, *b, bf16)  # noqa: E731
+        else:
+            loss_fn = lambda m, b: (flow_loss(m, *b, bf16), {})  # noqa: E731
         stats = _train_loop(
             flow_name, vocoder.flow,
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
-            lambda m, b: (flow_loss(m, *b, bf16), {}), args.run_dir, minutes, args.lr or 1e-3,
+            loss_fn, args.run_dir, minutes, args.lr or 1e-3,
         )
+        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight)
         print(f"flow: {stats}")
         if not args.proxy_tokens:
             _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow", args.init)

@@ -222,9 +222,13 @@ class FlowDecoder(nn.Module):
         voice: torch.Tensor,
         pitch_st: torch.Tensor,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_estimate: bool = False,
+    ):
         """OT-CFM loss + prior regression loss. mel [B, n_mels, F] raw log-mel, F = T * frames_per_token;
-        mask [B, F] (1 = real frame)."""
+        mask [B, F] (1 = real frame).
+
+        With return_estimate, also returns the one-step estimate of the clean mel, x_t + (1 - t) v (raw log-mel
+        [B, n_mels, F], differentiable), and t [B]: what training-time judges of the output (phones, F0) look at."""
         c = self.config
         x1 = self.pair_frames((mel - c.mel_mean) / c.mel_std)
         g = self.global_condition(voice, pitch_st)
@@ -237,9 +241,14 @@ class FlowDecoder(nn.Module):
         pred = self(xt, t, cond, mu, g)
         err = (pred.float() - target) ** 2 + c.prior_weight * (mu.float() - x1) ** 2
         if mask is None:
-            return err.mean()
-        m = mask[:, None, ::2].to(err.dtype)
-        return (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
+            loss = err.mean()
+        else:
+            m = mask[:, None, ::2].to(err.dtype)
+            loss = (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1.0)
+        if not return_estimate:
+            return loss
+        x1_hat = xt + (1 - tt) * pred.float()
+        return loss, self.unpair_frames(x1_hat) * c.mel_std + c.mel_mean, t
 
     # -- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()

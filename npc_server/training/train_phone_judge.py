@@ -1,0 +1,122 @@
+"""Training and scoring of the mel phone judge (`npc-server train vocoder --stage judge`): CTC on the ground-truth
+log-mels of the flow's mel cache, phones from the corpus manifest, phone error rate on held-out utterances."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from npc_server.audio.io import load_audio, resample
+from npc_server.tokenizer.phones import PhoneInventory, ctc_greedy, edit_distance
+from npc_server.vocoder.mel import LogMel, MelConfig
+from npc_server.vocoder.phone_judge import PhoneJudge
+
+
+@dataclass
+class JudgeItem:
+    mel: torch.Tensor  # [n_mels, F] raw log-mel
+    phones: list[int]  # reference phone ids (1..n)
+    uid: str = ""
+    speaker: str = ""
+
+
+def items_from_mel_cache(mel_cache: dict, rows: list[dict], inventory: PhoneInventory) -> list[JudgeItem]:
+    """Every cached mel (originals and pitch-shifted copies) with the phones of its utterance."""
+    phonemes = {r["id"]: r.get("phonemes", "") for r in rows}
+    out = []
+    for uid, item in mel_cache.items():
+        phones = inventory.encode(phonemes.get(uid, ""))
+        for mel, _ in item["mels"]:
+            if phones and mel.shape[-1] // 2 >= len(phones):
+                out.append(JudgeItem(mel, phones, uid, item["speaker"]))
+    return out
+
+
+def heldout_items(rows: list[dict], corpus: Path, inventory: PhoneInventory, n: int, role: str = "npc",
+                  seed: int = 0) -> list[JudgeItem]:
+    """Log-mels of `n` held-out utterances of one role, computed from their audio."""
+    pool = [r for r in rows if r.get("split") == "heldout" and r.get("role") == role]
+    random.Random(seed).shuffle(pool)
+    logmel, cfg = LogMel(MelConfig()), MelConfig()
+    out = []
+    for r in pool[:n]:
+        phones = inventory.encode(r.get("phonemes", ""))
+        if not phones:
+            continue
+        wav, sr = load_audio(corpus / r["audio"])
+        with torch.no_grad():
+            mel = logmel(torch.from_numpy(resample(wav, sr, cfg.sample_rate)))[0]
+        out.append(JudgeItem(mel, phones, r["id"], r["speaker"]))
+    return out
+
+
+def collate(items: list[JudgeItem]):
+    frames = torch.tensor([it.mel.shape[-1] for it in items])
+    mel = torch.full((len(items), items[0].mel.shape[0], int(frames.max())), MelConfig().log_floor).log()
+    for b, it in enumerate(items):
+        mel[b, :, : frames[b]] = it.mel.float()
+    targets = torch.tensor([p for it in items for p in it.phones])
+    tlen = torch.tensor([len(it.phones) for it in items])
+    return mel, frames, targets, tlen
+
+
+def ctc_loss(judge: PhoneJudge, batch) -> torch.Tensor:
+    mel, frames, targets, tlen = batch
+    lp = F.log_softmax(judge(mel).float(), dim=-1).transpose(0, 1)
+    return F.ctc_loss(lp, targets, judge.out_lengths(frames), tlen, blank=0, zero_infinity=True)
+
+
+@torch.no_grad()
+def phone_error_rate(judge: PhoneJudge, mels: list[torch.Tensor], phones: list[list[int]]) -> float:
+    """Greedy-CTC PER of the judge on raw log-mels [n_mels, F] against reference phone ids."""
+    errs = total = 0
+    for mel, ref in zip(mels, phones):
+        hyp = ctc_greedy(judge(mel[None].float())[0].argmax(-1).tolist())
+        errs += edit_distance(hyp, ref)
+        total += len(ref)
+    return errs / max(1, total)
+
+
+def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem], minutes: float, lr: float,
+                max_frames: int, seed: int, log_every: int = 50) -> dict:
+    """Time-budgeted CTC training on batches of about `max_frames` padded mel frames; returns the statistics."""
+    import time
+
+    rng = random.Random(seed)
+    order = sorted(range(len(items)), key=lambda i: items[i].mel.shape[-1])
+    buckets, cur = [], []
+    for i in order:
+        if cur and items[i].mel.shape[-1] * (len(cur) + 1) > max_frames:
+            buckets.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        buckets.append(cur)
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.01)
+    budget, t0, step, history = minutes * 60, time.time(), 0, []
+    judge.train()
+    bar = tqdm(total=int(budget), desc="train phone judge", unit="s")
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * (1 - frac))
+        loss = ctc_loss(judge, collate([items[i] for i in rng.choice(buckets)]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(step=step, ctc=f"{sum(history[-log_every:]) / log_every:.3f}")
+        bar.update(int(time.time() - t0) - bar.n)
+    bar.close()
+    judge.eval()
+    per = phone_error_rate(judge, [v.mel for v in valid], [v.phones for v in valid]) if valid else float("nan")
+    return {"steps": step, "minutes": (time.time() - t0) / 60, "ctc_last": sum(history[-log_every:]) / max(1, len(history[-log_every:])),
+            "heldout_per": per, "heldout_utterances": len(valid), "train_mels": len(items)}
