@@ -12,7 +12,9 @@ import torch
 
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.eval import vocoder_eval as ve
+from npc_server.paths import DEFAULT_MODEL_DIR
 from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, Vocoder
+from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
 
 torch.set_num_threads(1)
 
@@ -66,8 +68,11 @@ def heldout_corpus(tmp_path_factory):
         subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
         wav, sr = load_audio(path, target_sr=22050)
         save_wav(path, wav, sr)
+        ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, text], check=True, capture_output=True,
+                             text=True).stdout
         rows.append({"id": f"h{i}", "split": "heldout", "role": "npc", "language": "en", "accent": "gb",
-                     "speaker": speaker, "controls": {}, "text": text, "phonemes": "", "audio": f"audio/h{i}.wav",
+                     "speaker": speaker, "controls": {}, "text": text, "phonemes": " ".join(ipa.split()),
+                     "audio": f"audio/h{i}.wav",
                      "sr": 22050, "duration": len(wav) / sr})
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -79,8 +84,10 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     voc = Vocoder(flow, Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))).eval()
     rows = ve.heldout_rows(heldout_corpus, 5, 0)
     assert len(rows) == 2
+    judge = PhoneJudge(PhoneJudgeConfig(phones=json.loads((DEFAULT_MODEL_DIR / "tokenizer" / "config.json")
+                                                          .read_text())["phones"], dim=32, layers=1)).eval()
     res = ve.evaluate(voc, EnergyTokenizer(), rows, heldout_corpus, ve.Listener(threads=1), tmp_path / "s",
-                      n_timbre=2, threads=1)
+                      n_timbre=2, threads=1, judge=judge)
     # the listener understands the source speech, and an untrained vocoder does not fool it
     assert res["wer_source"] < 0.5
     assert res["wer_resynth"] > 0.7
@@ -99,5 +106,6 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
         ve.heldout_rows(heldout_corpus, 5, 0, speakers=["joe"])
     written = {p.name for p in (tmp_path / "s").iterdir()}
     assert "mels.png" in written and "0_h0_resynth.wav" in written and "voice_joe.wav" in written
+    assert res["judge_per_source"] >= 0.5 and res["judge_per_resynth"] >= 0.5  # an untrained judge hears nothing
     md = ve.to_markdown(res)
-    assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md
+    assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md and "phone judge" in md
