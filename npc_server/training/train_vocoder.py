@@ -427,7 +427,7 @@ def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float,
     budget = minutes * 60
     model.train()
     t0, last_save = time.time() - spent, time.time()
-    history = []
+    history, part_sums = [], {}
     bar = tqdm(total=int(budget), desc=f"train {name}", unit="s", initial=int(spent))
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
@@ -440,8 +440,12 @@ def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float,
         opt.step()
         step += 1
         history.append(loss.item())
-        if step % log_every == 0:
-            bar.set_postfix(step=step, loss=f"{np.mean(history[-log_every:]):.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0.0) + v
+        if step % log_every == 0:  # loss terms averaged over the last log_every steps
+            bar.set_postfix(step=step, loss=f"{np.mean(history[-log_every:]):.4f}",
+                            **{k: f"{v / log_every:.3f}" for k, v in part_sums.items()})
+            part_sums = {}
         bar.update(int(time.time() - t0) - bar.n)
         if time.time() - last_save > 120:
             _save_ckpt(ckpt_path, model, opt, step, time.time() - t0)
