@@ -188,6 +188,7 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
     logmel = LogMel(vocoder.mel_config)
     per_utt, decoded, tokens_of = [], [], {}
     judged: dict[str, list] = {"ref": [], "src": [], "out": []}
+    inventory = PhoneInventory(judge.config.phones) if judge is not None else None
     errs_src = errs_out = n_words = 0
     compute_s = audio_s = 0.0
     for r in tqdm(rows, desc="resynthesis", unit="utt"):
@@ -215,7 +216,7 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
                         wer_resynth=e_out / max(len(ref), 1), words=len(ref), errors_source=e_src,
                         errors_resynth=e_out)
         if judge is not None:
-            judged["ref"].append(PhoneInventory(judge.config.phones).encode(r.get("phonemes", "")))
+            judged["ref"].append(inventory.encode(r.get("phonemes", "")))
             with torch.no_grad():
                 judged["src"].append(logmel(torch.from_numpy(resample(src, sr, sr_out)))[0])
                 judged["out"].append(logmel(torch.from_numpy(out))[0])

@@ -4,6 +4,7 @@ log-mels of the flow's mel cache, phones from the corpus manifest, phone error r
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def heldout_items(rows: list[dict], corpus: Path, inventory: PhoneInventory, n: 
     """Log-mels of `n` held-out utterances of one role, computed from their audio."""
     pool = [r for r in rows if r.get("split") == "heldout" and r.get("role") == role]
     random.Random(seed).shuffle(pool)
-    logmel, cfg = LogMel(MelConfig()), MelConfig()
+    cfg = MelConfig()
+    logmel = LogMel(cfg)
     out = []
     for r in pool[:n]:
         phones = inventory.encode(r.get("phonemes", ""))
@@ -85,8 +87,6 @@ def phone_error_rate(judge: PhoneJudge, mels: list[torch.Tensor], phones: list[l
 def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem], minutes: float, lr: float,
                 max_frames: int, seed: int, log_every: int = 50) -> dict:
     """Time-budgeted CTC training on batches of about `max_frames` padded mel frames; returns the statistics."""
-    import time
-
     rng = random.Random(seed)
     order = sorted(range(len(items)), key=lambda i: items[i].mel.shape[-1])
     buckets, cur = [], []
