@@ -4,16 +4,16 @@ log-mels of the flow's mel cache, phones from the corpus manifest, phone error r
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample
 from npc_server.tokenizer.phones import PhoneInventory, ctc_greedy, edit_distance
+from npc_server.training.train_readout import batches
+from npc_server.training.train_vocoder import train_loop
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge
 
@@ -84,39 +84,13 @@ def phone_error_rate(judge: PhoneJudge, mels: list[torch.Tensor], phones: list[l
     return errs / max(1, total)
 
 
-def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem], minutes: float, lr: float,
-                max_frames: int, seed: int, log_every: int = 50) -> dict:
-    """Time-budgeted CTC training on batches of about `max_frames` padded mel frames; returns the statistics."""
+def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem], run_dir: Path, minutes: float,
+                lr: float, max_frames: int, seed: int) -> dict:
+    """Time-budgeted CTC training (the vocoder stages' loop, resumable from `run_dir`/ckpt_judge.pt) on length
+    buckets of about `max_frames` padded mel frames; returns the statistics with the held-out PER."""
     rng = random.Random(seed)
-    order = sorted(range(len(items)), key=lambda i: items[i].mel.shape[-1])
-    buckets, cur = [], []
-    for i in order:
-        if cur and items[i].mel.shape[-1] * (len(cur) + 1) > max_frames:
-            buckets.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        buckets.append(cur)
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.01)
-    budget, t0, step, history = minutes * 60, time.time(), 0, []
-    judge.train()
-    bar = tqdm(total=int(budget), desc="train phone judge", unit="s")
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * (1 - frac))
-        loss = ctc_loss(judge, collate([items[i] for i in rng.choice(buckets)]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
-        opt.step()
-        step += 1
-        history.append(loss.item())
-        if step % log_every == 0:
-            bar.set_postfix(step=step, ctc=f"{sum(history[-log_every:]) / log_every:.3f}")
-        bar.update(int(time.time() - t0) - bar.n)
-    bar.close()
-    judge.eval()
+    buckets = batches([it.mel.shape[-1] for it in items], max_frames, rng)
+    stats = train_loop("judge", judge, lambda: collate([items[i] for i in rng.choice(buckets)]),
+                       lambda model, batch: (ctc_loss(model, batch), {}), run_dir, minutes, lr, log_every=50)
     per = phone_error_rate(judge, [v.mel for v in valid], [v.phones for v in valid]) if valid else float("nan")
-    return {"steps": step, "minutes": (time.time() - t0) / 60, "ctc_last": sum(history[-log_every:]) / max(1, len(history[-log_every:])),
-            "heldout_per": per, "heldout_utterances": len(valid), "train_mels": len(items)}
+    return {**stats, "heldout_per": per, "heldout_utterances": len(valid), "train_mels": len(items)}

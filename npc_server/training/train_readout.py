@@ -59,15 +59,15 @@ def load_items(corpus: Path, tokens: Path, split: str, model: AudioTokenizer,
     return items
 
 
-def batches(items: list[CodeItem], max_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Length-sorted buckets of at most `max_tokens` padded codes, in random order."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].codes) + rng.random())
+def batches(lengths: list[int], max_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Indices of `lengths` in length-sorted buckets of at most `max_tokens` padded steps, in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] + rng.random())
     out, cur, longest = [], [], 0
     for i in order:
-        longest = max(longest, len(items[i].codes))
+        longest = max(longest, lengths[i])
         if cur and longest * (len(cur) + 1) > max_tokens:
             out.append(cur)
-            cur, longest = [], len(items[i].codes)
+            cur, longest = [], lengths[i]
         cur.append(i)
     if cur:
         out.append(cur)
@@ -114,7 +114,7 @@ def phone_error_rate(ling: LinguisticTokenizer, items: list[CodeItem], max_token
     was = ling.training
     ling.eval()
     errs = total = 0
-    for idx in batches(items, max_tokens, random.Random(0)):
+    for idx in batches([len(it.codes) for it in items], max_tokens, random.Random(0)):
         codes, lengths, _, _ = collate(items, idx)
         logits = ling.phone_logits(codes, lengths)
         for b, i in enumerate(idx):
@@ -148,10 +148,11 @@ def fit_readout(module, params: list[torch.nn.Parameter], opt: torch.optim.Optim
     given. -> (steps, losses, seconds)."""
     budget = minutes * 60
     t0, step, losses = time.perf_counter(), 0, []
+    lengths = [len(it.codes) for it in train]
     bar = tqdm(total=int(budget), unit="s", desc=desc)
     done = False
     while not done:
-        for idx in batches(train, batch_tokens, rng):
+        for idx in batches(lengths, batch_tokens, rng):
             frac = min(1.0, (time.perf_counter() - t0) / budget)
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))

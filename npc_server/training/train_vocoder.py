@@ -410,7 +410,7 @@ def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
     return base * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float, lr: float, log_every: int = 25):
+def train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float, lr: float, log_every: int = 25):
     ckpt_path = run_dir / f"ckpt_{name}.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=0.01)
     step, spent = 0, 0.0
@@ -522,7 +522,8 @@ def _train_phone_judge(args, mel_cache: dict, minutes: float) -> int:
         raise SystemExit("no mels with phones for the judge (does the manifest have phonemes?)")
     valid = tj.heldout_items(rows, args.corpus, inventory, args.judge_heldout, seed=args.seed)
     judge = PhoneJudge(PhoneJudgeConfig(phones=phones))
-    stats = tj.train_judge(judge, items, valid, minutes, args.lr or 1e-3, max_frames=6000, seed=args.seed)
+    stats = tj.train_judge(judge, items, valid, args.run_dir, minutes, args.lr or 1e-3, max_frames=6000,
+                           seed=args.seed)
     judge.save_pretrained(args.phone_judge)
     (args.phone_judge / "training.json").write_text(json.dumps(stats, indent=2))
     print(f"phone judge: {stats}; saved to {args.phone_judge}")
@@ -616,7 +617,7 @@ def main(argv: list[str]) -> int:
                 f0[i, : len(fp)] = fp
             return audio, f0
 
-        stats = _train_loop(
+        stats = train_loop(
             "generator", vocoder.generator, gen_batch,
             lambda m, b: generator_loss(m, logmel, mrstft, b[0], b[1], bf16), args.run_dir, minutes, args.lr or 5e-4,
         )
@@ -677,7 +678,7 @@ def main(argv: list[str]) -> int:
             loss_fn = lambda m, b: judges(m, *b, bf16)  # noqa: E731
         else:
             loss_fn = lambda m, b: (flow_loss(m, *b, bf16), {})  # noqa: E731
-        stats = _train_loop(
+        stats = train_loop(
             flow_name, vocoder.flow,
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
             loss_fn, args.run_dir, minutes, args.lr or 1e-3,
