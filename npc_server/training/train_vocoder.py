@@ -411,6 +411,8 @@ def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
 
 
 def train_loop(name, model, make_batch, loss_fn, run_dir: Path, minutes: float, lr: float, log_every: int = 25):
+    """Time-budgeted training of `model` on `loss_fn(model, make_batch()) -> (loss, parts)` (AdamW, warm-up + cosine,
+    clipped gradients, tqdm); resumes from and saves `run_dir`/ckpt_<name>.pt every 2 min. -> statistics."""
     ckpt_path = run_dir / f"ckpt_{name}.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=0.01)
     step, spent = 0, 0.0
