@@ -226,3 +226,21 @@ def test_tokens_from_corpus_cache_and_added_encoder_transformers(corpus, tmp_pat
     trained = Vocoder.from_pretrained(out)
     assert trained.flow.config.cond_transformer_layers == 1
     assert set(torch.load(run / "token_cache.pt", weights_only=False)) == {"u0", "u1"}
+
+
+def test_extend_mels_adds_the_rest_of_a_larger_pick(corpus, tmp_path):
+    """`--extend-mels` adds the utterances a larger --max-hours pick holds and keeps the cached ones as they were;
+    a symlinked cache (shared with another run) is replaced in this run dir, the shared file is left alone."""
+    shared, run = tmp_path / "shared", tmp_path / "run"
+    common = ["--stage", "mels", "--corpus", str(corpus), "--out", str(tmp_path / "voc"), "--threads", "1"]
+    assert tv.main([*common, "--run-dir", str(shared), "--max-hours", "0.0001"]) == 0
+    first = torch.load(shared / "mel_cache.pt", weights_only=False)
+    assert len(first) == 1
+    run.mkdir()
+    (run / "mel_cache.pt").symlink_to(shared / "mel_cache.pt")
+    assert tv.main([*common, "--run-dir", str(run), "--max-hours", "1", "--extend-mels"]) == 0
+    grown = torch.load(run / "mel_cache.pt", weights_only=False)
+    assert set(grown) == {"u0", "u1", "u2"} and not (run / "mel_cache.pt").is_symlink()
+    (uid,) = first
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first[uid]["mels"], grown[uid]["mels"]))
+    assert set(torch.load(shared / "mel_cache.pt", weights_only=False)) == {uid}  # the shared cache is untouched

@@ -546,6 +546,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--bootstrap", type=int, default=0,
                    help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
+    p.add_argument("--extend-mels", action="store_true",
+                   help="mels: add the utterances of a larger --max-hours pick to the run's existing mel cache "
+                        "(the cached ones, with their pitch-shifted copies, are kept as they are)")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
     p.add_argument("--tokens-from-corpus", action="store_true",
@@ -631,6 +634,13 @@ def main(argv: list[str]) -> int:
         if mel_path.exists():
             mel_cache = torch.load(mel_path, weights_only=False)
             print(f"loaded mels of {len(mel_cache)} utterances from {mel_path}")
+            if args.extend_mels:
+                rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+                new = [r for r in rows if r["id"] not in mel_cache]
+                mel_cache.update(build_mel_cache(new, args.corpus, mel_cfg, args.pitch_aug, args.seed))
+                torch.save(mel_cache, mel_path.with_suffix(".tmp"))
+                mel_path.with_suffix(".tmp").replace(mel_path)  # a symlinked cache is replaced, not overwritten
+                print(f"added mels of {len(new)} utterances: {len(mel_cache)} in {mel_path}")
         else:
             rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
             mel_cache = build_mel_cache(rows, args.corpus, mel_cfg, args.pitch_aug, args.seed)

@@ -1,0 +1,105 @@
+"""Where the flow loses the phones: the mel phone judge's error rate on real mels, the flow's prior mean and its samples.
+
+For NPC utterances of the held-out (valid) split and of the training pick (the mel stage's pick, default seed), the
+semantic tokens come from the corpus token cache (<corpus>/tokens/<id>.npz, the shipped tokenizer's) and the judge
+(`npc-server train vocoder --stage judge`) reads, per utterance:
+  real   the log-mel of the source audio (the judge's own floor)
+  prior  the flow's token-conditioned prior mean mu alone (no flow steps)
+  S:T    the flow sampled with S Euler steps at noise temperature T
+A gap between prior and samples is the flow's; a gap between held-out and train says more data would help.
+
+    python -m benchmarks.flow_diagnosis --vocoder models/default/vocoder --judge runs/phone_judge --n 60 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    ap.add_argument("--judge", type=Path, required=True, help="mel phone judge directory")
+    ap.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    ap.add_argument("--n", type=int, default=60, help="utterances per split")
+    ap.add_argument("--settings", nargs="+", default=["3:0.667", "3:0.0", "10:0.667"],
+                    help="n_steps:temperature pairs")
+    ap.add_argument("--splits", nargs="+", default=["heldout", "train"], choices=["heldout", "train"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from tqdm import tqdm
+
+    from npc_server.audio import load_audio, resample
+    from npc_server.eval.vocoder_eval import _voice_for, heldout_rows
+    from npc_server.tokenizer.phones import PhoneInventory
+    from npc_server.training.train_phone_judge import phone_error_rate
+    from npc_server.training.train_vocoder import pick_utterances, read_manifest
+    from npc_server.vocoder import Vocoder
+    from npc_server.vocoder.mel import LogMel
+    from npc_server.vocoder.phone_judge import PhoneJudge
+
+    torch.set_num_threads(args.threads)
+    vocoder = Vocoder.from_pretrained(args.vocoder)
+    judge = PhoneJudge.from_pretrained(args.judge)
+    inventory = PhoneInventory(judge.config.phones)
+    logmel = LogMel(vocoder.mel_config)
+    flow, fpt = vocoder.flow, vocoder.flow.config.frames_per_token
+    settings = [(int(s.split(":")[0]), float(s.split(":")[1])) for s in args.settings]
+
+    def cached(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()]
+
+    picks = {}
+    if "heldout" in args.splits:
+        picks["heldout"] = cached(heldout_rows(args.corpus, 10 * args.n, args.seed))[:args.n]
+    if "train" in args.splits:
+        train = [r for r in pick_utterances(read_manifest(args.corpus), "train", 4.0, 0)
+                 if r["role"] == "npc" and r["language"] == "en"]
+        picks["train"] = cached(train)[:args.n]
+
+    results = {}
+    for split, rows in picks.items():
+        mels: dict[str, list[torch.Tensor]] = {"real": [], "prior": [], **{f"{s}:{t}": [] for s, t in settings}}
+        refs = []
+        t0 = time.perf_counter()
+        for r in tqdm(rows, desc=split, unit="utt"):
+            with np.load(args.corpus / "tokens" / f"{r['id']}.npz") as z:
+                tokens = torch.from_numpy(z["semantic"].astype(np.int64))[None]
+            wav, sr = load_audio(args.corpus / r["audio"])
+            with torch.no_grad():
+                real = logmel(torch.from_numpy(resample(wav, sr, vocoder.sample_rate)))[0]
+                n = min(real.shape[-1] // fpt, tokens.shape[1])
+                tokens, real = tokens[:, :n], real[:, :n * fpt]
+                voice = torch.tensor([flow.voice_index(_voice_for(vocoder, r["speaker"]))])
+                pitch = torch.zeros(1)
+                _, mu = flow.encode_tokens(tokens, flow.global_condition(voice, pitch))
+                mels["prior"].append((flow.unpair_frames(mu) * flow.config.mel_std + flow.config.mel_mean)[0])
+                noise = vocoder.noise(0, n * fpt)
+                for steps, temp in settings:
+                    saved, flow.config.temperature = flow.config.temperature, temp
+                    mels[f"{steps}:{temp}"].append(flow.sample(tokens, voice, pitch, noise, steps)[0])
+                    flow.config.temperature = saved
+            mels["real"].append(real)
+            refs.append(inventory.encode(r.get("phonemes", "")))
+        with torch.no_grad():
+            results[split] = {k: phone_error_rate(judge, v, refs) for k, v in mels.items()}
+        results[split]["utterances"] = len(rows)
+        print(f"{split} ({len(rows)} utterances, {time.perf_counter() - t0:.0f} s): judge PER "
+              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in results[split].items() if k != "utterances"), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"vocoder": str(args.vocoder), "judge": str(args.judge), **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
