@@ -244,3 +244,30 @@ def test_extend_mels_adds_the_rest_of_a_larger_pick(corpus, tmp_path):
     (uid,) = first
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first[uid]["mels"], grown[uid]["mels"]))
     assert set(torch.load(shared / "mel_cache.pt", weights_only=False)) == {uid}  # the shared cache is untouched
+
+
+def test_voice_swap_copies_render_a_sibling_voice(corpus):
+    """Voices derived from one engine output (joe, joe_low, joe_high) get parallel copies: same tokens and duration,
+    the sibling's pitch and formants, labelled with the voice they now have and how far PSOLA got from its pitch."""
+    from npc_server.voices import VOICE_BANK
+
+    assert {v.id for v in tv.sibling_voices("joe")} == {"joe_low", "joe_high"}
+    assert tv.sibling_voices("gb_female") == [] and tv.sibling_voices("player_007") == []
+    wav, sr = load_audio(corpus / "audio" / "u1.wav")  # a ~100 Hz male voice standing in for joe
+    up, label = tv.render_as_sibling(wav, sr, VOICE_BANK["joe"], VOICE_BANK["joe_high"])
+    assert len(up) == len(wav) and abs(label) < 1.0
+    assert abs(tv.measured_shift_st(wav, up, sr) - 4.0) < 1.0
+
+    cfg = small_flow_config()
+    logmel = LogMel(MelConfig())
+    mel = logmel(torch.from_numpy(resample(wav, sr, 24000)))[0].half()
+    cache = {"u1": {"speaker": "joe", "audio": "audio/u1.wav", "mels": [(mel, 0.0)]},
+             "u0": {"speaker": "gb_female", "audio": "audio/u0.wav", "mels": [(mel, 0.0)]}}
+    assert tv.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 1
+    assert tv.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 0  # already has its copy
+    (_, st, sibling) = cache["u1"]["mels"][1]
+    assert sibling in ("joe_low", "joe_high") and abs(st) < 1.5
+    tokens = {"u1": torch.arange(mel.shape[-1] // 4, dtype=torch.int16)}
+    examples = tv.join_caches(cache, tokens, cfg)
+    assert [cfg.voices[ex.voice] for ex in examples] == ["joe", sibling]
+    assert torch.equal(examples[0].tokens, examples[1].tokens)

@@ -32,7 +32,7 @@ def items_from_mel_cache(mel_cache: dict, rows: list[dict], inventory: PhoneInve
     out = []
     for uid, item in mel_cache.items():
         phones = inventory.encode(phonemes.get(uid, ""))
-        for mel, _ in item["mels"]:
+        for mel, *_ in item["mels"]:
             if phones and mel.shape[-1] // 2 >= len(phones):
                 out.append(JudgeItem(mel, phones, uid, item["speaker"]))
     return out

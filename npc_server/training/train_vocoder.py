@@ -22,6 +22,7 @@ from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
+from npc_server.voices import VOICE_BANK, VoiceSpec
 from npc_server.vocoder.vocoder import Vocoder
 
 # ------------------------------------------------------------------------------------------------------------
@@ -55,6 +56,62 @@ def measured_shift_st(original: np.ndarray, shifted: np.ndarray, sr: int) -> flo
 
     a, b = median_f0(original), median_f0(shifted)
     return float(12 * np.log2(b / a)) if np.isfinite(a) and np.isfinite(b) and a > 0 else float("nan")
+
+
+def sibling_voices(speaker: str) -> list[VoiceSpec]:
+    """Voice-bank entries derived from the same engine output as `speaker` (same engine, variant and languages;
+    they differ only by pitch shift and formant ratio), so one's audio can be re-rendered as another's."""
+    spec = VOICE_BANK.get(speaker)
+    if spec is None:
+        return []
+    key = (spec.engine, spec.espeak_variant, spec.languages)
+    return [v for v in VOICE_BANK.values() if v.id != speaker and (v.engine, v.espeak_variant, v.languages) == key]
+
+
+def render_as_sibling(wav: np.ndarray, sr: int, src: VoiceSpec, dst: VoiceSpec) -> tuple[np.ndarray, float]:
+    """`src` speech re-rendered as `dst` (Praat Change gender, same duration): formants scaled by the ratio of their
+    formant ratios, median F0 moved by the difference of their pitch shifts. -> (audio, how far the reached median
+    F0 is from dst's in semitones: its pitch label; NaN if unvoiced). Parallel data that teaches the flow's voice
+    embedding the timbre, which single-voice utterances leave to the tokens."""
+    import parselmouth
+    from parselmouth.praat import call
+
+    want = dst.pitch_shift_st - src.pitch_shift_st
+    snd = parselmouth.Sound(wav.astype(np.float64), sr)
+    f0 = snd.to_pitch(time_step=0.01, pitch_floor=40, pitch_ceiling=600).selected_array["frequency"]
+    voiced = f0[f0 > 0]
+    if voiced.size < 3:
+        return wav, float("nan")
+    median = float(np.median(voiced)) * 2.0 ** (want / 12.0)
+    out = call(snd, "Change gender", 60, 600, dst.formant_ratio / src.formant_ratio, median, 1.0, 1.0)
+    y = out.values[0].astype(np.float32)
+    y = np.pad(y, (0, max(0, len(wav) - len(y))))[: len(wav)]
+    return y, measured_shift_st(wav, y, sr) - want
+
+
+def add_voice_swaps(cache: dict, corpus: Path, mel_cfg: MelConfig, prob: float, seed: int) -> int:
+    """Give a `prob` fraction of the cached utterances whose voice has siblings (see `sibling_voices`) one copy
+    re-rendered as a random sibling, stored as (mel, pitch label, sibling id) with the original's tokens.
+    Utterances that already have such a copy are skipped. Returns the number of copies added."""
+    logmel = LogMel(mel_cfg)
+    todo = [uid for uid, item in cache.items() if sibling_voices(item["speaker"])
+            and not any(len(v) > 2 for v in item["mels"])]
+    added = 0
+    for uid in tqdm(todo, desc="voice-swap copies", unit="utt"):
+        item = cache[uid]
+        rng = random.Random(f"{seed}:{uid}")
+        if rng.random() >= prob:
+            continue
+        dst = rng.choice(sibling_voices(item["speaker"]))
+        wav, sr = load_audio(corpus / item["audio"])
+        y, st = render_as_sibling(wav, sr, VOICE_BANK[item["speaker"]], dst)
+        if not np.isfinite(st):
+            continue
+        with torch.no_grad():
+            mel = logmel(torch.from_numpy(resample(y, sr, mel_cfg.sample_rate)))[0].half()
+        item["mels"].append((mel, st, dst.id))
+        added += 1
+    return added
 
 
 def frame_f0(wav: np.ndarray, sr: int, hop_seconds: float, n_frames: int) -> np.ndarray:
@@ -265,8 +322,9 @@ def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: Flow
         if uid not in tokens:
             continue
         codes = tokens[uid]
-        voice = flow_cfg.voices.index(item["speaker"]) if item["speaker"] in flow_cfg.voices else other
-        for mel, st in item["mels"]:
+        for mel, st, *swap in item["mels"]:  # (mel, pitch label) or (mel, pitch label, sibling voice id)
+            speaker = swap[0] if swap else item["speaker"]
+            voice = flow_cfg.voices.index(speaker) if speaker in flow_cfg.voices else other
             n_tok = min(len(codes), mel.shape[-1] // fpt)
             if n_tok >= 4:
                 out.append(FlowExample(mel[:, : n_tok * fpt], codes[:n_tok], voice, st))
@@ -549,6 +607,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--extend-mels", action="store_true",
                    help="mels: add the utterances of a larger --max-hours pick to the run's existing mel cache "
                         "(the cached ones, with their pitch-shifted copies, are kept as they are)")
+    p.add_argument("--voice-swap", type=float, default=0.0,
+                   help="mels: fraction of the utterances of derived voices (joe, joe_low, joe_high) that also get "
+                        "a copy re-rendered as a sibling voice (parallel timbre data); added to an existing cache too")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
     p.add_argument("--tokens-from-corpus", action="store_true",
@@ -638,12 +699,18 @@ def main(argv: list[str]) -> int:
                 rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
                 new = [r for r in rows if r["id"] not in mel_cache]
                 mel_cache.update(build_mel_cache(new, args.corpus, mel_cfg, args.pitch_aug, args.seed))
+                print(f"added mels of {len(new)} utterances: {len(mel_cache)} in {mel_path}")
+            if args.voice_swap > 0:
+                print(f"added {add_voice_swaps(mel_cache, args.corpus, mel_cfg, args.voice_swap, args.seed)} "
+                      "voice-swap copies")
+            if args.extend_mels or args.voice_swap > 0:
                 torch.save(mel_cache, mel_path.with_suffix(".tmp"))
                 mel_path.with_suffix(".tmp").replace(mel_path)  # a symlinked cache is replaced, not overwritten
-                print(f"added mels of {len(new)} utterances: {len(mel_cache)} in {mel_path}")
         else:
             rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
             mel_cache = build_mel_cache(rows, args.corpus, mel_cfg, args.pitch_aug, args.seed)
+            if args.voice_swap > 0:
+                add_voice_swaps(mel_cache, args.corpus, mel_cfg, args.voice_swap, args.seed)
             torch.save(mel_cache, mel_path)
         if args.stage == "mels":
             return 0
