@@ -651,9 +651,12 @@ def main(argv: list[str]) -> int:
     bf16 = resolve("fp32" if args.no_bf16 else args.precision) == "bf16"
     print(f"precision: {'bf16 autocast' if bf16 else 'fp32'}")
     mel_cfg = MelConfig()
-    vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
-    if args.cond_transformer_layers is not None:
-        resize_cond_transformers(vocoder, args.cond_transformer_layers)
+    if args.stage in ("mels", "judge"):  # data and the judge only: no vocoder to load
+        vocoder = None
+    else:
+        vocoder = _load_or_new_vocoder(args.out, args.init, FlowConfig(), GeneratorConfig())
+        if args.cond_transformer_layers is not None:
+            resize_cond_transformers(vocoder, args.cond_transformer_layers)
     minutes = {"all": args.minutes / 2, "generator": args.minutes, "flow": args.minutes, "mels": 0,
                "judge": args.minutes}[args.stage]
 
