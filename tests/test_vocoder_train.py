@@ -271,3 +271,9 @@ def test_voice_swap_copies_render_a_sibling_voice(corpus):
     examples = tv.join_caches(cache, tokens, cfg)
     assert [cfg.voices[ex.voice] for ex in examples] == ["joe", sibling]
     assert torch.equal(examples[0].tokens, examples[1].tokens)
+
+
+def test_cli_rejects_a_voice_swap_outside_0_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        tv.main(["--stage", "mels", "--voice-swap", "1.5", "--run-dir", str(tmp_path / "r")])
+    assert err.value.code == 2 and "--voice-swap" in capsys.readouterr().err

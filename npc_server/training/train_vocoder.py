@@ -22,8 +22,8 @@ from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
-from npc_server.voices import VOICE_BANK, VoiceSpec
 from npc_server.vocoder.vocoder import Vocoder
+from npc_server.voices import VOICE_BANK, VoiceSpec
 
 # ------------------------------------------------------------------------------------------------------------
 # pitch shifting for the pitch-conditioning targets (PSOLA keeps formants, so only F0 moves)
@@ -641,6 +641,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not 0.0 <= args.voice_swap <= 1.0:
+        p.error(f"--voice-swap is a fraction of utterances, 0..1; got {args.voice_swap}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
