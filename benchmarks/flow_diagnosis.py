@@ -1,6 +1,6 @@
 """Where the flow loses the phones: the mel phone judge's error rate on real mels, the flow's prior mean and its samples.
 
-For NPC utterances of the held-out (valid) split and of the training pick (the mel stage's pick, default seed), the
+For NPC utterances of the held-out split (valid when there is none) and of the training pick (the mel stage's pick, default seed), the
 semantic tokens come from the corpus token cache (<corpus>/tokens/<id>.npz, the shipped tokenizer's) and the judge
 (`npc-server train vocoder --stage judge`) reads, per utterance:
   real   the log-mel of the source audio (the judge's own floor)

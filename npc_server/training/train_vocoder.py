@@ -43,19 +43,26 @@ def psola_pitch_shift(wav: np.ndarray, sr: int, semitones: float) -> np.ndarray:
     return np.pad(out, (0, max(0, n - len(out))))[:n]
 
 
+def voiced_f0(x: np.ndarray, sr: int) -> np.ndarray:
+    """F0 in Hz of the voiced 10 ms frames (Praat, 40-600 Hz)."""
+    import parselmouth
+
+    f = parselmouth.Sound(x.astype(np.float64), sr).to_pitch(time_step=0.01, pitch_floor=40, pitch_ceiling=600)
+    f = f.selected_array["frequency"]
+    return f[f > 0]
+
+
+def _shift_st(voiced_a: np.ndarray, voiced_b: np.ndarray) -> float:
+    """Semitones from the median of voiced F0 frames `voiced_a` to that of `voiced_b`; NaN if either is empty."""
+    if not len(voiced_a) or not len(voiced_b):
+        return float("nan")
+    return float(12 * np.log2(np.median(voiced_b) / np.median(voiced_a)))
+
+
 def measured_shift_st(original: np.ndarray, shifted: np.ndarray, sr: int) -> float:
     """Semitones between the median F0 of two versions of an utterance (Praat, 40-600 Hz); NaN if either is
     unvoiced."""
-    import parselmouth
-
-    def median_f0(x: np.ndarray) -> float:
-        f = parselmouth.Sound(x.astype(np.float64), sr).to_pitch(time_step=0.01, pitch_floor=40, pitch_ceiling=600)
-        f = f.selected_array["frequency"]
-        f = f[f > 0]
-        return float(np.median(f)) if len(f) else float("nan")
-
-    a, b = median_f0(original), median_f0(shifted)
-    return float(12 * np.log2(b / a)) if np.isfinite(a) and np.isfinite(b) and a > 0 else float("nan")
+    return _shift_st(voiced_f0(original, sr), voiced_f0(shifted, sr))
 
 
 def sibling_voices(speaker: str) -> list[VoiceSpec]:
@@ -77,16 +84,15 @@ def render_as_sibling(wav: np.ndarray, sr: int, src: VoiceSpec, dst: VoiceSpec) 
     from parselmouth.praat import call
 
     want = dst.pitch_shift_st - src.pitch_shift_st
-    snd = parselmouth.Sound(wav.astype(np.float64), sr)
-    f0 = snd.to_pitch(time_step=0.01, pitch_floor=40, pitch_ceiling=600).selected_array["frequency"]
-    voiced = f0[f0 > 0]
+    voiced = voiced_f0(wav, sr)
     if voiced.size < 3:
         return wav, float("nan")
     median = float(np.median(voiced)) * 2.0 ** (want / 12.0)
+    snd = parselmouth.Sound(wav.astype(np.float64), sr)
     out = call(snd, "Change gender", 60, 600, dst.formant_ratio / src.formant_ratio, median, 1.0, 1.0)
     y = out.values[0].astype(np.float32)
     y = np.pad(y, (0, max(0, len(wav) - len(y))))[: len(wav)]
-    return y, measured_shift_st(wav, y, sr) - want
+    return y, _shift_st(voiced, voiced_f0(y, sr)) - want  # the source's F0 is measured once
 
 
 def add_voice_swaps(cache: dict, corpus: Path, mel_cfg: MelConfig, prob: float, seed: int) -> int:
