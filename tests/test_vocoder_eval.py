@@ -109,3 +109,11 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert res["judge_per_source"] >= 0.5 and res["judge_per_resynth"] >= 0.5  # an untrained judge hears nothing
     md = ve.to_markdown(res)
     assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md and "phone judge" in md
+
+
+@pytest.mark.parametrize("flag", ["--n", "--timbre-utts", "--stream-utts"])
+def test_cli_rejects_empty_samples(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ve.main([flag, "0"])
+    assert exc.value.code == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -180,7 +180,8 @@ def _voice_for(vocoder: Vocoder, speaker: str) -> str:
 
 
 def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listener: Listener | None,
-             samples_dir: Path | None = None, n_timbre: int = 4, threads: int = 2, judge=None) -> dict:
+             samples_dir: Path | None = None, n_timbre: int = 4, threads: int = 2, judge=None,
+             n_stream: int = 10) -> dict:
     """Resynthesis metrics on `rows`; `tokenizer=None` means copy synthesis (source mel -> generator only).
     `judge` (a PhoneJudge) adds its phone error rate on the source audio and on the output audio."""
     torch.set_num_threads(threads)
@@ -249,7 +250,7 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
     if tokenizer is not None:
         picks = [r for r in rows if r["id"] in tokens_of][:n_timbre]
         result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks]))
-        result.update(_streaming(vocoder, [tokens_of[r["id"]] for r in rows][:10]))
+        result.update(_streaming(vocoder, [tokens_of[r["id"]] for r in rows][:n_stream]))
     if samples_dir is not None:
         write_samples(samples_dir, decoded[:4], vocoder, logmel, tokens_of)
     result["per_utterance"] = per_utt
@@ -426,7 +427,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", type=Path, default=REPO_ROOT / "runs" / "vocoder" / "eval.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timbre-utts", type=int, default=4,
+                   help="utterances decoded with every voice and pitch shift (voice identification, pitch accuracy)")
+    p.add_argument("--stream-utts", type=int, default=10, help="utterances streamed and compared with offline decoding")
     args = p.parse_args(argv)
+    if min(args.n, args.timbre_utts, args.stream_utts) < 1:
+        p.error("--n, --timbre-utts and --stream-utts must be at least 1")
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
     tokenizer = None
@@ -440,7 +446,8 @@ def main(argv: list[str]) -> int:
     rows = heldout_rows(args.corpus, args.n, args.seed, speakers=speakers)
     listener = None if args.no_whisper else Listener(threads=args.threads)
     judge = PhoneJudge.from_pretrained(args.phone_judge) if args.phone_judge else None
-    res = evaluate(vocoder, tokenizer, rows, args.corpus, listener, args.samples, threads=args.threads, judge=judge)
+    res = evaluate(vocoder, tokenizer, rows, args.corpus, listener, args.samples, n_timbre=args.timbre_utts,
+                   threads=args.threads, judge=judge, n_stream=args.stream_utts)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(to_markdown(res))
