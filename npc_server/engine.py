@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
+from npc_server.controls import EMOTIONS
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
@@ -208,7 +209,11 @@ class Engine:
         state.mode = answer_mode
         state.progress = []
 
-        voc = self.vocoder.stream(voice=controls.voice, pitch_st=controls.pitch_st) if answer_mode != Mode.TEXT else None
+        voc = None
+        if answer_mode != Mode.TEXT:
+            emotion = EMOTIONS.get(controls.emotion, EMOTIONS["neutral"])
+            pitch = self.vocoder.request_pitch(controls.pitch_st, emotion.pitch_shift_st)
+            voc = self.vocoder.stream(voice=controls.voice, pitch_st=pitch)
         vocoder_s = 0.0
         text_so_far = ""
         unsent_text, unsent_tokens = "", 0  # subtitle text not yet yielded (see TEXT_FLUSH_TOKENS)

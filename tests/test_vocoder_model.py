@@ -197,6 +197,38 @@ def test_save_load_roundtrip(tmp_path):
     assert rel_err(half, ref) < 0.05
 
 
+def test_absolute_pitch_mode_sets_the_level_from_the_voice(tmp_path):
+    """In absolute mode a request for voice v at shift s decodes with the pitch input log2(F0_v / 100 Hz) * 12 + s:
+    two voices with the same reference F0 get the same input, a voice an octave up gets 12 st more."""
+    voc = tiny_vocoder()
+    cfg = voc.flow.config
+    cfg.pitch_mode = "absolute"
+    cfg.voice_f0_hz = {v: 100.0 for v in cfg.voices}
+    cfg.voice_f0_hz["ja_female"] = 200.0
+    joe, ja = cfg.voices.index("joe"), cfg.voices.index("ja_female")
+    assert voc.flow.pitch_input(joe, 0.0) == pytest.approx(0.0)
+    assert voc.flow.pitch_input(ja, -2.0) == pytest.approx(10.0)
+    tokens = np.arange(300, 330)
+    # joe asked 12 st up is decoded exactly as ja_female (an octave above joe's reference) as spoken, voice aside
+    cfg.voice_f0_hz["ja_female"] = 100.0
+    up, _ = voc.decode(tokens, voice="joe", pitch_st=12.0)
+    cfg.voice_f0_hz["joe"] = 200.0
+    same, _ = voc.decode(tokens, voice="joe", pitch_st=0.0)
+    np.testing.assert_allclose(same, up, atol=1e-6)
+    # the engine's request: the emotion's shift counts in absolute mode (clamped), not in relative mode
+    assert voc.request_pitch(2.0, 3.5) == pytest.approx(5.5)
+    assert voc.request_pitch(11.0, 3.5) == pytest.approx(12.0)
+    voc.save_pretrained(tmp_path / "abs", dtype=torch.float32)
+    loaded = Vocoder.from_pretrained(tmp_path / "abs")
+    assert loaded.flow.config.pitch_mode == "absolute" and loaded.flow.config.voice_f0_hz["joe"] == 200.0
+    np.testing.assert_allclose(loaded.decode(tokens, voice="joe")[0], same, atol=1e-5)
+    del loaded.flow.config.voice_f0_hz["gb_female"]
+    with pytest.raises(ValueError, match="no median F0 for voice 'gb_female'"):
+        loaded.decode(tokens, voice="gb_female")
+    cfg.pitch_mode = "relative"
+    assert voc.request_pitch(2.0, 3.5) == 2.0 and voc.flow.pitch_input(ja, -2.0) == -2.0
+
+
 def test_bad_input_errors(tmp_path):
     voc = tiny_vocoder()
     with pytest.raises(ValueError, match="no semantic ids"):

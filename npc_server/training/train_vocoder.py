@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.controls import EMOTIONS
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
-from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
+from npc_server.vocoder.flow import F0_REF_HZ, OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
@@ -320,11 +321,18 @@ def proxy_token_cache(mel_cache: dict, n_codes: int, fpt: int, seed: int) -> dic
     return out
 
 
-def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: FlowConfig) -> list[FlowExample]:
+def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: FlowConfig,
+                generator: Generator | None = None) -> list[FlowExample]:
+    """Flow examples of the cached mels that have tokens. The pitch input is the cached label (a shift from the
+    original) in relative mode; in absolute mode (`flow_cfg.pitch_mode`) it is the mel's own median F0 in semitones
+    above F0_REF_HZ, read by `generator`'s F0 predictor (unvoiced mels are left out)."""
+    absolute = flow_cfg.pitch_mode == "absolute"
+    if absolute and generator is None:
+        raise ValueError("absolute pitch mode needs the generator to measure each mel's F0")
     other = flow_cfg.voices.index(OTHER_VOICE)
     fpt = flow_cfg.frames_per_token
     out = []
-    for uid, item in mel_cache.items():
+    for uid, item in tqdm(mel_cache.items(), desc="flow examples", unit="utt", disable=not absolute):
         if uid not in tokens:
             continue
         codes = tokens[uid]
@@ -332,9 +340,42 @@ def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: Flow
             speaker = swap[0] if swap else item["speaker"]
             voice = flow_cfg.voices.index(speaker) if speaker in flow_cfg.voices else other
             n_tok = min(len(codes), mel.shape[-1] // fpt)
-            if n_tok >= 4:
-                out.append(FlowExample(mel[:, : n_tok * fpt], codes[:n_tok], voice, st))
+            if n_tok < 4:
+                continue
+            if absolute:
+                st = 12 * math.log2(mel_median_f0(generator, mel) / F0_REF_HZ)
+                if not math.isfinite(st):
+                    continue
+            out.append(FlowExample(mel[:, : n_tok * fpt], codes[:n_tok], voice, st))
     return out
+
+
+def mel_median_f0(generator: Generator, mel: torch.Tensor) -> float:
+    """Median F0 in Hz of the voiced frames of a raw log-mel [n_mels, F] (the generator's F0 predictor, whose
+    copy-synthesis error is ~0.25 st); NaN if no frame is voiced."""
+    with torch.no_grad():
+        f0 = generator.f0_hz(mel.float()[None])[0]
+    f0 = f0[f0 > 0]
+    return float(f0.median()) if len(f0) else float("nan")
+
+
+def voice_f0_table(mel_cache: dict, rows: dict[str, dict], generator: Generator, voices: list[str]) -> dict[str, float]:
+    """Each voice's neutral median F0 in Hz (the absolute pitch mode's reference): over the voice's original
+    utterances in the mel cache, the median F0 with the pitch shift the corpus asked for (persona pitch + emotion,
+    from the manifest's controls) taken out. Speakers outside `voices` count as OTHER_VOICE."""
+    per_voice: dict[str, list[float]] = {}
+    for uid, item in tqdm(mel_cache.items(), desc="voice F0 references", unit="utt"):
+        row = rows.get(uid)
+        if row is None:
+            continue
+        f0 = mel_median_f0(generator, item["mels"][0][0])
+        if not math.isfinite(f0):
+            continue
+        c = row.get("controls", {})
+        asked = float(c.get("pitch_st", 0.0)) + EMOTIONS[c.get("emotion", "neutral")].pitch_shift_st
+        voice = item["speaker"] if item["speaker"] in voices else OTHER_VOICE
+        per_voice.setdefault(voice, []).append(f0 * 2 ** (-asked / 12))
+    return {v: round(float(np.median(f)), 2) for v, f in sorted(per_voice.items())}
 
 
 def build_flow_cache(
@@ -628,6 +669,10 @@ def main(argv: list[str]) -> int:
                    help="the mel phone judge: written by --stage judge, read by --phone-weight")
     p.add_argument("--phone-weight", type=float, default=0.0,
                    help="flow: weight of the phone judge's KL on the flow's clean-mel estimate (0 = off)")
+    p.add_argument("--pitch-mode", choices=("relative", "absolute"), default=None,
+                   help="flow: what the pitch input means (default: keep the --init/--out model's). absolute: the "
+                        "utterance's median F0, so the voice sets the pitch level and a request lands at the "
+                        "voice's neutral F0 times 2^(pitch/12); the voices' reference F0s are measured on the data")
     p.add_argument("--f0-weight", type=float, default=0.0,
                    help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
     p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
@@ -758,7 +803,17 @@ def main(argv: list[str]) -> int:
         if covered < len(mel_cache):
             print(f"warning: {tok_path} has tokens for {covered} of the {len(mel_cache)} utterances in the mel cache; "
                   "the others are skipped (--rebuild-tokens encodes them all)")
-        examples = join_caches(mel_cache, tokens, vocoder.flow.config)
+        flow_cfg = vocoder.flow.config
+        if args.pitch_mode is not None:
+            flow_cfg.pitch_mode = args.pitch_mode
+        if flow_cfg.pitch_mode == "absolute":
+            rows = {r["id"]: r for r in read_manifest(args.corpus)}
+            flow_cfg.voice_f0_hz = voice_f0_table(mel_cache, rows, vocoder.generator, flow_cfg.voices)
+            missing = [v for v in flow_cfg.voices if v not in flow_cfg.voice_f0_hz]
+            if missing:
+                raise SystemExit(f"absolute pitch mode: no voiced training utterance of {', '.join(missing)}")
+            print("voice reference F0 (Hz): " + ", ".join(f"{v} {f:.1f}" for v, f in flow_cfg.voice_f0_hz.items()))
+        examples = join_caches(mel_cache, tokens, flow_cfg, vocoder.generator)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
         if args.phone_weight > 0 or args.f0_weight > 0:
@@ -773,7 +828,7 @@ def main(argv: list[str]) -> int:
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
             loss_fn, args.run_dir, minutes, args.lr or 1e-3,
         )
-        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight)
+        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight, pitch_mode=flow_cfg.pitch_mode)
         print(f"flow: {stats}")
         if not args.proxy_tokens:
             _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow", args.init)

@@ -13,6 +13,7 @@ from torch import nn
 from npc_server.voices import VOICE_BANK
 
 OTHER_VOICE = "<other>"  # slot for speakers outside the voice bank (player voices in the corpus)
+F0_REF_HZ = 100.0  # absolute pitch mode: the pitch input is the utterance's median F0 in semitones above this
 
 
 @dataclass
@@ -32,6 +33,11 @@ class FlowConfig:
     attn_window: int = 12  # 25 Hz frames each side a position may attend to (keeps streaming local)
     kernel_size: int = 5
     pitch_scale_st: float = 12.0
+    # "relative": the pitch input is a shift in semitones from the pitch the tokens imply (0 = as spoken);
+    # "absolute": it is the utterance's median F0 in semitones above F0_REF_HZ, and a request for voice v at shift s
+    # becomes voice_f0_hz[v] * 2^(s/12), so the voice, not the tokens, sets the pitch level.
+    pitch_mode: str = "relative"
+    voice_f0_hz: dict[str, float] = field(default_factory=dict)  # absolute mode: each voice's median F0
     mel_mean: float = -5.0
     mel_std: float = 2.5
     sigma_min: float = 1e-4
@@ -179,6 +185,18 @@ class FlowDecoder(nn.Module):
     def unpair_frames(x: torch.Tensor) -> torch.Tensor:
         B, C2, H = x.shape
         return x.view(B, C2 // 2, 2, H).transpose(2, 3).reshape(B, C2 // 2, 2 * H)
+
+    def pitch_input(self, voice_idx: int, pitch_st: float) -> float:
+        """The pitch input for a request of voice `voice_idx` shifted by `pitch_st` semitones (see `pitch_mode`)."""
+        c = self.config
+        if c.pitch_mode == "relative":
+            return float(pitch_st)
+        if c.pitch_mode != "absolute":
+            raise ValueError(f"unknown pitch_mode {c.pitch_mode!r} (relative or absolute)")
+        f0 = c.voice_f0_hz.get(c.voices[voice_idx])
+        if f0 is None:
+            raise ValueError(f"absolute pitch mode: no median F0 for voice {c.voices[voice_idx]!r} in voice_f0_hz")
+        return 12.0 * math.log2(f0 / F0_REF_HZ) + float(pitch_st)
 
     def global_condition(self, voice: torch.Tensor, pitch_st: torch.Tensor) -> torch.Tensor:
         p = (pitch_st.float() / self.config.pitch_scale_st).unsqueeze(-1)

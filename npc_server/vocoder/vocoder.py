@@ -170,13 +170,24 @@ class Vocoder(nn.Module):
             raise ValueError(f"pitch_st {pitch_st!r} is outside the allowed range {lo}..{hi} semitones")
         return idx, float(pitch_st)
 
+    def request_pitch(self, pitch_st: float, emotion_shift_st: float = 0.0) -> float:
+        """The pitch shift to decode an answer with, from the persona's pitch and its emotion's mean F0 shift. In
+        relative mode the tokens already carry the emotion's pitch (the backbone speaks it), so only the persona's
+        shift is applied; in absolute mode the vocoder sets the level from the voice's neutral F0, so both count
+        (clamped to the allowed range)."""
+        if self.flow.config.pitch_mode != "absolute":
+            return float(pitch_st)
+        lo, hi = PITCH_RANGE_ST
+        return float(min(hi, max(lo, pitch_st + emotion_shift_st)))
+
     @torch.no_grad()
     def tokens_to_mel(self, tokens: np.ndarray, voice_idx: int, pitch_st: float, start_token: int = 0,
                       n_steps: int | None = None) -> torch.Tensor:
         fpt = self.flow.config.frames_per_token
         tok = torch.from_numpy(np.ascontiguousarray(tokens)).long().unsqueeze(0)
         noise = self.noise(start_token * fpt, tok.shape[1] * fpt)
-        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch_st]), noise, n_steps)
+        pitch = self.flow.pitch_input(voice_idx, pitch_st)
+        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch]), noise, n_steps)
 
     @torch.no_grad()
     def _decode_window(self, tokens: np.ndarray, start_token: int, voice_idx: int, pitch_st: float,
