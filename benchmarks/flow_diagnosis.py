@@ -82,7 +82,7 @@ def main() -> None:
                 n = min(real.shape[-1] // fpt, tokens.shape[1])
                 tokens, real = tokens[:, :n], real[:, :n * fpt]
                 voice = torch.tensor([flow.voice_index(_voice_for(vocoder, r["speaker"]))])
-                pitch = torch.tensor([flow.pitch_input(int(voice), 0.0)])
+                pitch = torch.zeros(1)
                 _, mu = flow.encode_tokens(tokens, flow.global_condition(voice, pitch))
                 mels["prior"].append((flow.unpair_frames(mu) * flow.config.mel_std + flow.config.mel_mean)[0])
                 noise = vocoder.noise(0, n * fpt)

@@ -197,36 +197,20 @@ def test_save_load_roundtrip(tmp_path):
     assert rel_err(half, ref) < 0.05
 
 
-def test_absolute_pitch_mode_sets_the_level_from_the_voice(tmp_path):
-    """In absolute mode a request for voice v at shift s decodes with the pitch input log2(F0_v / 100 Hz) * 12 + s:
-    two voices with the same reference F0 get the same input, a voice an octave up gets 12 st more."""
+def test_pitch_reference_decides_whether_the_emotion_shift_counts(tmp_path):
+    """With pitch 0 at the voice's neutral F0 (`pitch_reference` "voice") the engine's request adds the emotion's
+    shift (clamped to the range); with pitch 0 at the tokens' level the tokens carry it. Saved with the model."""
     voc = tiny_vocoder()
-    cfg = voc.flow.config
-    cfg.pitch_mode = "absolute"
-    cfg.voice_f0_hz = {v: 100.0 for v in cfg.voices}
-    cfg.voice_f0_hz["ja_female"] = 200.0
-    joe, ja = cfg.voices.index("joe"), cfg.voices.index("ja_female")
-    assert voc.flow.pitch_input(joe, 0.0) == pytest.approx(0.0)
-    assert voc.flow.pitch_input(ja, -2.0) == pytest.approx(10.0)
-    tokens = np.arange(300, 330)
-    # joe asked 12 st up is decoded exactly as ja_female (an octave above joe's reference) as spoken, voice aside
-    cfg.voice_f0_hz["ja_female"] = 100.0
-    up, _ = voc.decode(tokens, voice="joe", pitch_st=12.0)
-    cfg.voice_f0_hz["joe"] = 200.0
-    same, _ = voc.decode(tokens, voice="joe", pitch_st=0.0)
-    np.testing.assert_allclose(same, up, atol=1e-6)
-    # the engine's request: the emotion's shift counts in absolute mode (clamped), not in relative mode
+    assert voc.flow.config.pitch_reference == "tokens" and voc.request_pitch(2.0, 3.5) == 2.0
+    voc.flow.config.pitch_reference = "voice"
+    voc.flow.config.voice_f0_hz = {"joe": 101.5}
     assert voc.request_pitch(2.0, 3.5) == pytest.approx(5.5)
-    assert voc.request_pitch(11.0, 3.5) == pytest.approx(12.0)
-    voc.save_pretrained(tmp_path / "abs", dtype=torch.float32)
-    loaded = Vocoder.from_pretrained(tmp_path / "abs")
-    assert loaded.flow.config.pitch_mode == "absolute" and loaded.flow.config.voice_f0_hz["joe"] == 200.0
-    np.testing.assert_allclose(loaded.decode(tokens, voice="joe")[0], same, atol=1e-5)
-    del loaded.flow.config.voice_f0_hz["gb_female"]
-    with pytest.raises(ValueError, match="no median F0 for voice 'gb_female'"):
-        loaded.decode(tokens, voice="gb_female")
-    cfg.pitch_mode = "relative"
-    assert voc.request_pitch(2.0, 3.5) == 2.0 and voc.flow.pitch_input(ja, -2.0) == -2.0
+    assert voc.request_pitch(11.0, 3.5) == pytest.approx(12.0) and voc.request_pitch(-11.0, -2.0) == -12.0
+    voc.save_pretrained(tmp_path / "v")
+    loaded = Vocoder.from_pretrained(tmp_path / "v").flow.config
+    assert loaded.pitch_reference == "voice" and loaded.voice_f0_hz == {"joe": 101.5}
+    with pytest.raises(ValueError, match="pitch_reference"):
+        FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, pitch_reference="absolute"))
 
 
 def test_bad_input_errors(tmp_path):

@@ -288,44 +288,39 @@ def _constant_f0_generator(hz: float, voiced: bool = True) -> Generator:
     return gen
 
 
-def test_absolute_pitch_labels_and_voice_references(corpus):
-    """Absolute pitch mode: each example's pitch input is its mel's median F0 (semitones above 100 Hz), and a voice's
-    reference F0 takes out the shift the corpus asked for (persona pitch + emotion)."""
+def test_voice_pitch_reference_labels(corpus):
+    """`pitch_reference` "voice": a speaker's reference F0 takes out the shift the corpus asked for (persona pitch +
+    emotion), and each example's pitch input is its mel's median F0 in semitones from its speaker's reference."""
     rows = {r["id"]: r for r in tv.read_manifest(corpus)}
     mel_cache = tv.build_mel_cache(list(rows.values()), corpus, MelConfig(), pitch_aug=0.0, seed=0)
     tokens = tv.build_token_cache(mel_cache, corpus, EnergyTokenizer())
     cfg = small_flow_config()
-    cfg.pitch_mode = "absolute"
+    cfg.pitch_reference = "voice"
     gen = _constant_f0_generator(200.0)
-    examples = tv.join_caches(mel_cache, tokens, cfg, gen)
-    assert len(examples) == 3 and all(ex.pitch_st == pytest.approx(12.0, abs=1e-3) for ex in examples)
-    assert tv.join_caches(mel_cache, tokens, cfg, _constant_f0_generator(200.0, voiced=False)) == []
+    rows["u0"] = {**rows["u0"], "controls": {"emotion": "happy", "speed": 1.0, "pitch_st": 2.0}}  # 2 + 2 st asked
+    ref = tv.speaker_f0_table(mel_cache, rows, gen)
+    assert ref == pytest.approx({"gb_female": 200.0 * 2 ** (-4 / 12), "scot_male": 200.0, "player_007": 200.0},
+                                abs=0.01)
+    examples = {ex.voice: ex.pitch_st for ex in tv.join_caches(mel_cache, tokens, cfg, gen, ref)}
+    assert examples == pytest.approx({cfg.voices.index("gb_female"): 4.0, cfg.voices.index("scot_male"): 0.0,
+                                      cfg.voices.index("<other>"): 0.0}, abs=1e-3)
+    assert tv.join_caches(mel_cache, tokens, cfg, _constant_f0_generator(200.0, voiced=False), ref) == []
+    assert len(tv.join_caches(mel_cache, tokens, cfg, gen, {"scot_male": 100.0})) == 1  # no reference: left out
     with pytest.raises(ValueError, match="needs the generator"):
         tv.join_caches(mel_cache, tokens, cfg)
-    rows["u0"] = {**rows["u0"], "controls": {"emotion": "happy", "speed": 1.0, "pitch_st": 2.0}}  # 2 + 2 st asked
-    ref = tv.voice_f0_table(mel_cache, rows, gen, cfg.voices)
-    assert ref == pytest.approx({"gb_female": 200.0 * 2 ** (-4 / 12), "scot_male": 200.0, "<other>": 200.0}, abs=0.01)
 
 
-def test_cli_absolute_pitch_mode_needs_every_voice(corpus, tmp_path):
-    run = tmp_path / "run"
+def test_cli_flow_stage_with_voice_pitch_reference(corpus, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out"
     common = ["--corpus", str(corpus), "--run-dir", str(run), "--threads", "1", "--batch", "2"]
     assert tv.main(["--stage", "mels", *common]) == 0
     torch.save(tv.build_token_cache(torch.load(run / "mel_cache.pt", weights_only=False), corpus, EnergyTokenizer()),
                run / "token_cache.pt")
-    base = Vocoder(FlowDecoder(small_flow_config()), _constant_f0_generator(120.0))
-    base.eval().save_pretrained(tmp_path / "init", dtype=torch.float32)
-    flow = ["--stage", "flow", "--pitch-mode", "absolute", "--minutes", "0.03", "--flow-segment-tokens", "20", *common]
-    with pytest.raises(SystemExit, match="no voiced training utterance of joe"):
-        tv.main([*flow, "--init", str(tmp_path / "init"), "--out", str(tmp_path / "out")])
-    # a model whose voices are those of this corpus trains, and its export knows the mode and the references
-    cfg = small_flow_config()
-    cfg.voices = ["gb_female", "scot_male", "<other>"]
-    Vocoder(FlowDecoder(cfg), _constant_f0_generator(120.0)).eval().save_pretrained(tmp_path / "init2")
-    assert tv.main([*flow, "--init", str(tmp_path / "init2"), "--out", str(tmp_path / "out2")]) == 0
-    trained = Vocoder.from_pretrained(tmp_path / "out2")
-    assert trained.flow.config.pitch_mode == "absolute"
-    assert trained.flow.config.voice_f0_hz == pytest.approx({"<other>": 120.0, "gb_female": 120.0, "scot_male": 120.0},
-                                                            abs=0.5)
-    assert json.loads((tmp_path / "out2" / "training.json").read_text())["flow"]["pitch_mode"] == "absolute"
+    Vocoder(FlowDecoder(small_flow_config()), _constant_f0_generator(120.0)).eval().save_pretrained(tmp_path / "init")
+    assert tv.main(["--stage", "flow", "--pitch-reference", "voice", "--minutes", "0.03", "--flow-segment-tokens", "20",
+                    "--init", str(tmp_path / "init"), "--out", str(out), *common]) == 0
+    trained = Vocoder.from_pretrained(out)
+    assert trained.flow.config.pitch_reference == "voice"
+    assert trained.flow.config.voice_f0_hz == pytest.approx({"gb_female": 120.0, "scot_male": 120.0}, abs=0.5)
+    assert json.loads((out / "training.json").read_text())["flow"]["pitch_reference"] == "voice"
     assert np.isfinite(trained.decode(list(range(30)), voice="scot_male", pitch_st=-3.0)[0]).all()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.controls import EMOTIONS
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
-from npc_server.vocoder.flow import F0_REF_HZ, OTHER_VOICE, FlowConfig, FlowDecoder
+from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
@@ -322,17 +322,18 @@ def proxy_token_cache(mel_cache: dict, n_codes: int, fpt: int, seed: int) -> dic
 
 
 def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: FlowConfig,
-                generator: Generator | None = None) -> list[FlowExample]:
-    """Flow examples of the cached mels that have tokens. The pitch input is the cached label (a shift from the
-    original) in relative mode; in absolute mode (`flow_cfg.pitch_mode`) it is the mel's own median F0 in semitones
-    above F0_REF_HZ, read by `generator`'s F0 predictor (unvoiced mels are left out)."""
-    absolute = flow_cfg.pitch_mode == "absolute"
-    if absolute and generator is None:
-        raise ValueError("absolute pitch mode needs the generator to measure each mel's F0")
+                generator: Generator | None = None, speaker_f0: dict[str, float] | None = None) -> list[FlowExample]:
+    """Flow examples of the cached mels that have tokens. Their pitch input: with `flow_cfg.pitch_reference`
+    "tokens", the cached label (the shift from the original); with "voice", the mel's own median F0 (`generator`'s F0
+    predictor) in semitones from its speaker's neutral F0 (`speaker_f0`, see `speaker_f0_table`; a voice-swap copy
+    counts as its sibling voice). Mels that are unvoiced or whose speaker has no reference are left out then."""
+    by_voice = flow_cfg.pitch_reference == "voice"
+    if by_voice and (generator is None or speaker_f0 is None):
+        raise ValueError("pitch_reference 'voice' needs the generator and the speakers' reference F0s")
     other = flow_cfg.voices.index(OTHER_VOICE)
     fpt = flow_cfg.frames_per_token
     out = []
-    for uid, item in tqdm(mel_cache.items(), desc="flow examples", unit="utt", disable=not absolute):
+    for uid, item in tqdm(mel_cache.items(), desc="flow examples", unit="utt", disable=not by_voice):
         if uid not in tokens:
             continue
         codes = tokens[uid]
@@ -342,8 +343,8 @@ def join_caches(mel_cache: dict, tokens: dict[str, torch.Tensor], flow_cfg: Flow
             n_tok = min(len(codes), mel.shape[-1] // fpt)
             if n_tok < 4:
                 continue
-            if absolute:
-                st = 12 * math.log2(mel_median_f0(generator, mel) / F0_REF_HZ)
+            if by_voice:
+                st = 12 * math.log2(mel_median_f0(generator, mel) / speaker_f0.get(speaker, math.nan))
                 if not math.isfinite(st):
                     continue
             out.append(FlowExample(mel[:, : n_tok * fpt], codes[:n_tok], voice, st))
@@ -359,12 +360,12 @@ def mel_median_f0(generator: Generator, mel: torch.Tensor) -> float:
     return float(f0.median()) if len(f0) else float("nan")
 
 
-def voice_f0_table(mel_cache: dict, rows: dict[str, dict], generator: Generator, voices: list[str]) -> dict[str, float]:
-    """Each voice's neutral median F0 in Hz (the absolute pitch mode's reference): over the voice's original
-    utterances in the mel cache, the median F0 with the pitch shift the corpus asked for (persona pitch + emotion,
-    from the manifest's controls) taken out. Speakers outside `voices` count as OTHER_VOICE."""
-    per_voice: dict[str, list[float]] = {}
-    for uid, item in tqdm(mel_cache.items(), desc="voice F0 references", unit="utt"):
+def speaker_f0_table(mel_cache: dict, rows: dict[str, dict], generator: Generator) -> dict[str, float]:
+    """Each speaker's neutral median F0 in Hz (the reference of `pitch_reference` "voice"): over the speaker's
+    original utterances in the mel cache, the median F0 with the shift the corpus asked for (persona pitch +
+    emotion, from the manifest's controls in `rows`) taken out."""
+    per_speaker: dict[str, list[float]] = {}
+    for uid, item in tqdm(mel_cache.items(), desc="speaker F0 references", unit="utt"):
         row = rows.get(uid)
         if row is None:
             continue
@@ -373,9 +374,8 @@ def voice_f0_table(mel_cache: dict, rows: dict[str, dict], generator: Generator,
             continue
         c = row.get("controls", {})
         asked = float(c.get("pitch_st", 0.0)) + EMOTIONS[c.get("emotion", "neutral")].pitch_shift_st
-        voice = item["speaker"] if item["speaker"] in voices else OTHER_VOICE
-        per_voice.setdefault(voice, []).append(f0 * 2 ** (-asked / 12))
-    return {v: round(float(np.median(f)), 2) for v, f in sorted(per_voice.items())}
+        per_speaker.setdefault(item["speaker"], []).append(f0 * 2 ** (-asked / 12))
+    return {spk: round(float(np.median(f)), 2) for spk, f in sorted(per_speaker.items())}
 
 
 def build_flow_cache(
@@ -669,10 +669,10 @@ def main(argv: list[str]) -> int:
                    help="the mel phone judge: written by --stage judge, read by --phone-weight")
     p.add_argument("--phone-weight", type=float, default=0.0,
                    help="flow: weight of the phone judge's KL on the flow's clean-mel estimate (0 = off)")
-    p.add_argument("--pitch-mode", choices=("relative", "absolute"), default=None,
-                   help="flow: what the pitch input means (default: keep the --init/--out model's). absolute: the "
-                        "utterance's median F0, so the voice sets the pitch level and a request lands at the "
-                        "voice's neutral F0 times 2^(pitch/12); the voices' reference F0s are measured on the data")
+    p.add_argument("--pitch-reference", choices=("tokens", "voice"), default=None,
+                   help="flow: what pitch 0 means (default: keep the --init/--out model's). tokens: the level the "
+                        "tokens imply; voice: the voice's neutral F0 (measured on the data), so the voice sets the "
+                        "pitch level and an answer lands at that F0 times 2^(persona pitch + emotion shift)/12")
     p.add_argument("--f0-weight", type=float, default=0.0,
                    help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
     p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
@@ -804,16 +804,15 @@ def main(argv: list[str]) -> int:
             print(f"warning: {tok_path} has tokens for {covered} of the {len(mel_cache)} utterances in the mel cache; "
                   "the others are skipped (--rebuild-tokens encodes them all)")
         flow_cfg = vocoder.flow.config
-        if args.pitch_mode is not None:
-            flow_cfg.pitch_mode = args.pitch_mode
-        if flow_cfg.pitch_mode == "absolute":
+        if args.pitch_reference is not None:
+            flow_cfg.pitch_reference = args.pitch_reference
+        speaker_f0 = None
+        if flow_cfg.pitch_reference == "voice":
             rows = {r["id"]: r for r in read_manifest(args.corpus)}
-            flow_cfg.voice_f0_hz = voice_f0_table(mel_cache, rows, vocoder.generator, flow_cfg.voices)
-            missing = [v for v in flow_cfg.voices if v not in flow_cfg.voice_f0_hz]
-            if missing:
-                raise SystemExit(f"absolute pitch mode: no voiced training utterance of {', '.join(missing)}")
+            speaker_f0 = speaker_f0_table(mel_cache, rows, vocoder.generator)
+            flow_cfg.voice_f0_hz = {v: speaker_f0[v] for v in flow_cfg.voices if v in speaker_f0}
             print("voice reference F0 (Hz): " + ", ".join(f"{v} {f:.1f}" for v, f in flow_cfg.voice_f0_hz.items()))
-        examples = join_caches(mel_cache, tokens, flow_cfg, vocoder.generator)
+        examples = join_caches(mel_cache, tokens, flow_cfg, vocoder.generator, speaker_f0)
         if not examples:
             raise SystemExit("no usable utterances for the flow decoder")
         if args.phone_weight > 0 or args.f0_weight > 0:
@@ -828,7 +827,7 @@ def main(argv: list[str]) -> int:
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
             loss_fn, args.run_dir, minutes, args.lr or 1e-3,
         )
-        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight, pitch_mode=flow_cfg.pitch_mode)
+        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight, pitch_reference=flow_cfg.pitch_reference)
         print(f"flow: {stats}")
         if not args.proxy_tokens:
             _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow", args.init)

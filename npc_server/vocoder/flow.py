@@ -13,7 +13,6 @@ from torch import nn
 from npc_server.voices import VOICE_BANK
 
 OTHER_VOICE = "<other>"  # slot for speakers outside the voice bank (player voices in the corpus)
-F0_REF_HZ = 100.0  # absolute pitch mode: the pitch input is the utterance's median F0 in semitones above this
 
 
 @dataclass
@@ -33,11 +32,11 @@ class FlowConfig:
     attn_window: int = 12  # 25 Hz frames each side a position may attend to (keeps streaming local)
     kernel_size: int = 5
     pitch_scale_st: float = 12.0
-    # "relative": the pitch input is a shift in semitones from the pitch the tokens imply (0 = as spoken);
-    # "absolute": it is the utterance's median F0 in semitones above F0_REF_HZ, and a request for voice v at shift s
-    # becomes voice_f0_hz[v] * 2^(s/12), so the voice, not the tokens, sets the pitch level.
-    pitch_mode: str = "relative"
-    voice_f0_hz: dict[str, float] = field(default_factory=dict)  # absolute mode: each voice's median F0
+    # What pitch 0 means. "tokens": the level the tokens imply (the input is a shift from the utterance as spoken).
+    # "voice": the voice's neutral F0 (the input is the utterance's median F0 in semitones from the voice's
+    # reference, so the voice, not the tokens, sets the level; `train vocoder --pitch-reference voice`).
+    pitch_reference: str = "tokens"
+    voice_f0_hz: dict[str, float] = field(default_factory=dict)  # "voice": the references measured in training (Hz)
     mel_mean: float = -5.0
     mel_std: float = 2.5
     sigma_min: float = 1e-4
@@ -125,6 +124,8 @@ class FlowDecoder(nn.Module):
     def __init__(self, config: FlowConfig | None = None):
         super().__init__()
         self.config = c = config or FlowConfig()
+        if c.pitch_reference not in ("tokens", "voice"):
+            raise ValueError(f"pitch_reference must be 'tokens' or 'voice', got {c.pitch_reference!r}")
         d = c.dim
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
         self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
@@ -185,18 +186,6 @@ class FlowDecoder(nn.Module):
     def unpair_frames(x: torch.Tensor) -> torch.Tensor:
         B, C2, H = x.shape
         return x.view(B, C2 // 2, 2, H).transpose(2, 3).reshape(B, C2 // 2, 2 * H)
-
-    def pitch_input(self, voice_idx: int, pitch_st: float) -> float:
-        """The pitch input for a request of voice `voice_idx` shifted by `pitch_st` semitones (see `pitch_mode`)."""
-        c = self.config
-        if c.pitch_mode == "relative":
-            return float(pitch_st)
-        if c.pitch_mode != "absolute":
-            raise ValueError(f"unknown pitch_mode {c.pitch_mode!r} (relative or absolute)")
-        f0 = c.voice_f0_hz.get(c.voices[voice_idx])
-        if f0 is None:
-            raise ValueError(f"absolute pitch mode: no median F0 for voice {c.voices[voice_idx]!r} in voice_f0_hz")
-        return 12.0 * math.log2(f0 / F0_REF_HZ) + float(pitch_st)
 
     def global_condition(self, voice: torch.Tensor, pitch_st: torch.Tensor) -> torch.Tensor:
         p = (pitch_st.float() / self.config.pitch_scale_st).unsqueeze(-1)

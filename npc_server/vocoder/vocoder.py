@@ -171,11 +171,11 @@ class Vocoder(nn.Module):
         return idx, float(pitch_st)
 
     def request_pitch(self, pitch_st: float, emotion_shift_st: float = 0.0) -> float:
-        """The pitch shift to decode an answer with, from the persona's pitch and its emotion's mean F0 shift. In
-        relative mode the tokens already carry the emotion's pitch (the backbone speaks it), so only the persona's
-        shift is applied; in absolute mode the vocoder sets the level from the voice's neutral F0, so both count
-        (clamped to the allowed range)."""
-        if self.flow.config.pitch_mode != "absolute":
+        """The pitch shift to decode an answer with, from the persona's pitch and its emotion's mean F0 shift. When
+        pitch 0 is the tokens' own level (`pitch_reference` "tokens") the tokens already carry the emotion's pitch
+        (the backbone speaks it), so only the persona's shift is applied; when it is the voice's neutral F0
+        ("voice"), the vocoder sets the level and both count (clamped to the allowed range)."""
+        if self.flow.config.pitch_reference != "voice":
             return float(pitch_st)
         lo, hi = PITCH_RANGE_ST
         return float(min(hi, max(lo, pitch_st + emotion_shift_st)))
@@ -186,8 +186,7 @@ class Vocoder(nn.Module):
         fpt = self.flow.config.frames_per_token
         tok = torch.from_numpy(np.ascontiguousarray(tokens)).long().unsqueeze(0)
         noise = self.noise(start_token * fpt, tok.shape[1] * fpt)
-        pitch = self.flow.pitch_input(voice_idx, pitch_st)
-        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch]), noise, n_steps)
+        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch_st]), noise, n_steps)
 
     @torch.no_grad()
     def _decode_window(self, tokens: np.ndarray, start_token: int, voice_idx: int, pitch_st: float,
