@@ -109,6 +109,7 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert res["judge_per_source"] >= 0.5 and res["judge_per_resynth"] >= 0.5  # an untrained judge hears nothing
     md = ve.to_markdown(res)
     assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md and "phone judge" in md
+    assert "own neutral F0" in md
 
 
 @pytest.mark.parametrize("flag", ["--n", "--timbre-utts", "--stream-utts"])
@@ -117,3 +118,23 @@ def test_cli_rejects_empty_samples(flag, capsys):
         ve.main([flag, "0"])
     assert exc.value.code == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_neutral_voice_f0_and_decoded_pitch_against_it(heldout_corpus, monkeypatch):
+    rows = [json.loads(line) for line in (heldout_corpus / "manifest.jsonl").open()]
+    rows = [{**r, "split": "train", "controls": {"emotion": "neutral", "pitch_st": 0.0}} for r in rows]
+    ref = ve.neutral_voice_f0(heldout_corpus, rows)
+    assert set(ref) == {"gb_female", "scot_male"} and all(60 < f < 400 for f in ref.values())
+    rows[0]["controls"]["emotion"] = "happy"  # only neutral utterances at persona pitch 0 count
+    assert set(ve.neutral_voice_f0(heldout_corpus, rows)) == {"scot_male"}
+    assert ve.neutral_voice_f0(heldout_corpus) == {}  # the fixture's manifest holds held-out rows only
+    torch.manual_seed(0)
+    flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1))
+    voc = Vocoder(flow, Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))).eval()
+    monkeypatch.setattr(ve, "median_f0", lambda wav, sr: 150.0)  # an untrained vocoder decodes no voiced frame
+    res = ve._timbre_and_pitch(voc, [np.arange(100, 140)], {"joe": 100.0, "gb_female": 300.0})
+    assert res["voices"]["joe"]["reference_f0_hz"] == 100.0
+    assert res["voices"]["joe"]["f0_vs_reference_st"] == pytest.approx(12 * np.log2(1.5))
+    assert res["voices"]["gb_female"]["f0_vs_reference_st"] == pytest.approx(-12.0)
+    assert res["f0_vs_reference_abs_st_mean"] == pytest.approx((12 * np.log2(1.5) + 12.0) / 2)
+    assert "reference_f0_hz" not in res["voices"]["scot_male"]

@@ -32,7 +32,7 @@ from npc_server.audio.io import load_audio
 from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import AssistantTurn, Mode, UserTurn
 from npc_server.controls import EMOTIONS
-from npc_server.eval.vocoder_eval import median_f0, normalize_text, word_errors
+from npc_server.eval.vocoder_eval import median_f0, neutral_voice_f0, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir
 from npc_server.training.lm_data import (
     PersonaInfo,
@@ -92,25 +92,15 @@ def report_group(row: dict) -> str:
 def voice_references(corpus: Path, manifest: dict[str, dict], per_voice: int = 6) -> dict[str, dict]:
     """Natural speaking rate (chars/s at speed 1) and median F0 of each NPC voice, from training utterances."""
     rates: dict[str, list[float]] = defaultdict(list)
-    neutral: dict[str, list[dict]] = defaultdict(list)
     for row in manifest.values():
         if row["role"] != "npc" or row["split"] != "train" or not row.get("duration"):
             continue
         c = row.get("controls", {})
         factor = float(c.get("speed", 1.0)) * EMOTIONS[c.get("emotion", "neutral")].rate
         rates[row["speaker"]].append(len(row["text"]) / row["duration"] * 1.0 / factor)
-        if c.get("emotion", "neutral") == "neutral" and abs(c.get("pitch_st", 0.0)) < 1e-6:
-            neutral[row["speaker"]].append(row)
-    refs = {}
-    for voice, rs in rates.items():
-        f0s = []
-        for row in neutral.get(voice, [])[:per_voice]:
-            wav, sr = load_audio(corpus / row["audio"])
-            f = median_f0(wav, sr)
-            if np.isfinite(f):
-                f0s.append(f)
-        refs[voice] = {"chars_per_s": statistics.median(rs), "f0": statistics.median(f0s) if f0s else float("nan")}
-    return refs
+    f0 = neutral_voice_f0(corpus, list(manifest.values()), per_voice)
+    return {voice: {"chars_per_s": statistics.median(rs), "f0": f0.get(voice, float("nan"))}
+            for voice, rs in rates.items()}
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

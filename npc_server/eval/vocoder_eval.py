@@ -160,6 +160,25 @@ def heldout_rows(corpus: Path, n: int, seed: int, english_only: bool = True,
     return pick[:n]
 
 
+def neutral_voice_f0(corpus: Path, rows: list[dict] | None = None, per_voice: int = 6) -> dict[str, float]:
+    """Each NPC voice's own pitch: the median of the median F0 (Praat) of its first `per_voice` training utterances
+    spoken neutral at persona pitch 0 (`rows`: the manifest, read from `corpus` when not given)."""
+    if rows is None:
+        rows = [json.loads(line) for line in (corpus / "manifest.jsonl").open() if line.strip()]
+    picked: dict[str, list[dict]] = {}
+    for r in rows:
+        c = r.get("controls", {})
+        if r["role"] == "npc" and r["split"] == "train" and c.get("emotion", "neutral") == "neutral" \
+                and abs(c.get("pitch_st", 0.0)) < 1e-6 and len(picked.setdefault(r["speaker"], [])) < per_voice:
+            picked[r["speaker"]].append(r)
+    out = {}
+    for voice, rs in picked.items():
+        f0s = [f for f in (median_f0(*load_audio(corpus / r["audio"])) for r in rs) if np.isfinite(f)]
+        if f0s:
+            out[voice] = float(np.median(f0s))
+    return out
+
+
 def wer_by_voice(per_utt: list[dict]) -> dict[str, dict]:
     """Word error rates of source and resynthesised audio per speaker: the listener hears the piper voice (joe) far
     better than the espeak-ng ones, so the pooled figure mixes two very different baselines."""
@@ -249,7 +268,7 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
                       judge_per_resynth=phone_error_rate(judge, judged["out"], judged["ref"]))
     if tokenizer is not None:
         picks = [r for r in rows if r["id"] in tokens_of][:n_timbre]
-        result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks]))
+        result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks], neutral_voice_f0(corpus)))
         result.update(_streaming(vocoder, [tokens_of[r["id"]] for r in rows][:n_stream]))
     if samples_dir is not None:
         write_samples(samples_dir, decoded[:4], vocoder, logmel, tokens_of)
@@ -257,9 +276,12 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
     return result
 
 
-def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray]) -> dict:
+def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray], reference_f0: dict[str, float] | None = None
+                      ) -> dict:
     """Per-voice F0 / spectral centroid and voice identification from decoded audio; requested pitch shifts
-    (-4, -2, +2, +4 st) measured against the unshifted decode, for every voice of the bank."""
+    (-4, -2, +2, +4 st) measured against the unshifted decode, for every voice of the bank. With `reference_f0`
+    (each voice's own neutral F0, `neutral_voice_f0`), also how far each voice's decoded pitch lies from it: the
+    tokens come from all speakers, so this shows whether the voice or the tokens set the pitch level."""
     sr = vocoder.sample_rate
     feats: dict[str, list[np.ndarray]] = {}
     table = {}
@@ -286,8 +308,16 @@ def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray]) -> dict:
             [s for s in shifts if s["voice"] == voice])
     mean_err, within = summary(shifts)
     joe_err, joe_within = summary([s for s in shifts if s["voice"] == "joe"])
+    gaps = []
+    for voice, row in table.items():
+        ref = (reference_f0 or {}).get(voice)
+        if ref and np.isfinite(row["median_f0_hz"]):
+            row["reference_f0_hz"] = ref
+            row["f0_vs_reference_st"] = float(12 * np.log2(row["median_f0_hz"] / ref))
+            gaps.append(abs(row["f0_vs_reference_st"]))
     return {
         "voices": table,
+        "f0_vs_reference_abs_st_mean": float(np.mean(gaps)) if gaps else float("nan"),
         "voice_id_accuracy": nearest_centroid_accuracy(feats),
         "voice_id_chance": 1.0 / len(feats),
         "pitch_shift": shifts,
@@ -402,11 +432,17 @@ def to_markdown(res: dict) -> str:
                      f"{res['pitch_shift_joe_abs_err_st_mean']:.2f} st, {100 * res['pitch_shift_joe_within_1st']:.0f}%)")
         lines.append(f"- voice identification from decoded audio (nearest centroid, leave-one-out): "
                      f"{100 * res['voice_id_accuracy']:.0f}% (chance {100 * res['voice_id_chance']:.0f}%)")
+        gap = res.get("f0_vs_reference_abs_st_mean", float("nan"))
+        if np.isfinite(gap):
+            lines.append(f"- decoded pitch vs each voice's own neutral F0 (tokens of all speakers): mean abs "
+                         f"{gap:.2f} st")
         lines.append("")
-        lines.append("| voice | median F0 (Hz) | spectral centroid (Hz) | pitch shift abs error (st) | within 1 st |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| voice | median F0 (Hz) | own neutral F0 (Hz) | spectral centroid (Hz) | pitch shift abs error (st) "
+                     "| within 1 st |")
+        lines.append("|---|---|---|---|---|---|")
         for v, row in res["voices"].items():
-            lines.append(f"| {v} | {row['median_f0_hz']:.0f} | {row['spectral_centroid_hz']:.0f} | "
+            own = f"{row['reference_f0_hz']:.0f}" if "reference_f0_hz" in row else "-"
+            lines.append(f"| {v} | {row['median_f0_hz']:.0f} | {own} | {row['spectral_centroid_hz']:.0f} | "
                          f"{row['pitch_shift_abs_err_st']:.2f} | {100 * row['pitch_shift_within_1st']:.0f}% |")
     return "\n".join(lines)
 
