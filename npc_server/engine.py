@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
-from npc_server.controls import EMOTIONS
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
@@ -211,8 +210,7 @@ class Engine:
 
         voc = None
         if answer_mode != Mode.TEXT:
-            emotion = EMOTIONS.get(controls.emotion, EMOTIONS["neutral"])
-            pitch = self.vocoder.request_pitch(controls.pitch_st, emotion.pitch_shift_st)
+            pitch = self.vocoder.request_pitch(controls.pitch_st, controls.emotion)
             voc = self.vocoder.stream(voice=controls.voice, pitch_st=pitch)
         vocoder_s = 0.0
         text_so_far = ""

@@ -201,11 +201,11 @@ def test_pitch_reference_decides_whether_the_emotion_shift_counts(tmp_path):
     """With pitch 0 at the voice's neutral F0 (`pitch_reference` "voice") the engine's request adds the emotion's
     shift (clamped to the range); with pitch 0 at the tokens' level the tokens carry it. Saved with the model."""
     voc = tiny_vocoder()
-    assert voc.flow.config.pitch_reference == "tokens" and voc.request_pitch(2.0, 3.5) == 2.0
+    assert voc.flow.config.pitch_reference == "tokens" and voc.request_pitch(2.0, "excited") == 2.0
     voc.flow.config.pitch_reference = "voice"
     voc.flow.config.voice_f0_hz = {"joe": 101.5}
-    assert voc.request_pitch(2.0, 3.5) == pytest.approx(5.5)
-    assert voc.request_pitch(11.0, 3.5) == pytest.approx(12.0) and voc.request_pitch(-11.0, -2.0) == -12.0
+    assert voc.request_pitch(2.0, "excited") == pytest.approx(5.5)
+    assert voc.request_pitch(11.0, "excited") == pytest.approx(12.0) and voc.request_pitch(-11.0, "sad") == -12.0
     voc.save_pretrained(tmp_path / "v")
     loaded = Vocoder.from_pretrained(tmp_path / "v").flow.config
     assert loaded.pitch_reference == "voice" and loaded.voice_f0_hz == {"joe": 101.5}

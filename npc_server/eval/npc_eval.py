@@ -273,8 +273,7 @@ def main(argv: list[str]) -> int:
             wav, sr, transcript = None, 0, None
             if vocoder is not None and len(ans["audio_codes"]):
                 c = row.get("controls", {})  # decoded as the server does (Engine: Vocoder.request_pitch)
-                pitch = vocoder.request_pitch(float(c.get("pitch_st", 0.0)),
-                                              EMOTIONS[c.get("emotion", "neutral")].pitch_shift_st)
+                pitch = vocoder.request_pitch(float(c.get("pitch_st", 0.0)), c.get("emotion", "neutral"))
                 wav, sr = vocoder.decode(ans["audio_codes"].tolist(), voice=row["npc_voice"]
                                          if row["npc_voice"] in vocoder.voices else vocoder.voices[0], pitch_st=pitch)
                 if row["language"] == "en":

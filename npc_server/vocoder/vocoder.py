@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from npc_server.controls import PITCH_RANGE_ST
+from npc_server.controls import EMOTIONS, PITCH_RANGE_ST
 from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import MelConfig
@@ -170,15 +170,17 @@ class Vocoder(nn.Module):
             raise ValueError(f"pitch_st {pitch_st!r} is outside the allowed range {lo}..{hi} semitones")
         return idx, float(pitch_st)
 
-    def request_pitch(self, pitch_st: float, emotion_shift_st: float = 0.0) -> float:
-        """The pitch shift to decode an answer with, from the persona's pitch and its emotion's mean F0 shift. When
-        pitch 0 is the tokens' own level (`pitch_reference` "tokens") the tokens already carry the emotion's pitch
-        (the backbone speaks it), so only the persona's shift is applied; when it is the voice's neutral F0
-        ("voice"), the vocoder sets the level and both count (clamped to the allowed range)."""
+    def request_pitch(self, pitch_st: float, emotion: str = "neutral") -> float:
+        """The pitch shift to decode an answer with, from the persona's pitch and its emotion (whose mean F0 shift is
+        `EMOTIONS[emotion].pitch_shift_st`; unknown names count as neutral). When pitch 0 is the tokens' own level
+        (`pitch_reference` "tokens") the tokens already carry the emotion's pitch (the backbone speaks it), so only
+        the persona's shift is applied; when it is the voice's neutral F0 ("voice"), the vocoder sets the level and
+        both count (clamped to the allowed range)."""
         if self.flow.config.pitch_reference != "voice":
             return float(pitch_st)
+        shift = EMOTIONS.get(emotion, EMOTIONS["neutral"]).pitch_shift_st
         lo, hi = PITCH_RANGE_ST
-        return float(min(hi, max(lo, pitch_st + emotion_shift_st)))
+        return float(min(hi, max(lo, pitch_st + shift)))
 
     @torch.no_grad()
     def tokens_to_mel(self, tokens: np.ndarray, voice_idx: int, pitch_st: float, start_token: int = 0,
