@@ -6,6 +6,7 @@ semantic tokens come from the corpus token cache (<corpus>/tokens/<id>.npz, the 
   real   the log-mel of the source audio (the judge's own floor)
   prior  the flow's token-conditioned prior mean mu alone (no flow steps)
   S:T    the flow sampled with S Euler steps at noise temperature T
+  S:T:W  the same with classifier-free guidance scale W (a flow trained with `--cond-dropout`)
 A gap between prior and samples is the flow's; a gap between held-out and train says more data would help.
 
     python -m benchmarks.flow_diagnosis --vocoder models/default/vocoder --judge runs/phone_judge --n 60 --threads 1
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     ap.add_argument("--n", type=int, default=60, help="utterances per split")
     ap.add_argument("--settings", nargs="+", default=["3:0.667", "3:0.0", "10:0.667"],
-                    help="n_steps:temperature pairs")
+                    help="n_steps:temperature[:guidance] settings")
     ap.add_argument("--splits", nargs="+", default=["heldout", "train"], choices=["heldout", "train"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -55,7 +56,10 @@ def main() -> None:
     inventory = PhoneInventory(judge.config.phones)
     logmel = LogMel(vocoder.mel_config)
     flow, fpt = vocoder.flow, vocoder.flow.config.frames_per_token
-    settings = [(int(s.split(":")[0]), float(s.split(":")[1])) for s in args.settings]
+    settings = {s: (int(s.split(":")[0]), float(s.split(":")[1]), float((s.split(":") + ["0"])[2]))
+                for s in args.settings}
+    for steps, temp, guidance in settings.values():
+        flow.set_sampling(steps, temp, guidance)  # checks them before the long loop
 
     def cached(rows: list[dict]) -> list[dict]:
         return [r for r in rows if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()]
@@ -70,7 +74,7 @@ def main() -> None:
 
     results = {}
     for split, rows in picks.items():
-        mels: dict[str, list[torch.Tensor]] = {"real": [], "prior": [], **{f"{s}:{t}": [] for s, t in settings}}
+        mels: dict[str, list[torch.Tensor]] = {"real": [], "prior": [], **{name: [] for name in settings}}
         refs = []
         t0 = time.perf_counter()
         for r in tqdm(rows, desc=split, unit="utt"):
@@ -86,10 +90,9 @@ def main() -> None:
                 _, mu = flow.encode_tokens(tokens, flow.global_condition(voice, pitch))
                 mels["prior"].append((flow.unpair_frames(mu) * flow.config.mel_std + flow.config.mel_mean)[0])
                 noise = vocoder.noise(0, n * fpt)
-                for steps, temp in settings:
-                    saved, flow.config.temperature = flow.config.temperature, temp
-                    mels[f"{steps}:{temp}"].append(flow.sample(tokens, voice, pitch, noise, steps)[0])
-                    flow.config.temperature = saved
+                for name, (steps, temp, guidance) in settings.items():
+                    flow.set_sampling(steps, temp, guidance)
+                    mels[name].append(flow.sample(tokens, voice, pitch, noise)[0])
             mels["real"].append(real)
             refs.append(inventory.encode(r.get("phonemes", "")))
         with torch.no_grad():

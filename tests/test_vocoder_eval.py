@@ -96,6 +96,7 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert len(res["pitch_shift"]) == 2 * 4 * len(voc.voices)  # 2 utterances x 4 shifts x every voice
     assert all("pitch_shift_within_1st" in row for row in res["voices"].values())  # NaN when unvoiced (untrained)
     assert res["rtf_offline"] > 0 and res["first_chunk_compute_ms_median"] > 0
+    assert res["flow_sampling"] == {"n_steps": 6, "temperature": 0.667, "guidance": 0.0}
     assert res["stream_rel_l2_vs_offline_max"] < 0.05
     assert res["stream_logmel_db_vs_offline_max"] < res["offline_other_noise_logmel_db_median"]
     by_voice = res["wer_by_voice"]
@@ -109,7 +110,7 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert res["judge_per_source"] >= 0.5 and res["judge_per_resynth"] >= 0.5  # an untrained judge hears nothing
     md = ve.to_markdown(res)
     assert "WER" in md and "scot_male: resynthesised" in md and "tolerance" in md and "phone judge" in md
-    assert "own neutral F0" in md
+    assert "own neutral F0" in md and "guidance 0.0" in md
 
 
 @pytest.mark.parametrize("flag", ["--n", "--timbre-utts", "--stream-utts"])
@@ -118,6 +119,12 @@ def test_cli_rejects_empty_samples(flag, capsys):
         ve.main([flag, "0"])
     assert exc.value.code == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_cli_rejects_guidance_for_a_flow_trained_without_cond_dropout(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ve.main(["--guidance", "1.5"])  # the shipped flow has cond_dropout 0
+    assert exc.value.code == 2 and "cond_dropout" in capsys.readouterr().err
 
 
 def test_neutral_voice_f0_and_decoded_pitch_against_it(heldout_corpus, monkeypatch):

@@ -18,13 +18,15 @@ from npc_server.vocoder import (
 torch.set_num_threads(1)
 
 
-def tiny_vocoder(seed: int = 0, stream: StreamConfig | None = None, cond_transformers: int = 0) -> Vocoder:
+def tiny_vocoder(seed: int = 0, stream: StreamConfig | None = None, cond_transformers: int = 0,
+                 guidance: float = 0.0) -> Vocoder:
     """A small randomly initialised vocoder; zero-initialised output layers get small random weights so every
     conditioning path reaches the output. Without token-encoder transformers (`cond_transformers`) its receptive
     field is narrow enough for the served 3-token lookahead to reproduce offline waveforms."""
     torch.manual_seed(seed)
     flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
-                                  cond_transformer_layers=cond_transformers, attn_window=8, n_steps=3))
+                                  cond_transformer_layers=cond_transformers, attn_window=8, n_steps=3,
+                                  cond_dropout=0.2 if guidance else 0.0, guidance=guidance))
     gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
     with torch.no_grad():
         for p in [*flow.parameters(), *gen.parameters()]:
@@ -112,17 +114,60 @@ def test_streaming_equals_offline(step):
     assert rel_err(streamed, offline) < STREAM_TOLERANCE
 
 
-@pytest.mark.parametrize("cond_transformers", [0, 1])
-def test_streaming_exact_with_enough_context(cond_transformers):
+@pytest.mark.parametrize("cond_transformers,guidance", [(0, 0.0), (1, 0.0), (0, 1.5)])
+def test_streaming_exact_with_enough_context(cond_transformers, guidance):
     """With context wider than the receptive field the chunks equal the offline output to float precision:
-    the positional noise makes chunked sampling reproduce offline sampling."""
+    the positional noise makes chunked sampling reproduce offline sampling (also with classifier-free guidance)."""
     cfg = StreamConfig(first_chunk_tokens=5, chunk_tokens=10, lookahead_tokens=60, left_context_tokens=60)
-    voc = tiny_vocoder(stream=cfg, cond_transformers=cond_transformers)
+    voc = tiny_vocoder(stream=cfg, cond_transformers=cond_transformers, guidance=guidance)
     tokens = np.random.default_rng(2).integers(0, 4096, 70)
     offline, _ = voc.decode(tokens)
     stream = voc.stream()
     streamed = np.concatenate([stream.push(tokens[i : i + 7]) for i in range(0, 70, 7)] + [stream.flush()])
     assert rel_err(streamed, offline) < 1e-4
+
+
+def test_guided_velocity_is_pushed_away_from_the_token_free_one():
+    flow = tiny_vocoder(guidance=2.0).flow
+    g = flow.global_condition(torch.tensor([1]), torch.tensor([0.0]))
+    cond, mu = flow.encode_tokens(torch.randint(0, 4096, (1, 10)), g)
+    x, t = torch.randn_like(mu), torch.tensor([0.3])
+    with torch.no_grad():
+        v_c, v_u = flow(x, t, cond, mu, g), flow(x, t, torch.zeros_like(cond), torch.zeros_like(mu), g)
+        guided = flow.velocity(x, t, cond, mu, g)
+        flow.set_sampling(guidance=0.0)
+        plain = flow.velocity(x, t, cond, mu, g)
+    assert torch.allclose(guided, v_c + 2.0 * (v_c - v_u), atol=1e-5)
+    assert torch.equal(plain, v_c) and not torch.allclose(v_c, v_u)
+
+
+def test_cond_dropout_trains_some_examples_without_the_tokens():
+    flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
+                                  cond_dropout=0.5))
+    seen = []
+    real_forward = flow.forward
+    flow.forward = lambda x, t, cond, mu, g: (seen.append((cond, mu)), real_forward(x, t, cond, mu, g))[1]
+    mel, tokens = torch.randn(16, 80, 40) - 5, torch.randint(0, 4096, (16, 10))
+    voice, pitch = torch.zeros(16, dtype=torch.long), torch.zeros(16)
+    torch.manual_seed(0)
+    flow.train().loss(mel, tokens, voice, pitch)
+    dropped = [bool((c == 0).all() and (m == 0).all()) for c, m in zip(*seen[-1])]
+    assert 0 < sum(dropped) < 16
+    flow.eval().loss(mel, tokens, voice, pitch)  # evaluation losses see every example with its tokens
+    assert not any(bool((c == 0).all()) for c in seen[-1][0])
+
+
+def test_guidance_needs_a_flow_trained_with_cond_dropout():
+    with pytest.raises(ValueError, match="cond_dropout"):
+        FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, guidance=1.0))
+    with pytest.raises(ValueError, match="cond_dropout"):
+        FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, cond_dropout=1.0))
+    flow = tiny_vocoder().flow
+    with pytest.raises(ValueError, match="cond_dropout"):
+        flow.set_sampling(guidance=1.0)
+    with pytest.raises(ValueError, match="n_steps"):
+        flow.set_sampling(n_steps=0)
+    assert flow.config.guidance == 0.0 and flow.config.n_steps == 3
 
 
 def test_shipped_model_streams_within_mel_tolerance(speech):

@@ -288,6 +288,13 @@ def _constant_f0_generator(hz: float, voiced: bool = True) -> Generator:
     return gen
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1.0"])
+def test_cli_rejects_a_cond_dropout_outside_0_1(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tv.main(["--stage", "flow", "--cond-dropout", value, "--run-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "--cond-dropout" in capsys.readouterr().err
+
+
 def test_voice_pitch_reference_labels(corpus):
     """`pitch_reference` "voice": a speaker's reference F0 takes out the shift the corpus asked for (persona pitch +
     emotion), and each example's pitch input is its mel's median F0 in semitones from its speaker's reference."""
@@ -318,9 +325,12 @@ def test_cli_flow_stage_with_voice_pitch_reference(corpus, tmp_path):
                run / "token_cache.pt")
     Vocoder(FlowDecoder(small_flow_config()), _constant_f0_generator(120.0)).eval().save_pretrained(tmp_path / "init")
     assert tv.main(["--stage", "flow", "--pitch-reference", "voice", "--minutes", "0.03", "--flow-segment-tokens", "20",
-                    "--init", str(tmp_path / "init"), "--out", str(out), *common]) == 0
+                    "--cond-dropout", "0.2", "--init", str(tmp_path / "init"), "--out", str(out), *common]) == 0
     trained = Vocoder.from_pretrained(out)
     assert trained.flow.config.pitch_reference == "voice"
+    assert trained.flow.config.cond_dropout == 0.2 and trained.flow.config.guidance == 0.0
+    assert json.loads((out / "training.json").read_text())["flow"]["cond_dropout"] == 0.2
+    trained.flow.set_sampling(guidance=1.0)  # allowed now that the flow has seen examples without tokens
     assert trained.flow.config.voice_f0_hz == pytest.approx({"gb_female": 120.0, "scot_male": 120.0}, abs=0.5)
     assert json.loads((out / "training.json").read_text())["flow"]["pitch_reference"] == "voice"
     assert np.isfinite(trained.decode(list(range(30)), voice="scot_male", pitch_st=-3.0)[0]).all()

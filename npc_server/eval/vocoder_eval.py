@@ -256,6 +256,7 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
         "voicing_decision_err_median": nanmed("vde"),
         "rtf_offline": compute_s / max(audio_s, 1e-9),
         "threads": threads,
+        "flow_sampling": {k: getattr(vocoder.flow.config, k) for k in ("n_steps", "temperature", "guidance")},
     }
     if listener is not None:
         result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words,
@@ -402,6 +403,10 @@ def write_samples(out_dir: Path, decoded, vocoder: Vocoder, logmel: LogMel, toke
 
 def to_markdown(res: dict) -> str:
     lines = [f"mode: {res['mode']}, {res['utterances']} held-out NPC utterances, {res['audio_seconds']:.1f} s"]
+    if "flow_sampling" in res and res["mode"] != "copy-synthesis (generator only)":
+        fs = res["flow_sampling"]
+        lines.append(f"- flow: {fs['n_steps']} Euler steps, noise temperature {fs['temperature']}, "
+                     f"guidance {fs['guidance']}")
     if "wer_resynth" in res:
         lines.append(f"- WER (Whisper tiny.en): resynthesised {100 * res['wer_resynth']:.1f}% "
                      f"vs source audio {100 * res['wer_source']:.1f}% ({res['words']} words)")
@@ -466,11 +471,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timbre-utts", type=int, default=4,
                    help="utterances decoded with every voice and pitch shift (voice identification, pitch accuracy)")
     p.add_argument("--stream-utts", type=int, default=10, help="utterances streamed and compared with offline decoding")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for the flow (default: the vocoder's config.json; > 0 needs a "
+                        "flow trained with `train vocoder --cond-dropout`)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps of the flow (default: the vocoder's config.json)")
     args = p.parse_args(argv)
     if min(args.n, args.timbre_utts, args.stream_utts) < 1:
         p.error("--n, --timbre-utts and --stream-utts must be at least 1")
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
+    try:
+        vocoder.flow.set_sampling(n_steps=args.steps, guidance=args.guidance)
+    except ValueError as e:
+        p.error(str(e))
     tokenizer = None
     if not args.copy_synthesis:
         from npc_server.tokenizer import AudioTokenizer

@@ -673,6 +673,9 @@ def main(argv: list[str]) -> int:
                    help="flow: what pitch 0 means (default: keep the --init/--out model's). tokens: the level the "
                         "tokens imply; voice: the voice's neutral F0 (measured on the data), so the voice sets the "
                         "pitch level and an answer lands at that F0 times 2^(persona pitch + emotion shift)/12")
+    p.add_argument("--cond-dropout", type=float, default=None,
+                   help="flow: fraction of examples trained without the tokens, for classifier-free guidance "
+                        "(0.2 is common; sample with `eval vocoder --guidance W`, ship with flow.guidance in config.json)")
     p.add_argument("--f0-weight", type=float, default=0.0,
                    help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
     p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
@@ -692,6 +695,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.cond_dropout is not None and not 0.0 <= args.cond_dropout < 1.0:
+        p.error(f"--cond-dropout is a fraction of training examples, 0 <= p < 1; got {args.cond_dropout}")
     if not 0.0 <= args.voice_swap <= 1.0:
         p.error(f"--voice-swap is a fraction of utterances, 0..1; got {args.voice_swap}")
 
@@ -806,6 +811,8 @@ def main(argv: list[str]) -> int:
         flow_cfg = vocoder.flow.config
         if args.pitch_reference is not None:
             flow_cfg.pitch_reference = args.pitch_reference
+        if args.cond_dropout is not None:
+            flow_cfg.cond_dropout = args.cond_dropout
         speaker_f0 = None
         if flow_cfg.pitch_reference == "voice":
             rows = {r["id"]: r for r in read_manifest(args.corpus)}
@@ -827,7 +834,8 @@ def main(argv: list[str]) -> int:
             lambda: flow_batch(examples, args.batch * 2, args.flow_segment_tokens, fpt, rng),
             loss_fn, args.run_dir, minutes, args.lr or 1e-3,
         )
-        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight, pitch_reference=flow_cfg.pitch_reference)
+        stats.update(phone_weight=args.phone_weight, f0_weight=args.f0_weight, pitch_reference=flow_cfg.pitch_reference,
+                     cond_dropout=flow_cfg.cond_dropout)
         print(f"flow: {stats}")
         if not args.proxy_tokens:
             _export(vocoder, args.out, {"flow": {**stats, "examples": len(examples)}}, "flow", args.init)

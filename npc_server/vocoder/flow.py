@@ -44,6 +44,12 @@ class FlowConfig:
     prior_weight: float = 1.0  # weight of the encoder's mel regression loss
     temperature: float = 0.667  # noise scale at sampling time (Matcha-TTS practice; 1.0 = as trained)
     n_steps: int = 6
+    # Classifier-free guidance on the tokens. Training: the fraction of examples whose token condition (the
+    # encoder's condition and the prior mean as U-Net input) is replaced by zeros; voice, pitch and the starting
+    # point mu + noise are kept. Sampling: v = v_c + guidance * (v_c - v_u), v_u without the tokens (one batched
+    # pass of twice the size); 0 = off, a single pass. Guidance needs a flow trained with cond_dropout > 0.
+    cond_dropout: float = 0.0
+    guidance: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +132,9 @@ class FlowDecoder(nn.Module):
         self.config = c = config or FlowConfig()
         if c.pitch_reference not in ("tokens", "voice"):
             raise ValueError(f"pitch_reference must be 'tokens' or 'voice', got {c.pitch_reference!r}")
+        if not 0.0 <= c.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout is a fraction of training examples, 0 <= p < 1; got {c.cond_dropout}")
+        self.set_sampling(guidance=c.guidance)
         d = c.dim
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
         self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
@@ -245,7 +254,11 @@ class FlowDecoder(nn.Module):
         tt = t[:, None, None]
         xt = (1 - (1 - c.sigma_min) * tt) * x0 + tt * x1
         target = x1 - (1 - c.sigma_min) * x0
-        pred = self(xt, t, cond, mu, g)
+        if self.training and c.cond_dropout > 0:  # classifier-free guidance: some examples without the tokens
+            keep = (torch.rand(x1.shape[0], 1, 1, device=x1.device) >= c.cond_dropout).to(cond.dtype)
+            pred = self(xt, t, cond * keep, mu * keep, g)
+        else:
+            pred = self(xt, t, cond, mu, g)
         err = (pred.float() - target) ** 2 + c.prior_weight * (mu.float() - x1) ** 2
         if mask is None:
             loss = err.mean()
@@ -258,6 +271,32 @@ class FlowDecoder(nn.Module):
         return loss, self.unpair_frames(x1_hat) * c.mel_std + c.mel_mean, t
 
     # -- sampling -----------------------------------------------------------------------------------------
+    def set_sampling(self, n_steps: int | None = None, temperature: float | None = None,
+                     guidance: float | None = None) -> None:
+        """Change the sampler's settings (None keeps one), checked: guidance needs a flow trained with cond_dropout."""
+        c = self.config
+        if n_steps is not None and n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if guidance is not None and (guidance < 0 or (guidance > 0 and c.cond_dropout == 0)):
+            raise ValueError(f"guidance must be >= 0, and > 0 needs a flow trained with cond_dropout > 0 "
+                             f"(got guidance {guidance}, this flow's cond_dropout {c.cond_dropout})")
+        c.n_steps = c.n_steps if n_steps is None else n_steps
+        c.temperature = c.temperature if temperature is None else temperature
+        c.guidance = c.guidance if guidance is None else guidance
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor):
+        """The sampler's velocity: the network's, or with guidance > 0 pushed away from the token-free velocity."""
+        w = self.config.guidance
+        if w <= 0:
+            return self(x, t, cond, mu, g)
+        v_c, v_u = self(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
+            torch.cat([mu, torch.zeros_like(mu)]), torch.cat([g, g]),
+        ).chunk(2)
+        return v_c + w * (v_c - v_u)
+
     @torch.no_grad()
     def sample(
         self, tokens: torch.Tensor, voice: torch.Tensor, pitch_st: torch.Tensor, noise: torch.Tensor,
@@ -273,5 +312,5 @@ class FlowDecoder(nn.Module):
         ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
         for i in range(n_steps):
             t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
-            x = x + float(ts[i + 1] - ts[i]) * self(x, t, cond, mu, g)
+            x = x + float(ts[i + 1] - ts[i]) * self.velocity(x, t, cond, mu, g)
         return self.unpair_frames(x) * c.mel_std + c.mel_mean
