@@ -150,9 +150,10 @@ def test_cond_dropout_trains_some_examples_without_the_tokens():
     mel, tokens = torch.randn(16, 80, 40) - 5, torch.randint(0, 4096, (16, 10))
     voice, pitch = torch.zeros(16, dtype=torch.long), torch.zeros(16)
     torch.manual_seed(0)
-    flow.train().loss(mel, tokens, voice, pitch)
+    _, _, weight = flow.train().loss(mel, tokens, voice, pitch, return_estimate=True)
     dropped = [bool((c == 0).all() and (m == 0).all()) for c, m in zip(*seen[-1])]
     assert 0 < sum(dropped) < 16
+    assert [bool(w == 0) for w in weight] == dropped  # output judges skip the examples trained without tokens
     flow.eval().loss(mel, tokens, voice, pitch)  # evaluation losses see every example with its tokens
     assert not any(bool((c == 0).all()) for c in seen[-1][0])
 

@@ -244,7 +244,9 @@ class FlowDecoder(nn.Module):
         mask [B, F] (1 = real frame).
 
         With return_estimate, also returns the one-step estimate of the clean mel, x_t + (1 - t) v (raw log-mel
-        [B, n_mels, F], differentiable), and t [B]: what training-time judges of the output (phones, F0) look at."""
+        [B, n_mels, F], differentiable), and t [B]: what training-time judges of the output (phones, F0) look at,
+        weighting by t. With cond_dropout, t is 0 for the examples trained without their tokens (their estimate
+        is not meant to match their mel)."""
         c = self.config
         x1 = self.pair_frames((mel - c.mel_mean) / c.mel_std)
         g = self.global_condition(voice, pitch_st)
@@ -254,9 +256,11 @@ class FlowDecoder(nn.Module):
         tt = t[:, None, None]
         xt = (1 - (1 - c.sigma_min) * tt) * x0 + tt * x1
         target = x1 - (1 - c.sigma_min) * x0
+        keep = torch.ones_like(t)
         if self.training and c.cond_dropout > 0:  # classifier-free guidance: some examples without the tokens
-            keep = (torch.rand(x1.shape[0], 1, 1, device=x1.device) >= c.cond_dropout).to(cond.dtype)
-            pred = self(xt, t, cond * keep, mu * keep, g)
+            keep = (torch.rand_like(t) >= c.cond_dropout).to(t.dtype)
+            k = keep[:, None, None].to(cond.dtype)
+            pred = self(xt, t, cond * k, mu * k, g)
         else:
             pred = self(xt, t, cond, mu, g)
         err = (pred.float() - target) ** 2 + c.prior_weight * (mu.float() - x1) ** 2
@@ -268,7 +272,7 @@ class FlowDecoder(nn.Module):
         if not return_estimate:
             return loss
         x1_hat = xt + (1 - tt) * pred.float()
-        return loss, self.unpair_frames(x1_hat) * c.mel_std + c.mel_mean, t
+        return loss, self.unpair_frames(x1_hat) * c.mel_std + c.mel_mean, t * keep
 
     # -- sampling -----------------------------------------------------------------------------------------
     def set_sampling(self, n_steps: int | None = None, temperature: float | None = None,
