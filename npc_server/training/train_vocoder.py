@@ -674,8 +674,9 @@ def main(argv: list[str]) -> int:
                         "tokens imply; voice: the voice's neutral F0 (measured on the data), so the voice sets the "
                         "pitch level and an answer lands at that F0 times 2^(persona pitch + emotion shift)/12")
     p.add_argument("--cond-dropout", type=float, default=None,
-                   help="flow: fraction of examples trained without the tokens, for classifier-free guidance "
-                        "(0.2 is common; sample with `eval vocoder --guidance W`, ship with flow.guidance in config.json)")
+                   help="flow: fraction of examples trained without the tokens, for classifier-free guidance (default: "
+                        "keep the --init/--out model's; 0.2 is common; sample with `eval vocoder --guidance W`, ship "
+                        "with flow.guidance in config.json)")
     p.add_argument("--f0-weight", type=float, default=0.0,
                    help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
     p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
