@@ -141,6 +141,23 @@ def test_guided_velocity_is_pushed_away_from_the_token_free_one():
     assert torch.equal(plain, v_c) and not torch.allclose(v_c, v_u)
 
 
+def test_guidance_steps_guide_only_the_first_euler_steps():
+    flow = tiny_vocoder(guidance=2.0).flow
+    tokens, voice, pitch = torch.randint(0, 4096, (1, 10)), torch.tensor([1]), torch.tensor([0.0])
+    noise = torch.randn(1, 80, 40)
+    guided = []
+    real_velocity = flow.velocity
+    flow.velocity = lambda *a: (guided.append(a[-1]), real_velocity(*a))[1]
+    out = {}
+    for steps in (0, 1, 3):
+        flow.set_sampling(guidance_steps=steps)
+        out[steps] = flow.sample(tokens, voice, pitch, noise)
+    assert guided == [True] * 3 + [True, False, False] + [True] * 3  # 0 = all of the 3 steps
+    assert torch.equal(out[0], out[3]) and not torch.allclose(out[0], out[1])
+    with pytest.raises(ValueError, match="guidance_steps"):
+        flow.set_sampling(guidance_steps=-1)
+
+
 def test_cond_dropout_trains_some_examples_without_the_tokens():
     flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1,
                                   cond_dropout=0.5))

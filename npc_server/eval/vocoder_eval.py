@@ -256,7 +256,8 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
         "voicing_decision_err_median": nanmed("vde"),
         "rtf_offline": compute_s / max(audio_s, 1e-9),
         "threads": threads,
-        "flow_sampling": {k: getattr(vocoder.flow.config, k) for k in ("n_steps", "temperature", "guidance")},
+        "flow_sampling": {k: getattr(vocoder.flow.config, k)
+                          for k in ("n_steps", "temperature", "guidance", "guidance_steps")},
     }
     if listener is not None:
         result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words,
@@ -406,7 +407,8 @@ def to_markdown(res: dict) -> str:
     if "flow_sampling" in res and res["mode"] != "copy-synthesis (generator only)":
         fs = res["flow_sampling"]
         lines.append(f"- flow: {fs['n_steps']} Euler steps, noise temperature {fs['temperature']}, "
-                     f"guidance {fs['guidance']}")
+                     f"guidance {fs['guidance']}" + (f" on the first {fs['guidance_steps']} step(s)"
+                                                     if fs.get("guidance_steps") and fs["guidance"] else ""))
     if "wer_resynth" in res:
         lines.append(f"- WER (Whisper tiny.en): resynthesised {100 * res['wer_resynth']:.1f}% "
                      f"vs source audio {100 * res['wer_source']:.1f}% ({res['words']} words)")
@@ -474,6 +476,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale for the flow (default: the vocoder's config.json; > 0 needs a "
                         "flow trained with `train vocoder --cond-dropout`)")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="guide only the first N Euler steps (0 = all; default: the vocoder's config.json)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps of the flow (default: the vocoder's config.json)")
     args = p.parse_args(argv)
     if min(args.n, args.timbre_utts, args.stream_utts) < 1:
@@ -481,7 +485,7 @@ def main(argv: list[str]) -> int:
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
     try:
-        vocoder.flow.set_sampling(n_steps=args.steps, guidance=args.guidance)
+        vocoder.flow.set_sampling(n_steps=args.steps, guidance=args.guidance, guidance_steps=args.guidance_steps)
     except ValueError as e:
         p.error(str(e))
     tokenizer = None

@@ -50,6 +50,7 @@ class FlowConfig:
     # pass of twice the size); 0 = off, a single pass. Guidance needs a flow trained with cond_dropout > 0.
     cond_dropout: float = 0.0
     guidance: float = 0.0
+    guidance_steps: int = 0  # guide only the first N Euler steps (where the content is laid down); 0 = all steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +135,7 @@ class FlowDecoder(nn.Module):
             raise ValueError(f"pitch_reference must be 'tokens' or 'voice', got {c.pitch_reference!r}")
         if not 0.0 <= c.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout is a fraction of training examples, 0 <= p < 1; got {c.cond_dropout}")
-        self.set_sampling(guidance=c.guidance)
+        self.set_sampling(guidance=c.guidance, guidance_steps=c.guidance_steps)
         d = c.dim
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
         self.cond_in = nn.Conv1d(c.token_dim, d, 3, padding=1)
@@ -276,7 +277,7 @@ class FlowDecoder(nn.Module):
 
     # -- sampling -----------------------------------------------------------------------------------------
     def set_sampling(self, n_steps: int | None = None, temperature: float | None = None,
-                     guidance: float | None = None) -> None:
+                     guidance: float | None = None, guidance_steps: int | None = None) -> None:
         """Change the sampler's settings (None keeps one), checked: guidance needs a flow trained with cond_dropout."""
         c = self.config
         if n_steps is not None and n_steps < 1:
@@ -286,14 +287,19 @@ class FlowDecoder(nn.Module):
         if guidance is not None and (guidance < 0 or (guidance > 0 and c.cond_dropout == 0)):
             raise ValueError(f"guidance must be >= 0, and > 0 needs a flow trained with cond_dropout > 0 "
                              f"(got guidance {guidance}, this flow's cond_dropout {c.cond_dropout})")
+        if guidance_steps is not None and guidance_steps < 0:
+            raise ValueError(f"guidance_steps must be >= 0 (0 = every step), got {guidance_steps}")
         c.n_steps = c.n_steps if n_steps is None else n_steps
         c.temperature = c.temperature if temperature is None else temperature
         c.guidance = c.guidance if guidance is None else guidance
+        c.guidance_steps = c.guidance_steps if guidance_steps is None else guidance_steps
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor):
-        """The sampler's velocity: the network's, or with guidance > 0 pushed away from the token-free velocity."""
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor,
+                 guided: bool = True):
+        """The sampler's velocity: the network's, or with guidance > 0 (and `guided`) pushed away from the
+        token-free velocity."""
         w = self.config.guidance
-        if w <= 0:
+        if w <= 0 or not guided:
             return self(x, t, cond, mu, g)
         v_c, v_u = self(
             torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
@@ -316,5 +322,6 @@ class FlowDecoder(nn.Module):
         ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
         for i in range(n_steps):
             t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
-            x = x + float(ts[i + 1] - ts[i]) * self.velocity(x, t, cond, mu, g)
+            guided = c.guidance_steps == 0 or i < c.guidance_steps
+            x = x + float(ts[i + 1] - ts[i]) * self.velocity(x, t, cond, mu, g, guided)
         return self.unpair_frames(x) * c.mel_std + c.mel_mean
