@@ -50,7 +50,7 @@ class FlowConfig:
     # pass of twice the size); 0 = off, a single pass. Guidance needs a flow trained with cond_dropout > 0.
     cond_dropout: float = 0.0
     guidance: float = 0.0
-    guidance_steps: int = 0  # guide only the first N Euler steps (where the content is laid down); 0 = all steps
+    guidance_steps: int = 0  # guide only the first N Euler steps (N extra passes instead of n_steps); 0 = all steps
 
     def to_dict(self) -> dict:
         return asdict(self)
