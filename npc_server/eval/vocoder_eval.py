@@ -256,9 +256,10 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
         "voicing_decision_err_median": nanmed("vde"),
         "rtf_offline": compute_s / max(audio_s, 1e-9),
         "threads": threads,
-        "flow_sampling": {k: getattr(vocoder.flow.config, k)
-                          for k in ("n_steps", "temperature", "guidance", "guidance_steps")},
     }
+    if tokenizer is not None:  # the flow ran: record how it sampled
+        result["flow_sampling"] = {k: getattr(vocoder.flow.config, k)
+                                   for k in ("n_steps", "temperature", "guidance", "guidance_steps")}
     if listener is not None:
         result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words,
                       wer_by_voice=wer_by_voice(per_utt))
@@ -404,7 +405,7 @@ def write_samples(out_dir: Path, decoded, vocoder: Vocoder, logmel: LogMel, toke
 
 def to_markdown(res: dict) -> str:
     lines = [f"mode: {res['mode']}, {res['utterances']} held-out NPC utterances, {res['audio_seconds']:.1f} s"]
-    if "flow_sampling" in res and res["mode"] != "copy-synthesis (generator only)":
+    if "flow_sampling" in res:
         fs = res["flow_sampling"]
         lines.append(f"- flow: {fs['n_steps']} Euler steps, noise temperature {fs['temperature']}, "
                      f"guidance {fs['guidance']}" + (f" on the first {fs['guidance_steps']} step(s)"

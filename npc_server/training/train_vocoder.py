@@ -19,7 +19,7 @@ from tqdm import tqdm
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.controls import EMOTIONS
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
-from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
+from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder, check_cond_dropout
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
@@ -696,8 +696,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.cond_dropout is not None and not 0.0 <= args.cond_dropout < 1.0:
-        p.error(f"--cond-dropout is a fraction of training examples, 0 <= p < 1; got {args.cond_dropout}")
+    if args.cond_dropout is not None:
+        try:
+            check_cond_dropout(args.cond_dropout)
+        except ValueError as e:
+            p.error(f"--cond-dropout: {e}")
     if not 0.0 <= args.voice_swap <= 1.0:
         p.error(f"--voice-swap is a fraction of utterances, 0..1; got {args.voice_swap}")
 

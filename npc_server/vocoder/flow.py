@@ -56,6 +56,12 @@ class FlowConfig:
         return asdict(self)
 
 
+def check_cond_dropout(p: float) -> None:
+    """A classifier-free-guidance dropout must be a fraction of training examples, 0 <= p < 1."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"cond_dropout is a fraction of training examples, 0 <= p < 1; got {p}")
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -133,8 +139,7 @@ class FlowDecoder(nn.Module):
         self.config = c = config or FlowConfig()
         if c.pitch_reference not in ("tokens", "voice"):
             raise ValueError(f"pitch_reference must be 'tokens' or 'voice', got {c.pitch_reference!r}")
-        if not 0.0 <= c.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout is a fraction of training examples, 0 <= p < 1; got {c.cond_dropout}")
+        check_cond_dropout(c.cond_dropout)
         self.set_sampling(guidance=c.guidance, guidance_steps=c.guidance_steps)
         d = c.dim
         self.token_embed = nn.Embedding(c.n_codes, c.token_dim)
