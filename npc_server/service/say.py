@@ -8,6 +8,23 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    """Run the command, then end the process at once (see `_leave`): this is a command, not a library call."""
+    _leave(_run(argv))
+
+
+def _leave(code: int) -> None:
+    """Flush and end the process without the interpreter's teardown.
+
+    Once, on a loaded CI machine, `say` printed its NOT_FOUND error and then sat in interpreter shutdown for over
+    60 s (no Python thread was left; gRPC's C core was still tearing down). The answer is written and the channel
+    closed by now, so nothing is lost by skipping the teardown, and the exit code stays exact.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="npc-server say", description=__doc__)
     ap.add_argument("question", nargs="?", help="question audio (wav/flac/ogg, any sample rate)")
     ap.add_argument("--npc", required=True, help="persona id, e.g. innkeeper")
