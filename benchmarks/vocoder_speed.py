@@ -1,0 +1,110 @@
+"""Compute cost of a vocoder's flow settings: offline and streaming real-time factor and first-chunk compute time.
+
+Timing only (no listener): held-out NPC utterances' semantic tokens from the corpus token cache
+(<corpus>/tokens/<id>.npz) are decoded offline and streamed `--push` tokens at a time, as the backbone feeds them.
+Each setting is timed `--repeats` times and the fastest pass is kept, so a busy moment of the machine does not count.
+Settings are S:T[:W[:G]]: S Euler steps, noise temperature T, classifier-free guidance W on the first G steps
+(G 0 or absent = all steps; W > 0 needs a flow trained with `train vocoder --cond-dropout`). Run it on an idle machine.
+
+    python -m benchmarks.vocoder_speed --vocoder runs/voc14/export --settings 3:0.667 3:0.667:0.7 3:0.667:0.7:1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
+
+
+def parse_setting(text: str) -> tuple[int, float, float, int]:
+    """"S:T[:W[:G]]" -> (n_steps, temperature, guidance, guidance_steps)."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps]]")
+    parts += ["0"] * (4 - len(parts))
+    return int(parts[0]), float(parts[1]), float(parts[2]), int(parts[3])
+
+
+def time_pass(vocoder, token_sets: list[np.ndarray], push: int) -> dict:
+    """One pass over the utterances: offline and streamed compute seconds, audio seconds, first-chunk times."""
+    offline_s, stream_s, audio_s, first_ms = 0.0, 0.0, 0.0, []
+    for t in token_sets:
+        t0 = time.perf_counter()
+        wav, sr = vocoder.decode(t, voice="joe")
+        offline_s += time.perf_counter() - t0
+        audio_s += len(wav) / sr
+        stream, first = vocoder.stream(voice="joe"), None
+        for i in range(0, len(t), push):
+            t0 = time.perf_counter()
+            out = stream.push(t[i : i + push])
+            dt = time.perf_counter() - t0
+            stream_s += dt
+            if out.size and first is None:
+                first = dt
+        t0 = time.perf_counter()
+        stream.flush()
+        stream_s += time.perf_counter() - t0
+        if first is not None:
+            first_ms.append(first * 1000)
+    return {"offline_s": offline_s, "stream_s": stream_s, "audio_s": audio_s,
+            "first_ms": float(np.median(first_ms)) if first_ms else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    ap.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    ap.add_argument("--settings", nargs="+", default=["3:0.667"], help="S:T[:W[:G]] flow settings (see above)")
+    ap.add_argument("--n", type=int, default=8, help="held-out utterances")
+    ap.add_argument("--push", type=int, default=5, help="tokens pushed into the stream at a time")
+    ap.add_argument("--repeats", type=int, default=3, help="passes per setting; the fastest is kept")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    try:
+        settings = [(s, parse_setting(s)) for s in args.settings]
+    except ValueError as e:
+        ap.error(str(e))
+    if min(args.n, args.push, args.repeats) < 1:
+        ap.error("--n, --push and --repeats must be at least 1")
+
+    from npc_server.eval.vocoder_eval import heldout_rows
+    from npc_server.vocoder import Vocoder
+
+    torch.set_num_threads(args.threads)
+    vocoder = Vocoder.from_pretrained(args.vocoder)
+    for name, (steps, temp, guidance, gsteps) in settings:
+        try:  # refuse a bad setting before any timing
+            vocoder.flow.set_sampling(n_steps=steps, temperature=temp, guidance=guidance, guidance_steps=gsteps)
+        except ValueError as e:
+            ap.error(f"setting {name}: {e}")
+    rows = [r for r in heldout_rows(args.corpus, 10 * args.n, args.seed)
+            if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()][: args.n]
+    if not rows:
+        ap.error(f"no held-out utterance of {args.corpus} has cached tokens in {args.corpus / 'tokens'}")
+    token_sets = []
+    for r in rows:
+        with np.load(args.corpus / "tokens" / f"{r['id']}.npz") as z:
+            token_sets.append(z["semantic"].astype(np.int64))
+    seconds = sum(len(t) for t in token_sets) * vocoder.samples_per_token / vocoder.sample_rate
+    print(f"{args.vocoder}: {len(token_sets)} held-out utterances, {seconds:.1f} s of audio, pushed {args.push} tokens "
+          f"at a time, {args.threads} thread(s), best of {args.repeats}")
+    print("| setting | offline RTF | streaming RTF | first chunk (median) |\n|---|---|---|---|")
+    with torch.inference_mode():
+        time_pass(vocoder, token_sets[:1], args.push)  # warm-up
+        for name, (steps, temp, guidance, gsteps) in settings:
+            vocoder.flow.set_sampling(n_steps=steps, temperature=temp, guidance=guidance, guidance_steps=gsteps)
+            passes = [time_pass(vocoder, token_sets, args.push) for _ in range(args.repeats)]
+            off = min(p["offline_s"] for p in passes) / passes[0]["audio_s"]
+            st = min(p["stream_s"] for p in passes) / passes[0]["audio_s"]
+            first = min(p["first_ms"] for p in passes)
+            print(f"| {name} | {off:.3f} | {st:.3f} | {first:.0f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
