@@ -3,10 +3,11 @@
 Timing only (no listener): held-out NPC utterances' semantic tokens from the corpus token cache
 (<corpus>/tokens/<id>.npz) are decoded offline and streamed `--push` tokens at a time, as the backbone feeds them.
 Each setting is timed `--repeats` times and the fastest pass is kept, so a busy moment of the machine does not count.
-Settings are S:T[:W[:G]]: S Euler steps, noise temperature T, classifier-free guidance W on the first G steps
-(G 0 or absent = all steps; W > 0 needs a flow trained with `train vocoder --cond-dropout`). Run it on an idle machine.
+Settings are S:T[:W[:G[c]]]: S Euler steps, noise temperature T, classifier-free guidance W on the first G steps
+(G 0 or absent = all steps; a trailing c carries the last guided step's term to the later steps, `guidance_carry`;
+W > 0 needs a flow trained with `train vocoder --cond-dropout`). Run it on an idle machine.
 
-    python -m benchmarks.vocoder_speed --vocoder runs/voc14/export --settings 3:0.667 3:0.667:0.7 3:0.667:0.7:1 --threads 1
+    python -m benchmarks.vocoder_speed --vocoder runs/voc14/export --settings 3:0.667 3:0.667:0.7 3:0.667:0.7:1c --threads 1
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import torch
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 
 
-def parse_setting(text: str) -> tuple[int, float, float, int]:
-    """"S:T[:W[:G]]" -> (n_steps, temperature, guidance, guidance_steps)."""
+def parse_setting(text: str) -> dict:
+    """"S:T[:W[:G[c]]]" -> set_sampling keyword arguments."""
     parts = text.split(":")
     if not 2 <= len(parts) <= 4:
-        raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps]]")
+        raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps[c]]]")
     parts += ["0"] * (4 - len(parts))
-    return int(parts[0]), float(parts[1]), float(parts[2]), int(parts[3])
+    try:
+        return {"n_steps": int(parts[0]), "temperature": float(parts[1]), "guidance": float(parts[2]),
+                "guidance_steps": int(parts[3].removesuffix("c")), "guidance_carry": parts[3].endswith("c")}
+    except ValueError:
+        raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps[c]]]") from None
 
 
 def time_pass(vocoder, token_sets: list[np.ndarray], push: int) -> dict:
@@ -78,9 +83,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     vocoder = Vocoder.from_pretrained(args.vocoder)
-    for name, (steps, temp, guidance, gsteps) in settings:
+    for name, kwargs in settings:
         try:  # refuse a bad setting before any timing
-            vocoder.flow.set_sampling(n_steps=steps, temperature=temp, guidance=guidance, guidance_steps=gsteps)
+            vocoder.flow.set_sampling(**kwargs)
         except ValueError as e:
             ap.error(f"setting {name}: {e}")
     rows = [r for r in heldout_rows(args.corpus, 10 * args.n, args.seed)
@@ -97,8 +102,8 @@ def main() -> None:
     print("| setting | offline RTF | streaming RTF | first chunk (median) |\n|---|---|---|---|")
     with torch.inference_mode():
         time_pass(vocoder, token_sets[:1], args.push)  # warm-up
-        for name, (steps, temp, guidance, gsteps) in settings:
-            vocoder.flow.set_sampling(n_steps=steps, temperature=temp, guidance=guidance, guidance_steps=gsteps)
+        for name, kwargs in settings:
+            vocoder.flow.set_sampling(**kwargs)
             passes = [time_pass(vocoder, token_sets, args.push) for _ in range(args.repeats)]
             off = min(p["offline_s"] for p in passes) / passes[0]["audio_s"]
             st = min(p["stream_s"] for p in passes) / passes[0]["audio_s"]

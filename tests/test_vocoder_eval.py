@@ -96,7 +96,8 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     assert len(res["pitch_shift"]) == 2 * 4 * len(voc.voices)  # 2 utterances x 4 shifts x every voice
     assert all("pitch_shift_within_1st" in row for row in res["voices"].values())  # NaN when unvoiced (untrained)
     assert res["rtf_offline"] > 0 and res["first_chunk_compute_ms_median"] > 0
-    assert res["flow_sampling"] == {"n_steps": 6, "temperature": 0.667, "guidance": 0.0, "guidance_steps": 0}
+    assert res["flow_sampling"] == {"n_steps": 6, "temperature": 0.667, "guidance": 0.0, "guidance_steps": 0,
+                                    "guidance_carry": False}
     assert res["stream_rel_l2_vs_offline_max"] < 0.05
     assert res["stream_logmel_db_vs_offline_max"] < res["offline_other_noise_logmel_db_median"]
     by_voice = res["wer_by_voice"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import numpy as np
@@ -146,8 +147,8 @@ def test_guidance_steps_guide_only_the_first_euler_steps():
     tokens, voice, pitch = torch.randint(0, 4096, (1, 10)), torch.tensor([1]), torch.tensor([0.0])
     noise = torch.randn(1, 80, 40)
     guided = []
-    real_velocity = flow.velocity
-    flow.velocity = lambda *a: (guided.append(a[-1]), real_velocity(*a))[1]
+    real_velocity = flow._velocity
+    flow._velocity = lambda *a: (guided.append(a[-1]), real_velocity(*a))[1]
     out = {}
     for steps in (0, 1, 3):
         flow.set_sampling(guidance_steps=steps)
@@ -156,6 +157,35 @@ def test_guidance_steps_guide_only_the_first_euler_steps():
     assert torch.equal(out[0], out[3]) and not torch.allclose(out[0], out[1])
     with pytest.raises(ValueError, match="guidance_steps"):
         flow.set_sampling(guidance_steps=-1)
+
+
+def test_guidance_carry_reuses_the_last_guided_term():
+    """Guided on the first step only, with carry: later steps add that step's w (v_c - v_u) to their plain velocity."""
+    flow = tiny_vocoder(guidance=2.0).flow
+    c = flow.config
+    tokens, voice, pitch = torch.randint(0, 4096, (1, 10)), torch.tensor([1]), torch.tensor([0.0])
+    noise = torch.randn(1, 80, 40)
+    flow.set_sampling(guidance_steps=1, guidance_carry=True)
+    carried = flow.sample(tokens, voice, pitch, noise)
+    with torch.no_grad():  # the same Euler steps written out
+        g = flow.global_condition(voice, pitch)
+        cond, mu = flow.encode_tokens(tokens, g)
+        x = mu + c.temperature * c.prior_noise * flow.pair_frames(noise)
+        ts = 1 - torch.cos(torch.linspace(0, 1, c.n_steps + 1) * math.pi / 2)
+        for i in range(c.n_steps):
+            t = torch.full((1,), float(ts[i]))
+            v = flow(x, t, cond, mu, g)
+            if i == 0:
+                term = 2.0 * (v - flow(x, t, torch.zeros_like(cond), torch.zeros_like(mu), g))
+            x = x + float(ts[i + 1] - ts[i]) * (v + term)
+        expected = flow.unpair_frames(x) * c.mel_std + c.mel_mean
+    assert torch.allclose(carried, expected, atol=1e-4)
+    flow.set_sampling(guidance_carry=False)
+    assert not torch.allclose(carried, flow.sample(tokens, voice, pitch, noise), atol=1e-3)
+    flow.set_sampling(guidance_steps=0, guidance_carry=True)  # every step guided: nothing to carry
+    every = flow.sample(tokens, voice, pitch, noise)
+    flow.set_sampling(guidance_carry=False)
+    assert torch.equal(every, flow.sample(tokens, voice, pitch, noise))
 
 
 def test_cond_dropout_trains_some_examples_without_the_tokens():

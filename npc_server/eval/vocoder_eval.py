@@ -259,7 +259,8 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
     }
     if tokenizer is not None:  # the flow ran: record how it sampled
         result["flow_sampling"] = {k: getattr(vocoder.flow.config, k)
-                                   for k in ("n_steps", "temperature", "guidance", "guidance_steps")}
+                                   for k in ("n_steps", "temperature", "guidance", "guidance_steps",
+                                             "guidance_carry")}
     if listener is not None:
         result.update(wer_source=errs_src / max(n_words, 1), wer_resynth=errs_out / max(n_words, 1), words=n_words,
                       wer_by_voice=wer_by_voice(per_utt))
@@ -409,6 +410,7 @@ def to_markdown(res: dict) -> str:
         fs = res["flow_sampling"]
         lines.append(f"- flow: {fs['n_steps']} Euler steps, noise temperature {fs['temperature']}, "
                      f"guidance {fs['guidance']}" + (f" on the first {fs['guidance_steps']} step(s)"
+                                                     + (", carried to the later ones" if fs.get("guidance_carry") else "")
                                                      if fs.get("guidance_steps") and fs["guidance"] else ""))
     if "wer_resynth" in res:
         lines.append(f"- WER (Whisper tiny.en): resynthesised {100 * res['wer_resynth']:.1f}% "
@@ -479,6 +481,9 @@ def main(argv: list[str]) -> int:
                         "flow trained with `train vocoder --cond-dropout`)")
     p.add_argument("--guidance-steps", type=int, default=None,
                    help="guide only the first N Euler steps (0 = all; default: the vocoder's config.json)")
+    p.add_argument("--guidance-carry", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --guidance-steps N: later steps reuse the last guided step's guidance term (no extra "
+                        "pass; default: the vocoder's config.json)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps of the flow (default: the vocoder's config.json)")
     args = p.parse_args(argv)
     if min(args.n, args.timbre_utts, args.stream_utts) < 1:
@@ -486,7 +491,8 @@ def main(argv: list[str]) -> int:
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
     try:
-        vocoder.flow.set_sampling(n_steps=args.steps, guidance=args.guidance, guidance_steps=args.guidance_steps)
+        vocoder.flow.set_sampling(n_steps=args.steps, guidance=args.guidance, guidance_steps=args.guidance_steps,
+                                  guidance_carry=args.guidance_carry)
     except ValueError as e:
         p.error(str(e))
     tokenizer = None
