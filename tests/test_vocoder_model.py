@@ -135,9 +135,9 @@ def test_guided_velocity_is_pushed_away_from_the_token_free_one():
     x, t = torch.randn_like(mu), torch.tensor([0.3])
     with torch.no_grad():
         v_c, v_u = flow(x, t, cond, mu, g), flow(x, t, torch.zeros_like(cond), torch.zeros_like(mu), g)
-        guided = flow.velocity(x, t, cond, mu, g)
+        guided, _ = flow.velocity(x, t, cond, mu, g)
         flow.set_sampling(guidance=0.0)
-        plain = flow.velocity(x, t, cond, mu, g)
+        plain, _ = flow.velocity(x, t, cond, mu, g)
     assert torch.allclose(guided, v_c + 2.0 * (v_c - v_u), atol=1e-5)
     assert torch.equal(plain, v_c) and not torch.allclose(v_c, v_u)
 
@@ -147,8 +147,8 @@ def test_guidance_steps_guide_only_the_first_euler_steps():
     tokens, voice, pitch = torch.randint(0, 4096, (1, 10)), torch.tensor([1]), torch.tensor([0.0])
     noise = torch.randn(1, 80, 40)
     guided = []
-    real_velocity = flow._velocity
-    flow._velocity = lambda *a: (guided.append(a[-1]), real_velocity(*a))[1]
+    real_velocity = flow.velocity
+    flow.velocity = lambda *a: (guided.append(a[-1]), real_velocity(*a))[1]
     out = {}
     for steps in (0, 1, 3):
         flow.set_sampling(guidance_steps=steps)

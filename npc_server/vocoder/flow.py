@@ -305,13 +305,9 @@ class FlowDecoder(nn.Module):
         c.guidance_carry = c.guidance_carry if guidance_carry is None else bool(guidance_carry)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor,
-                 guided: bool = True):
+                 guided: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The sampler's velocity: the network's, or with guidance > 0 (and `guided`) pushed away from the
-        token-free velocity."""
-        return self._velocity(x, t, cond, mu, g, guided)[0]
-
-    def _velocity(self, x, t, cond, mu, g, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (velocity, the guidance term guidance * (v_c - v_u), None when unguided)."""
+        token-free velocity. -> (velocity, its guidance term guidance * (v_c - v_u), None when unguided)."""
         w = self.config.guidance
         if w <= 0 or not guided:
             return self(x, t, cond, mu, g), None
@@ -339,7 +335,7 @@ class FlowDecoder(nn.Module):
         for i in range(n_steps):
             t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
             guided = c.guidance_steps == 0 or i < c.guidance_steps
-            v, new_term = self._velocity(x, t, cond, mu, g, guided)
+            v, new_term = self.velocity(x, t, cond, mu, g, guided)
             if new_term is not None:
                 term = new_term
             elif c.guidance_carry and term is not None:
