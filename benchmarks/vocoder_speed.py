@@ -37,23 +37,16 @@ def parse_setting(text: str) -> dict:
 
 def time_pass(vocoder, token_sets: list[np.ndarray], push: int) -> dict:
     """One pass over the utterances: offline and streamed compute seconds, audio seconds, first-chunk times."""
+    from npc_server.eval.vocoder_eval import stream_timed
+
     offline_s, stream_s, audio_s, first_ms = 0.0, 0.0, 0.0, []
     for t in token_sets:
         t0 = time.perf_counter()
         wav, sr = vocoder.decode(t, voice="joe")
         offline_s += time.perf_counter() - t0
         audio_s += len(wav) / sr
-        stream, first = vocoder.stream(voice="joe"), None
-        for i in range(0, len(t), push):
-            t0 = time.perf_counter()
-            out = stream.push(t[i : i + push])
-            dt = time.perf_counter() - t0
-            stream_s += dt
-            if out.size and first is None:
-                first = dt
-        t0 = time.perf_counter()
-        stream.flush()
-        stream_s += time.perf_counter() - t0
+        _, dt, first = stream_timed(vocoder, t, push)
+        stream_s += dt
         if first is not None:
             first_ms.append(first * 1000)
     return {"offline_s": offline_s, "stream_s": stream_s, "audio_s": audio_s,

@@ -332,6 +332,25 @@ def _timbre_and_pitch(vocoder: Vocoder, token_sets: list[np.ndarray], reference_
     }
 
 
+def stream_timed(vocoder: Vocoder, tokens: np.ndarray, push_size: int) -> tuple[np.ndarray, float, float | None]:
+    """Stream `tokens` as the backbone would, `push_size` at a time, as joe -> (waveform, compute seconds of the
+    pushes and the flush, compute seconds of the push that produced the first audio; None when only the flush did)."""
+    stream = vocoder.stream(voice="joe")
+    chunks, compute_s, first = [], 0.0, None
+    for i in range(0, len(tokens), push_size):
+        t0 = time.perf_counter()
+        out = stream.push(tokens[i : i + push_size])
+        dt = time.perf_counter() - t0
+        compute_s += dt
+        if out.size and first is None:
+            first = dt
+        chunks.append(out)
+    t0 = time.perf_counter()
+    chunks.append(stream.flush())
+    compute_s += time.perf_counter() - t0
+    return np.concatenate(chunks), compute_s, first
+
+
 def _streaming(vocoder: Vocoder, token_sets: list[np.ndarray], push_size: int = 3) -> dict:
     """Streams each utterance as the backbone would (a few tokens at a time); compute time only."""
     rel, mel_db, reseeded_db, first_chunk_ms, compute_s, audio_s = [], [], [], [], 0.0, 0.0
@@ -340,20 +359,8 @@ def _streaming(vocoder: Vocoder, token_sets: list[np.ndarray], push_size: int = 
         offline, _ = vocoder.decode(t, voice="joe")
         # the model's own sampling variation: the same tokens decoded offline with other flow noise
         reseeded_db.append(logmel_distance_db(other_seed.decode(t, voice="joe")[0], offline, vocoder.sample_rate))
-        stream = vocoder.stream(voice="joe")
-        chunks, first = [], None
-        for i in range(0, len(t), push_size):
-            t0 = time.perf_counter()
-            out = stream.push(t[i : i + push_size])
-            dt = time.perf_counter() - t0
-            compute_s += dt
-            if out.size and first is None:
-                first = dt
-            chunks.append(out)
-        t0 = time.perf_counter()
-        chunks.append(stream.flush())
-        compute_s += time.perf_counter() - t0
-        wav = np.concatenate(chunks)
+        wav, dt, first = stream_timed(vocoder, t, push_size)
+        compute_s += dt
         audio_s += len(wav) / vocoder.sample_rate
         rel.append(float(np.linalg.norm(wav - offline) / max(np.linalg.norm(offline), 1e-9)))
         mel_db.append(logmel_distance_db(wav, offline, vocoder.sample_rate))
