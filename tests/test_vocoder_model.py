@@ -128,6 +128,33 @@ def test_streaming_exact_with_enough_context(cond_transformers, guidance):
     assert rel_err(streamed, offline) < 1e-4
 
 
+def test_sampling_conditions_are_computed_once_per_stream_and_change_nothing():
+    """The voice's and pitch's share of sampling (block modulations per Euler step) is computed once per stream, not
+    once per chunk; reusing it gives the same mel bit for bit, and a change of n_steps is noticed."""
+    voc = tiny_vocoder()
+    flow = voc.flow
+    tokens, voice, pitch = torch.randint(0, 4096, (1, 12)), torch.tensor([2]), torch.tensor([1.5])
+    noise = torch.randn(1, 80, 48)
+    conditions = flow.sampling_conditions(voice, pitch)
+    assert conditions.n_steps == flow.config.n_steps
+    assert torch.equal(flow.sample(tokens, voice, pitch, noise, conditions=conditions),
+                       flow.sample(tokens, voice, pitch, noise))
+    with pytest.raises(ValueError, match="n_steps"):
+        flow.sample(tokens, voice, pitch, noise, n_steps=flow.config.n_steps + 1, conditions=conditions)
+
+    calls = []
+    real = flow.sampling_conditions
+    flow.sampling_conditions = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    stream = voc.stream(voice="gb_female", pitch_st=1.5)
+    ids = np.random.default_rng(3).integers(0, 4096, 60)
+    for i in range(0, 60, 5):
+        stream.push(ids[i : i + 5])
+    assert stream.n_chunks >= 3 and len(calls) == 1
+    flow.set_sampling(n_steps=2)
+    stream.flush()
+    assert len(calls) == 2 and stream._conditions.n_steps == 2
+
+
 def test_guided_velocity_is_pushed_away_from_the_token_free_one():
     flow = tiny_vocoder(guidance=2.0).flow
     g = flow.global_condition(torch.tensor([1]), torch.tensor([0.0]))
@@ -135,9 +162,9 @@ def test_guided_velocity_is_pushed_away_from_the_token_free_one():
     x, t = torch.randn_like(mu), torch.tensor([0.3])
     with torch.no_grad():
         v_c, v_u = flow(x, t, cond, mu, g), flow(x, t, torch.zeros_like(cond), torch.zeros_like(mu), g)
-        guided, _ = flow.velocity(x, t, cond, mu, g)
+        guided, _ = flow.velocity(x, cond, mu, flow.unet_modulations(g, t))
         flow.set_sampling(guidance=0.0)
-        plain, _ = flow.velocity(x, t, cond, mu, g)
+        plain, _ = flow.velocity(x, cond, mu, flow.unet_modulations(g, t))
     assert torch.allclose(guided, v_c + 2.0 * (v_c - v_u), atol=1e-5)
     assert torch.equal(plain, v_c) and not torch.allclose(v_c, v_u)
 

@@ -94,9 +94,13 @@ class ResBlock1D(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def modulation(self, g: torch.Tensor) -> torch.Tensor:
+        """Global condition g [B, cond_dim] -> FiLM scale and shift [B, 2 dim, 1]."""
+        return self.film(g).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:  # mod = self.modulation(g)
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(g).unsqueeze(-1).chunk(2, dim=1)
+        scale, shift = mod.chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return x + self.conv2(F.silu(h))
 
@@ -123,8 +127,12 @@ class TransformerBlock(nn.Module):
             nn.init.zeros_(layer.bias)
         return self
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
-        s1, b1, a1, s2, b2, a2 = self.ada(g).unsqueeze(1).chunk(6, dim=-1)
+    def modulation(self, g: torch.Tensor) -> torch.Tensor:
+        """Global condition g [B, cond_dim] -> adaptive LayerNorm scales, shifts and gates [B, 1, 6 dim]."""
+        return self.ada(g).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
+        s1, b1, a1, s2, b2, a2 = mod.chunk(6, dim=-1)
         h = self.norm1(x) * (1 + s1) + b1
         B, T, C = h.shape
         q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
@@ -132,6 +140,21 @@ class TransformerBlock(nn.Module):
         x = x + (1 + a1) * self.out(h)
         h = self.norm2(x) * (1 + s2) + b2
         return x + (1 + a2) * self.ff(h)
+
+
+@dataclass
+class SamplingConditions:
+    """What the voice and pitch contribute to sampling: the token encoder's block modulations and the U-Net's at
+    each Euler step's time. They depend on neither tokens nor noise, so a stream computes them once for all its
+    chunks instead of once per chunk (`FlowDecoder.sampling_conditions`)."""
+
+    encoder: list[torch.Tensor]
+    steps: list[list[torch.Tensor]]  # one list per Euler step
+    times: torch.Tensor  # the Euler schedule, n_steps + 1 times from 0 to 1
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
 
 
 class FlowDecoder(nn.Module):
@@ -177,21 +200,34 @@ class FlowDecoder(nn.Module):
             known = ", ".join(v for v in self.config.voices if v != OTHER_VOICE)
             raise ValueError(f"unknown voice {voice!r}; known voices: {known}") from None
 
-    def encode_tokens(self, tokens: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T], global condition g [B, dim] -> (condition [B, dim, 2T], prior mean mu [B, 2 n_mels, 2T]).
+    def encoder_modulations(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """The token encoder's block modulations from the global condition g [B, dim], in block order."""
+        return [block.modulation(g) for block in (*self.cond_blocks, *self.cond_transformers, self.cond_post)]
+
+    def unet_modulations(self, g: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        """The U-Net's block modulations at flow time t [B] from g [B, dim], in block order."""
+        gt = g + self.time_mlp(timestep_embedding(t, self.config.dim))
+        blocks = (*self.down_blocks, *self.mid_blocks, *self.transformers, *self.up_blocks)
+        return [block.modulation(gt) for block in blocks]
+
+    def encode_tokens(self, tokens: torch.Tensor, g: torch.Tensor | None,
+                      mods: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T], global condition g [B, dim] (or its `encoder_modulations`, computed once for many
+        windows) -> (condition [B, dim, 2T], prior mean mu [B, 2 n_mels, 2T]).
 
         The U-Net works on pairs of mel frames (50 Hz, 2 x n_mels channels): half the cost of 100 Hz."""
+        mod = iter(self.encoder_modulations(g) if mods is None else mods)
         h = self.cond_in(self.token_embed(tokens).transpose(1, 2))
         for block in self.cond_blocks:
-            h = block(h, g)
+            h = block(h, next(mod))
         if len(self.cond_transformers):
             h = h.transpose(1, 2)
             mask = self._band_mask(h.shape[1], h.device, right=self.config.cond_lookahead)
             for block in self.cond_transformers:
-                h = block(h, g, mask)
+                h = block(h, next(mod), mask)
             h = h.transpose(1, 2)
         h = h.repeat_interleave(self.config.frames_per_token // 2, dim=2)
-        h = self.cond_post(h + self.cond_up(h), g)
+        h = self.cond_post(h + self.cond_up(h), next(mod))
         return h, self.prior_out(h)
 
     @staticmethod
@@ -219,24 +255,29 @@ class FlowDecoder(nn.Module):
     # -- velocity -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor):
         """Velocity at time t [B] of paired normalised mel x [B, 2 n_mels, H]; cond [B, dim, H], mu like x, g [B, dim]."""
+        return self.unet(x, cond, mu, self.unet_modulations(g, t))
+
+    def unet(self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """`forward` with the time and global condition given as their `unet_modulations` (the sampler computes them
+        once per Euler step time and voice, not once per window)."""
         if x.shape[-1] % 2:
             raise ValueError(f"the number of paired mel frames must be even, got {x.shape[-1]}")
-        gt = g + self.time_mlp(timestep_embedding(t, self.config.dim))
+        mod = iter(mods)
         h = self.x_in(torch.cat([x, mu], dim=1)) + cond
         for block in self.down_blocks:
-            h = block(h, gt)
+            h = block(h, next(mod))
         skip = h
         h = self.down(h)
         for block in self.mid_blocks:
-            h = block(h, gt)
+            h = block(h, next(mod))
         h = h.transpose(1, 2)
         mask = self._band_mask(h.shape[1], h.device)
         for block in self.transformers:
-            h = block(h, gt, mask)
+            h = block(h, next(mod), mask)
         h = self.up(h.transpose(1, 2).repeat_interleave(2, dim=2))
         h = self.skip(torch.cat([h, skip], dim=1))
         for block in self.up_blocks:
-            h = block(h, gt)
+            h = block(h, next(mod))
         return self.x_out(F.silu(self.out_norm(h)))
 
     # -- training loss (OT-CFM) ---------------------------------------------------------------------------
@@ -304,38 +345,52 @@ class FlowDecoder(nn.Module):
         c.guidance_steps = c.guidance_steps if guidance_steps is None else guidance_steps
         c.guidance_carry = c.guidance_carry if guidance_carry is None else bool(guidance_carry)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, g: torch.Tensor,
+    def velocity(self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, mods: list[torch.Tensor],
                  guided: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The sampler's velocity: the network's, or with guidance > 0 (and `guided`) pushed away from the
-        token-free velocity. -> (velocity, its guidance term guidance * (v_c - v_u), None when unguided)."""
+        """The sampler's velocity (mods: the step's `unet_modulations`): the network's, or with guidance > 0 (and
+        `guided`) pushed away from the token-free velocity. -> (velocity, its guidance term guidance * (v_c - v_u),
+        None when unguided)."""
         w = self.config.guidance
         if w <= 0 or not guided:
-            return self(x, t, cond, mu, g), None
-        v_c, v_u = self(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
-            torch.cat([mu, torch.zeros_like(mu)]), torch.cat([g, g]),
+            return self.unet(x, cond, mu, mods), None
+        v_c, v_u = self.unet(
+            torch.cat([x, x]), torch.cat([cond, torch.zeros_like(cond)]), torch.cat([mu, torch.zeros_like(mu)]),
+            [torch.cat([m, m]) for m in mods],
         ).chunk(2)
         term = w * (v_c - v_u)
         return v_c + term, term
 
     @torch.no_grad()
+    def sampling_conditions(self, voice: torch.Tensor, pitch_st: torch.Tensor,
+                            n_steps: int | None = None) -> SamplingConditions:
+        """What voice [B] and pitch shift [B] contribute to sampling with `n_steps` Euler steps (default: the
+        config's), computed once: a stream passes it to `sample` for every chunk."""
+        n_steps = n_steps or self.config.n_steps
+        g = self.global_condition(voice, pitch_st)
+        # cosine schedule: smaller steps near t=0 where the field changes fastest
+        times = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
+        steps = [self.unet_modulations(g, torch.full((g.shape[0],), float(t))) for t in times[:-1]]
+        return SamplingConditions(self.encoder_modulations(g), steps, times)
+
+    @torch.no_grad()
     def sample(
         self, tokens: torch.Tensor, voice: torch.Tensor, pitch_st: torch.Tensor, noise: torch.Tensor,
-        n_steps: int | None = None,
+        n_steps: int | None = None, conditions: SamplingConditions | None = None,
     ) -> torch.Tensor:
-        """Euler integration from mu + noise [B, n_mels, F] at t=0 to t=1 -> raw log-mel [B, n_mels, F]."""
+        """Euler integration from mu + noise [B, n_mels, F] at t=0 to t=1 -> raw log-mel [B, n_mels, F].
+        `conditions` (from `sampling_conditions` with the same voice, pitch and steps) saves recomputing them."""
         c = self.config
-        n_steps = n_steps or c.n_steps
-        g = self.global_condition(voice, pitch_st)
-        cond, mu = self.encode_tokens(tokens, g)
+        if conditions is None:
+            conditions = self.sampling_conditions(voice, pitch_st, n_steps)
+        elif n_steps and n_steps != conditions.n_steps:
+            raise ValueError(f"n_steps {n_steps} differs from the conditions' {conditions.n_steps} steps")
+        cond, mu = self.encode_tokens(tokens, None, conditions.encoder)
         x = mu + c.temperature * c.prior_noise * self.pair_frames(noise)
-        # cosine schedule: smaller steps near t=0 where the field changes fastest
-        ts = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
+        ts = conditions.times
         term = None  # the last guided step's guidance term, reused by later steps with guidance_carry
-        for i in range(n_steps):
-            t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
+        for i, mods in enumerate(conditions.steps):
             guided = c.guidance_steps == 0 or i < c.guidance_steps
-            v, new_term = self.velocity(x, t, cond, mu, g, guided)
+            v, new_term = self.velocity(x, cond, mu, mods, guided)
             if new_term is not None:
                 term = new_term
             elif c.guidance_carry and term is not None:

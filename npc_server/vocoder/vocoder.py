@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from npc_server.controls import EMOTIONS, PITCH_RANGE_ST
-from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder
+from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder, SamplingConditions
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import MelConfig
 
@@ -184,17 +184,18 @@ class Vocoder(nn.Module):
 
     @torch.no_grad()
     def tokens_to_mel(self, tokens: np.ndarray, voice_idx: int, pitch_st: float, start_token: int = 0,
-                      n_steps: int | None = None) -> torch.Tensor:
+                      n_steps: int | None = None, conditions: SamplingConditions | None = None) -> torch.Tensor:
         fpt = self.flow.config.frames_per_token
         tok = torch.from_numpy(np.ascontiguousarray(tokens)).long().unsqueeze(0)
         noise = self.noise(start_token * fpt, tok.shape[1] * fpt)
-        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch_st]), noise, n_steps)
+        return self.flow.sample(tok, torch.tensor([voice_idx]), torch.tensor([pitch_st]), noise, n_steps, conditions)
 
     @torch.no_grad()
     def _decode_window(self, tokens: np.ndarray, start_token: int, voice_idx: int, pitch_st: float,
-                       phase0: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                       phase0: float = 0.0, conditions: SamplingConditions | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """-> (wav, source phase at each frame boundary of the window)."""
-        mel = self.tokens_to_mel(tokens, voice_idx, pitch_st, start_token)
+        mel = self.tokens_to_mel(tokens, voice_idx, pitch_st, start_token, conditions=conditions)
         start_frame = start_token * self.flow.config.frames_per_token
         wav, phases = self.generator(mel, start_frame=start_frame, phase0=torch.tensor([phase0]), return_phase=True)
         phases = phases[0].numpy() if phases is not None else np.zeros(mel.shape[-1] + 1)
@@ -230,6 +231,7 @@ class VocoderStream:
         self.tail: np.ndarray | None = None
         self.closed = False
         self.phases: dict[int, float] = {0: 0.0}  # source phase at absolute frame boundaries already decoded
+        self._conditions: SamplingConditions | None = None  # the voice's and pitch's share of sampling, reused
         n = self.cfg.crossfade_samples
         ramp = np.linspace(0.0, np.pi / 2, n, dtype=np.float64)
         self.fade_in, self.fade_out = np.sin(ramp).astype(np.float32) ** 2, np.cos(ramp).astype(np.float32) ** 2
@@ -280,6 +282,12 @@ class VocoderStream:
             return self._emit(len(self.tokens), final=True)
         return self.tail if self.tail is not None else np.zeros(0, dtype=np.float32)
 
+    def _sampling_conditions(self) -> SamplingConditions:
+        flow = self.vocoder.flow
+        if self._conditions is None or self._conditions.n_steps != flow.config.n_steps:
+            self._conditions = flow.sampling_conditions(torch.tensor([self.voice_idx]), torch.tensor([self.pitch_st]))
+        return self._conditions
+
     def _emit(self, end: int, final: bool) -> np.ndarray:
         spt, xf = self.vocoder.samples_per_token, self.cfg.crossfade_samples
         a = self.emitted
@@ -287,7 +295,8 @@ class VocoderStream:
         ctx1 = len(self.tokens) if final else min(len(self.tokens), end + self.cfg.lookahead_tokens)
         fpt = self.vocoder.flow.config.frames_per_token
         wav, phases = self.vocoder._decode_window(
-            self.tokens[ctx0:ctx1], ctx0, self.voice_idx, self.pitch_st, self.phases.get(ctx0 * fpt, 0.0)
+            self.tokens[ctx0:ctx1], ctx0, self.voice_idx, self.pitch_st, self.phases.get(ctx0 * fpt, 0.0),
+            self._sampling_conditions(),
         )
         # keep the phase where the next windows will start, so the harmonic source runs on without a jump
         for f in range(a * fpt, end * fpt + 1):
