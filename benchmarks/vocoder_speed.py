@@ -2,7 +2,8 @@
 
 Timing only (no listener): held-out NPC utterances' semantic tokens from the corpus token cache
 (<corpus>/tokens/<id>.npz) are decoded offline and streamed `--push` tokens at a time, as the backbone feeds them.
-Each setting is timed `--repeats` times and the fastest pass is kept, so a busy moment of the machine does not count.
+Each utterance is timed `--repeats` times in a row and its fastest time counts, so a busy moment of the machine does
+not.
 Settings are S:T[:W[:G[c]]]: S Euler steps, noise temperature T, classifier-free guidance W on the first G steps
 (G 0 or absent = all steps; a trailing c carries the last guided step's term to the later steps, `guidance_carry`;
 W > 0 needs a flow trained with `train vocoder --cond-dropout`). Run it on an idle machine.
@@ -35,22 +36,26 @@ def parse_setting(text: str) -> dict:
         raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps[c]]]") from None
 
 
-def time_pass(vocoder, token_sets: list[np.ndarray], push: int) -> dict:
-    """One pass over the utterances: offline and streamed compute seconds, audio seconds, first-chunk times."""
+def time_setting(vocoder, token_sets: list[np.ndarray], push: int, repeats: int) -> dict:
+    """Each utterance decoded offline and streamed `repeats` times in a row; its fastest time of each counts, so a busy
+    moment of the machine does not. -> offline and streamed compute seconds, audio seconds, first-chunk times (ms)."""
     from npc_server.eval.vocoder_eval import stream_timed
 
     offline_s, stream_s, audio_s, first_ms = 0.0, 0.0, 0.0, []
     for t in token_sets:
-        t0 = time.perf_counter()
-        wav, sr = vocoder.decode(t, voice="joe")
-        offline_s += time.perf_counter() - t0
-        audio_s += len(wav) / sr
-        _, dt, first = stream_timed(vocoder, t, push)
-        stream_s += dt
-        if first is not None:
-            first_ms.append(first * 1000)
-    return {"offline_s": offline_s, "stream_s": stream_s, "audio_s": audio_s,
-            "first_ms": float(np.median(first_ms)) if first_ms else float("nan")}
+        offline, streamed, first = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            wav, sr = vocoder.decode(t, voice="joe")
+            offline.append(time.perf_counter() - t0)
+            _, dt, first_s = stream_timed(vocoder, t, push)
+            streamed.append(dt)
+            if first_s is not None:
+                first.append(first_s * 1000)
+        offline_s, stream_s, audio_s = offline_s + min(offline), stream_s + min(streamed), audio_s + len(wav) / sr
+        if first:
+            first_ms.append(min(first))
+    return {"offline_s": offline_s, "stream_s": stream_s, "audio_s": audio_s, "first_ms": first_ms}
 
 
 def main() -> None:
@@ -60,7 +65,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["3:0.667"], help="S:T[:W[:G]] flow settings (see above)")
     ap.add_argument("--n", type=int, default=8, help="held-out utterances")
     ap.add_argument("--push", type=int, default=5, help="tokens pushed into the stream at a time")
-    ap.add_argument("--repeats", type=int, default=3, help="passes per setting; the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="times each utterance is decoded per setting; its fastest counts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -91,17 +97,16 @@ def main() -> None:
             token_sets.append(z["semantic"].astype(np.int64))
     seconds = sum(len(t) for t in token_sets) * vocoder.samples_per_token / vocoder.sample_rate
     print(f"{args.vocoder}: {len(token_sets)} held-out utterances, {seconds:.1f} s of audio, pushed {args.push} tokens "
-          f"at a time, {args.threads} thread(s), best of {args.repeats}")
+          f"at a time, {args.threads} thread(s), best of {args.repeats} per utterance")
     print("| setting | offline RTF | streaming RTF | first chunk (median) |\n|---|---|---|---|")
     with torch.inference_mode():
-        time_pass(vocoder, token_sets[:1], args.push)  # warm-up
+        time_setting(vocoder, token_sets[:1], args.push, 1)  # warm-up
         for name, kwargs in settings:
             vocoder.flow.set_sampling(**kwargs)
-            passes = [time_pass(vocoder, token_sets, args.push) for _ in range(args.repeats)]
-            off = min(p["offline_s"] for p in passes) / passes[0]["audio_s"]
-            st = min(p["stream_s"] for p in passes) / passes[0]["audio_s"]
-            first = min(p["first_ms"] for p in passes)
-            print(f"| {name} | {off:.3f} | {st:.3f} | {first:.0f} ms |", flush=True)
+            r = time_setting(vocoder, token_sets, args.push, args.repeats)
+            first = f"{np.median(r['first_ms']):.0f} ms" if r["first_ms"] else "-"
+            print(f"| {name} | {r['offline_s'] / r['audio_s']:.3f} | {r['stream_s'] / r['audio_s']:.3f} | {first} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
