@@ -369,7 +369,7 @@ class FlowDecoder(nn.Module):
         g = self.global_condition(voice, pitch_st)
         # cosine schedule: smaller steps near t=0 where the field changes fastest
         times = 1 - torch.cos(torch.linspace(0, 1, n_steps + 1) * math.pi / 2)
-        steps = [self.unet_modulations(g, torch.full((g.shape[0],), float(t))) for t in times[:-1]]
+        steps = [self.unet_modulations(g, torch.full((g.shape[0],), float(t), device=g.device)) for t in times[:-1]]
         return SamplingConditions(self.encoder_modulations(g), steps, times)
 
     @torch.no_grad()
