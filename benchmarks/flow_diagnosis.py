@@ -6,7 +6,8 @@ semantic tokens come from the corpus token cache (<corpus>/tokens/<id>.npz, the 
   real   the log-mel of the source audio (the judge's own floor)
   prior  the flow's token-conditioned prior mean mu alone (no flow steps)
   S:T    the flow sampled with S Euler steps at noise temperature T
-  S:T:W  the same with classifier-free guidance scale W (a flow trained with `--cond-dropout`)
+  S:T:W  the same with classifier-free guidance scale W (a flow trained with `--cond-dropout`); S:T:W:G guides the
+         first G steps only, S:T:W:Gc carries the last guided step's term on (as in benchmarks/vocoder_speed.py)
 A gap between prior and samples is the flow's; a gap between held-out and train says more data would help.
 
     python -m benchmarks.flow_diagnosis --vocoder models/default/vocoder --judge runs/phone_judge --n 60 --threads 1
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.vocoder_speed import parse_setting
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 
 
@@ -32,12 +34,16 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     ap.add_argument("--n", type=int, default=60, help="utterances per split")
     ap.add_argument("--settings", nargs="+", default=["3:0.667", "3:0.0", "10:0.667"],
-                    help="n_steps:temperature[:guidance] settings")
+                    help="S:T[:W[:G[c]]] flow settings (see above)")
     ap.add_argument("--splits", nargs="+", default=["heldout", "train"], choices=["heldout", "train"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    try:
+        settings = {s: parse_setting(s) for s in args.settings}
+    except ValueError as e:
+        ap.error(str(e))
 
     from tqdm import tqdm
 
@@ -56,10 +62,11 @@ def main() -> None:
     inventory = PhoneInventory(judge.config.phones)
     logmel = LogMel(vocoder.mel_config)
     flow, fpt = vocoder.flow, vocoder.flow.config.frames_per_token
-    settings = {s: (int(s.split(":")[0]), float(s.split(":")[1]), float((s.split(":") + ["0"])[2]))
-                for s in args.settings}
-    for steps, temp, guidance in settings.values():
-        flow.set_sampling(steps, temp, guidance)  # checks them before the long loop
+    for name, kwargs in settings.items():  # check them before the long loop
+        try:
+            flow.set_sampling(**kwargs)
+        except ValueError as e:
+            ap.error(f"setting {name}: {e}")
 
     def cached(rows: list[dict]) -> list[dict]:
         return [r for r in rows if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()]
@@ -90,8 +97,8 @@ def main() -> None:
                 _, mu = flow.encode_tokens(tokens, flow.global_condition(voice, pitch))
                 mels["prior"].append((flow.unpair_frames(mu) * flow.config.mel_std + flow.config.mel_mean)[0])
                 noise = vocoder.noise(0, n * fpt)
-                for name, (steps, temp, guidance) in settings.items():
-                    flow.set_sampling(steps, temp, guidance)
+                for name, kwargs in settings.items():
+                    flow.set_sampling(**kwargs)
                     mels[name].append(flow.sample(tokens, voice, pitch, noise)[0])
             mels["real"].append(real)
             refs.append(inventory.encode(r.get("phonemes", "")))
