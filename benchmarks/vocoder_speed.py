@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
     ap.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
-    ap.add_argument("--settings", nargs="+", default=["3:0.667"], help="S:T[:W[:G]] flow settings (see above)")
+    ap.add_argument("--settings", nargs="+", default=["3:0.667"], help="S:T[:W[:G[c]]] flow settings (see above)")
     ap.add_argument("--n", type=int, default=8, help="held-out utterances")
     ap.add_argument("--push", type=int, default=5, help="tokens pushed into the stream at a time")
     ap.add_argument("--repeats", type=int, default=3,
