@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -302,6 +303,42 @@ def test_later_chunks_grow_to_max_chunk_tokens():
     offline, _ = voc.decode(tokens)
     assert streamed.shape == offline.shape
     assert rel_err(streamed, offline) < STREAM_TOLERANCE
+
+
+def _chunk_moments(voc: Vocoder, tokens: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
+    """Pushed one token at a time -> (tokens in when each chunk left, tokens of audio out after each push, audio)."""
+    stream, moments, out, chunks = voc.stream(), [], [], []
+    for n in range(1, len(tokens) + 1):
+        for chunk in stream.push_chunks(tokens[n - 1 : n]):
+            moments.append(n)
+            chunks.append(chunk)
+        out.append(stream.emitted)
+    return moments, out, np.concatenate(chunks + [stream.flush()])
+
+
+def test_buffered_lookahead_costs_no_latency():
+    """With `buffered_lookahead_tokens`, chunks after the second keep more right context: the first two chunks are
+    unchanged, every chunk leaves no later than without it (it ends earlier instead), and the audio out never trails
+    the tokens in by more than without it (the client's buffer is never thinner at its low points). The stream still
+    matches offline."""
+    base = StreamConfig(first_chunk_tokens=5, chunk_tokens=15, lookahead_tokens=3, left_context_tokens=12,
+                        max_chunk_tokens=30)
+    tokens = np.random.default_rng(5).integers(0, 4096, 110)
+    voc = tiny_vocoder(stream=base)
+    moments, out, _ = _chunk_moments(voc, tokens)
+    voc.stream_config = replace(base, buffered_lookahead_tokens=8)
+    moments_b, out_b, streamed = _chunk_moments(voc, tokens)
+    assert moments_b[:3] == moments[:3] and len(moments_b) >= len(moments)
+    assert all(b <= a for a, b in zip(moments, moments_b))
+    assert out_b[:moments[2] - 1] == out[:moments[2] - 1]
+    lag = [n + 1 - e for n, e in enumerate(out)]
+    lag_b = [n + 1 - e for n, e in enumerate(out_b)]
+    assert max(lag_b[moments[2]:]) <= max(lag[moments[2]:])
+    offline, _ = voc.decode(tokens)
+    assert streamed.shape == offline.shape
+    assert rel_err(streamed, offline) < STREAM_TOLERANCE
+    with pytest.raises(ValueError, match="at least"):
+        StreamConfig(buffered_lookahead_tokens=-1).validate(voc.samples_per_token)
 
 
 def test_save_load_roundtrip(tmp_path):

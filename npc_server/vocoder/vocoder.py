@@ -35,12 +35,17 @@ class StreamConfig:
     chunk_tokens: int = 15  # the third chunk: 600 ms
     max_chunk_tokens: int = 0  # chunks after the third (0 = chunk_tokens); longer chunks re-decode less context
     lookahead_tokens: int = 3  # right context a chunk waits for (its audio also seeds the crossfade)
+    # right context of the chunks after the second, from tokens already there (0 = off): such a chunk is still due once
+    # it has `lookahead_tokens`, and is then shortened (to at least first_chunk_tokens) to keep up to this many as
+    # right context. Closer to offline audio at the same latency (first audio, no chunk later, the audio out trails the
+    # tokens in by no more at its worst), for ~10% more streaming compute (docs/vocoder_report.md)
+    buffered_lookahead_tokens: int = 0
     left_context_tokens: int = 12  # already-emitted tokens re-decoded as left context
     crossfade_samples: int = 480  # 20 ms at 24 kHz
 
     def validate(self, samples_per_token: int) -> None:
         if min(self.first_chunk_tokens, self.chunk_tokens) < 1 or self.lookahead_tokens < 1 or \
-                self.max_chunk_tokens < 0:
+                self.max_chunk_tokens < 0 or self.buffered_lookahead_tokens < 0:
             raise ValueError("chunk sizes and lookahead must be at least one token")
         if self.crossfade_samples > self.lookahead_tokens * samples_per_token:
             raise ValueError("crossfade_samples must fit inside the lookahead")
@@ -254,7 +259,9 @@ class VocoderStream:
         `first_chunk_tokens`, at most `chunk_tokens`), so a first push of a whole 15-token span leaves 480 ms of
         audio, not 200 ms, buffered at the client before the next span arrives; the third chunk is `chunk_tokens`,
         later ones `max_chunk_tokens` (when set): once the client holds a buffer, longer chunks cut the share of
-        re-decoded left context (the vocoder's main streaming cost)."""
+        re-decoded left context (the vocoder's main streaming cost). With `buffered_lookahead_tokens`, chunks after the
+        second leave at the same moment but end earlier, so that more of the tokens already there serve as their right
+        context."""
         if self.closed:
             raise RuntimeError("this stream was flushed; open a new one with Vocoder.stream()")
         new = _as_token_array(semantic_ids, self.vocoder.flow.config.n_codes)
@@ -272,7 +279,15 @@ class VocoderStream:
             end = self.emitted + size
             if len(self.tokens) < end + look:
                 break
+            if self.n_chunks >= 2:  # keep up to buffered_lookahead_tokens of what is there as right context
+                end = max(self.emitted + self.cfg.first_chunk_tokens, min(end, len(self.tokens) - self._right_context()))
             yield self._emit(end, final=False)
+
+    def _right_context(self) -> int:
+        """Tokens after a chunk's end that its window decodes (when they are there)."""
+        if self.n_chunks < 2:
+            return self.cfg.lookahead_tokens
+        return max(self.cfg.lookahead_tokens, self.cfg.buffered_lookahead_tokens)
 
     def flush(self) -> np.ndarray:
         if self.closed:
@@ -292,7 +307,7 @@ class VocoderStream:
         spt, xf = self.vocoder.samples_per_token, self.cfg.crossfade_samples
         a = self.emitted
         ctx0 = max(0, a - self.cfg.left_context_tokens)
-        ctx1 = len(self.tokens) if final else min(len(self.tokens), end + self.cfg.lookahead_tokens)
+        ctx1 = len(self.tokens) if final else min(len(self.tokens), end + self._right_context())
         fpt = self.vocoder.flow.config.frames_per_token
         wav, phases = self.vocoder._decode_window(
             self.tokens[ctx0:ctx1], ctx0, self.voice_idx, self.pitch_st, self.phases.get(ctx0 * fpt, 0.0),
