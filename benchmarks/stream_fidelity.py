@@ -1,11 +1,12 @@
-"""How close the vocoder's stream is to its offline decode, per held-out utterance in its own voice, for stream settings.
+"""How close the vocoder's stream is to its offline decode, per held-out utterance in its own voice, per stream setting.
 
 Held-out NPC utterances' semantic tokens (corpus token cache) are decoded offline and streamed with each setting
 L:A[:B] (left-context tokens, lookahead tokens, buffered lookahead tokens; the rest of the vocoder's stream config is
-kept), pushed `--push` tokens at a time or as the server hands them over (`--push serve`: the first 8, the rest of
-the first 15-token span, then 15-token spans). Prints the log-mel distance (mean |dB| over 80 bands) median, max and
-how many utterances exceed the stated tolerance (STREAM_MEL_TOLERANCE_DB), per voice, and the tokens the flow decoded
-per token of audio (the streaming compute beyond offline decoding) and the chunks per utterance.
+kept), pushed `--push` tokens at a time or as the server hands them over (`--push serve`: the first chunk's tokens
+with their lookahead early, the rest of the first 15-token span, then whole spans). Prints the log-mel distance (mean
+|dB| over 80 bands) median, max and how many utterances exceed the stated tolerance (STREAM_MEL_TOLERANCE_DB), per
+voice, and the tokens the flow decoded per token of audio (the streaming compute beyond offline decoding) and the
+chunks per utterance.
 
     python -m benchmarks.stream_fidelity --n 96 --settings 12:3 12:3:8 --push 3
 """
@@ -22,9 +23,6 @@ from tqdm import tqdm
 
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 
-SERVE_SPAN = 15  # audio tokens per span of the backbone's interleaved answer
-SERVE_EARLY = 8  # handed over before the first span ends: first_chunk_tokens + lookahead_tokens of the shipped config
-
 
 def parse_setting(text: str) -> dict:
     """"L:A[:B]" -> StreamConfig fields."""
@@ -39,16 +37,19 @@ def parse_setting(text: str) -> dict:
             "buffered_lookahead_tokens": values[2] if len(values) == 3 else 0}
 
 
-def pushes(tokens: np.ndarray, push: str) -> list[np.ndarray]:
-    """The pieces the stream receives: `push` tokens at a time, or the server's hand-over ("serve")."""
+def pushes(tokens: np.ndarray, push: str, early: int) -> list[np.ndarray]:
+    """The pieces the stream receives: `push` tokens at a time, or the server's hand-over ("serve": `early` tokens,
+    the first chunk's with its lookahead, then the rest of the first audio span, then whole spans)."""
+    from npc_server.backbone.template import BLOCK_AUDIO
+
     if push == "serve":
-        cuts = [0, SERVE_EARLY, SERVE_SPAN] + list(range(2 * SERVE_SPAN, len(tokens) + SERVE_SPAN, SERVE_SPAN))
+        cuts = [0, early] + list(range(BLOCK_AUDIO, len(tokens) + BLOCK_AUDIO, BLOCK_AUDIO))
     else:
         cuts = list(range(0, len(tokens) + int(push), int(push)))
     return [tokens[a:b] for a, b in zip(cuts, cuts[1:]) if a < len(tokens)]
 
 
-def measure(vocoder, items: list[tuple[str, np.ndarray]], push: str) -> dict:
+def measure(vocoder, items: list[tuple[str, np.ndarray]], push: str, early: int) -> dict:
     """Stream and decode offline every (voice, tokens) item -> distances per voice, decoded tokens, chunks."""
     from npc_server.vocoder.mel import logmel_distance_db
 
@@ -66,7 +67,7 @@ def measure(vocoder, items: list[tuple[str, np.ndarray]], push: str) -> dict:
         stream = vocoder.stream(voice=voice)
         vocoder._decode_window = counting
         try:
-            wav = np.concatenate([stream.push(p) for p in pushes(tokens, push)] + [stream.flush()])
+            wav = np.concatenate([stream.push(p) for p in pushes(tokens, push, early)] + [stream.flush()])
         finally:
             vocoder._decode_window = real
         total += len(tokens)
@@ -116,7 +117,7 @@ def main() -> None:
         for text, fields in settings:
             vocoder.stream_config = replace(base, **fields)
             vocoder.stream_config.validate(vocoder.samples_per_token)
-            res = measure(vocoder, items, args.push)
+            res = measure(vocoder, items, args.push, base.first_chunk_tokens + base.lookahead_tokens)
             dist = np.array([d for ds in res["per_voice"].values() for d in ds])
             voices = " ".join(f"{v} {np.median(d):.2f}/{max(d):.2f}" for v, d in sorted(res["per_voice"].items()))
             print(f"{text} | {np.median(dist):.3f} / {dist.max():.3f} | {int(np.sum(dist > STREAM_MEL_TOLERANCE_DB))} "

@@ -38,7 +38,7 @@ class StreamConfig:
     # right context of the chunks after the second, from tokens already there (0 = off): such a chunk is still due once
     # it has `lookahead_tokens`, and is then shortened (to at least first_chunk_tokens) to keep up to this many as
     # right context. Closer to offline audio at the same latency (first audio, no chunk later, the audio out trails the
-    # tokens in by no more at its worst), for ~10% more streaming compute (docs/vocoder_report.md)
+    # tokens in by no more at its worst), for 5-11% more streaming compute at 6-8 tokens (docs/vocoder_report.md)
     buffered_lookahead_tokens: int = 0
     left_context_tokens: int = 12  # already-emitted tokens re-decoded as left context
     crossfade_samples: int = 480  # 20 ms at 24 kHz
@@ -46,7 +46,8 @@ class StreamConfig:
     def validate(self, samples_per_token: int) -> None:
         if min(self.first_chunk_tokens, self.chunk_tokens) < 1 or self.lookahead_tokens < 1 or \
                 self.max_chunk_tokens < 0 or self.buffered_lookahead_tokens < 0:
-            raise ValueError("chunk sizes and lookahead must be at least one token")
+            raise ValueError("chunk sizes and lookahead must be at least one token (max_chunk_tokens and "
+                             "buffered_lookahead_tokens at least 0)")
         if self.crossfade_samples > self.lookahead_tokens * samples_per_token:
             raise ValueError("crossfade_samples must fit inside the lookahead")
 
@@ -280,7 +281,8 @@ class VocoderStream:
             if len(self.tokens) < end + look:
                 break
             if self.n_chunks >= 2:  # keep up to buffered_lookahead_tokens of what is there as right context
-                end = max(self.emitted + self.cfg.first_chunk_tokens, min(end, len(self.tokens) - self._right_context()))
+                shortest = min(end, self.emitted + self.cfg.first_chunk_tokens)
+                end = max(shortest, min(end, len(self.tokens) - self._right_context()))
             yield self._emit(end, final=False)
 
     def _right_context(self) -> int:
