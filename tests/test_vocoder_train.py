@@ -334,3 +334,39 @@ def test_cli_flow_stage_with_voice_pitch_reference(corpus, tmp_path):
     assert trained.flow.config.voice_f0_hz == pytest.approx({"gb_female": 120.0, "scot_male": 120.0}, abs=0.5)
     assert json.loads((out / "training.json").read_text())["flow"]["pitch_reference"] == "voice"
     assert np.isfinite(trained.decode(list(range(30)), voice="scot_male", pitch_st=-3.0)[0]).all()
+
+
+def test_generator_fine_tunes_on_flow_mels(corpus, tmp_path):
+    """`--stage generator --flow-mels`: the generator learns from the flow's mels of the NPC utterances' cached tokens
+    (in their own voices) against their recordings; the flow is left as it was, and without cached tokens the stage
+    says what it needs."""
+    import shutil
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    shutil.rmtree(root / "tokens", ignore_errors=True)
+    init, out = tmp_path / "init", tmp_path / "out"
+    torch.manual_seed(0)
+    Vocoder(FlowDecoder(small_flow_config()), Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
+            ).eval().save_pretrained(init)
+    common = ["--stage", "generator", "--flow-mels", "--init", str(init), "--out", str(out), "--corpus", str(root),
+              "--run-dir", str(tmp_path / "run"), "--minutes", "0.02", "--batch", "2", "--gen-segment", "0.3",
+              "--threads", "1", "--precision", "fp32"]
+    with pytest.raises(SystemExit, match="cached tokens"):
+        tv.main(common)
+    (root / "tokens").mkdir()
+    rows = [r for r in tv.read_manifest(root) if r["role"] == "npc"]
+    for r in rows:
+        codes = EnergyTokenizer().encode(*load_audio(root / r["audio"])).semantic.numpy()
+        np.savez(root / "tokens" / f"{r['id']}.npz", semantic=codes.astype(np.int16))
+    before = Vocoder.from_pretrained(init)
+    mels = tv.flow_mels(before, rows, root)
+    assert [m.shape[-1] for m in mels] == [4 * len(np.load(root / "tokens" / f"{r['id']}.npz")["semantic"])
+                                           for r in rows]
+    assert tv.main(common) == 0
+    info = json.loads((out / "training.json").read_text())["generator"]
+    assert info["flow_mels"] is True and info["files"] == len(rows) == 2 and info["steps"] > 0
+    trained = Vocoder.from_pretrained(out)
+    same = {name: torch.equal(a, b) for (name, a), b in zip(before.state_dict().items(), trained.state_dict().values())}
+    assert all(v for k, v in same.items() if k.startswith("flow."))
+    assert not all(v for k, v in same.items() if k.startswith("generator."))

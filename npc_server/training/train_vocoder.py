@@ -301,6 +301,19 @@ def corpus_token_cache(mel_cache: dict, corpus: Path) -> dict[str, torch.Tensor]
     return out
 
 
+def flow_mels(vocoder: Vocoder, rows: list[dict], corpus: Path) -> list[torch.Tensor]:
+    """The flow's log-mel [n_mels, 4T] (float16) of each row's cached semantic tokens (`<corpus>/tokens/<id>.npz`),
+    decoded in the row's own voice at pitch 0: what the generator hears when it serves (`--flow-mels`)."""
+    out = []
+    for r in tqdm(rows, desc="flow mels", unit="utt"):
+        with np.load(corpus / "tokens" / f"{r['id']}.npz") as z:
+            tokens = z["semantic"].astype(np.int64)
+        with torch.inference_mode():
+            mel = vocoder.tokens_to_mel(tokens, vocoder.flow.voice_index(r["speaker"]), 0.0)
+        out.append(mel[0].to(torch.float16))
+    return out
+
+
 def proxy_token_cache(mel_cache: dict, n_codes: int, fpt: int, seed: int) -> dict[str, torch.Tensor]:
     """Stand-in 25 Hz codes before the trained tokenizer exists: nearest neighbour of each 4-frame mel patch among
     n_codes patches sampled from the data. Used only to warm up the flow decoder (its U-Net learns mel structure,
@@ -428,12 +441,17 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
 
 
 def generator_loss(gen: Generator, logmel: LogMel, mrstft: MultiResolutionSTFTLoss, wav: torch.Tensor,
-                   f0: torch.Tensor | None, bf16: bool):
+                   f0: torch.Tensor | None, bf16: bool, mel_in: torch.Tensor | None = None):
     """Mel L1 + multi-resolution STFT on the waveform (+ F0 predictor L1 on log F0 and voicing BCE).
-    wav [B, N] with N a multiple of the hop; f0 [B, N / hop] measured F0 (Hz, 0 = unvoiced) drives the source."""
+    wav [B, N] with N a multiple of the hop; f0 [B, N / hop] measured F0 (Hz, 0 = unvoiced) drives the source.
+    The generator hears the waveform's own log-mel, or `mel_in` [B, n_mels, N / hop] (the flow's mel of the same
+    audio: `--flow-mels`) and learns to turn it into the recording."""
     mel = logmel(wav)
+    if mel_in is not None:
+        n = min(mel.shape[-1], mel_in.shape[-1])
+        mel, mel_in = mel[..., :n], mel_in[..., :n]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        feats = gen.features(mel)
+        feats = gen.features(mel if mel_in is None else mel_in)
     base, parts, extra = None, {}, 0.0
     if gen.config.use_source:
         if f0 is None:
@@ -443,7 +461,7 @@ def generator_loss(gen: Generator, logmel: LogMel, mrstft: MultiResolutionSTFTLo
         spec = torch.stft(exc, gen.head.n_fft, gen.head.hop_length, gen.head.n_fft, gen.head.window, center=True,
                           return_complex=True)[..., : mel.shape[-1]]
         base = torch.angle(spec)
-        log_f0, v_logit = gen.predict_f0(mel)
+        log_f0, v_logit = gen.predict_f0(mel if mel_in is None else mel_in)
         voiced = (f0 > 0).float()
         f0_l1 = (torch.abs(log_f0.float() - torch.log(f0.clamp_min(1.0))) * voiced).sum() / voiced.sum().clamp_min(1)
         v_bce = F.binary_cross_entropy_with_logits(v_logit.float(), voiced)
@@ -651,6 +669,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--bootstrap", type=int, default=0,
                    help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
     p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
+    p.add_argument("--flow-mels", action="store_true",
+                   help="generator: fine-tune on the flow's mels of the NPC training utterances (their cached tokens "
+                        "decoded in their own voice) against the recordings, the mels it hears when serving; needs a "
+                        "trained flow (--init) and <corpus>/tokens")
     p.add_argument("--extend-mels", action="store_true",
                    help="mels: add the utterances of a larger --max-hours pick to the run's existing mel cache "
                         "(the cached ones, with their pitch-shifted copies, are kept as they are)")
@@ -724,14 +746,23 @@ def main(argv: list[str]) -> int:
 
     if args.stage in ("all", "generator"):
         paths: list[Path] = []
-        if args.bootstrap:
-            paths += synth_bootstrap(args.run_dir / "bootstrap", args.bootstrap, args.seed)
-        if not args.no_corpus:
-            rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+        if args.flow_mels:  # the NPC voices' recordings with their cached tokens: no bootstrap audio (no tokens)
+            rows = [r for r in pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+                    if r["role"] == "npc" and r["speaker"] in vocoder.voices
+                    and (args.corpus / "tokens" / f"{r['id']}.npz").is_file()]
             paths += [args.corpus / r["audio"] for r in rows]
+        else:
+            if args.bootstrap:
+                paths += synth_bootstrap(args.run_dir / "bootstrap", args.bootstrap, args.seed)
+            if not args.no_corpus:
+                rows = pick_utterances(read_manifest(args.corpus), "train", args.max_hours, args.seed)
+                paths += [args.corpus / r["audio"] for r in rows]
         if not paths:
-            raise SystemExit("no audio for the generator: give --corpus or --bootstrap N")
+            raise SystemExit("no audio for the generator: give --corpus or --bootstrap N" + (
+                " (--flow-mels needs NPC training utterances with cached tokens in <corpus>/tokens)"
+                if args.flow_mels else ""))
         wavs = load_wavs_24k(paths, args.max_hours + 1.0, mel_cfg.sample_rate, mel_cfg.hop_length)
+        mels_in = flow_mels(vocoder, rows[: len(wavs)], args.corpus) if args.flow_mels else None
         hop = mel_cfg.hop_length
         seg_frames = int(args.gen_segment * mel_cfg.sample_rate) // hop
         logmel, mrstft = LogMel(mel_cfg), MultiResolutionSTFTLoss()
@@ -739,21 +770,31 @@ def main(argv: list[str]) -> int:
         def gen_batch():
             audio = torch.zeros(args.batch, seg_frames * hop)
             f0 = torch.zeros(args.batch, seg_frames)
+            floor = math.log(mel_cfg.log_floor)
+            mel_in = torch.full((args.batch, mel_cfg.n_mels, seg_frames), floor) if mels_in is not None else None
             for i in range(args.batch):
-                w, f = wavs[rng.randrange(len(wavs))]
-                s0 = rng.randrange(0, max(1, len(f) - seg_frames))
+                k = rng.randrange(len(wavs))
+                w, f = wavs[k]
+                n_frames = len(f) if mels_in is None else min(len(f), mels_in[k].shape[-1])
+                s0 = rng.randrange(0, max(1, n_frames - seg_frames))
                 piece = torch.from_numpy(w[s0 * hop : (s0 + seg_frames) * hop].astype(np.float32))
-                audio[i, : len(piece)] = piece * rng.uniform(0.5, 1.2)
+                # loudness augmentation only when the generator hears the audio's own mel (a flow mel stays as is)
+                audio[i, : len(piece)] = piece * (rng.uniform(0.5, 1.2) if mels_in is None else 1.0)
                 fp = torch.from_numpy(f[s0 : s0 + seg_frames])
                 f0[i, : len(fp)] = fp
-            return audio, f0
+                if mels_in is not None:
+                    m = mels_in[k][:, s0 : min(s0 + seg_frames, n_frames)].float()
+                    mel_in[i, :, : m.shape[-1]] = m
+            return audio, f0, mel_in
 
         stats = train_loop(
             "generator", vocoder.generator, gen_batch,
-            lambda m, b: generator_loss(m, logmel, mrstft, b[0], b[1], bf16), args.run_dir, minutes, args.lr or 5e-4,
+            lambda m, b: generator_loss(m, logmel, mrstft, b[0], b[1], bf16, b[2]), args.run_dir, minutes,
+            args.lr or 5e-4,
         )
         print(f"generator: {stats}")
-        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs)}}, "generator", args.init)
+        _export(vocoder, args.out, {"generator": {**stats, "files": len(wavs), "flow_mels": args.flow_mels}},
+                "generator", args.init)
 
     if args.stage in ("all", "flow", "mels", "judge"):
         mel_path = args.run_dir / "mel_cache.pt"
