@@ -354,6 +354,9 @@ def test_generator_fine_tunes_on_flow_mels(corpus, tmp_path):
               "--threads", "1", "--precision", "fp32"]
     with pytest.raises(SystemExit, match="cached tokens"):
         tv.main(common)
+    with pytest.raises(SystemExit) as exc:
+        tv.main(["--stage", "all", "--flow-mels", "--run-dir", str(tmp_path / "run")])
+    assert exc.value.code == 2
     (root / "tokens").mkdir()
     rows = [r for r in tv.read_manifest(root) if r["role"] == "npc"]
     for r in rows:

@@ -725,6 +725,8 @@ def main(argv: list[str]) -> int:
             p.error(f"--cond-dropout: {e}")
     if not 0.0 <= args.voice_swap <= 1.0:
         p.error(f"--voice-swap is a fraction of utterances, 0..1; got {args.voice_swap}")
+    if args.flow_mels and args.stage != "generator":
+        p.error("--flow-mels goes with --stage generator (it decodes with an already trained flow)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
