@@ -179,10 +179,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=4, help="answer threads of the server (default 4, as serve)")
     ap.add_argument("--batch-lanes", type=int, default=2, help="decode batches at once (default 2, as serve)")
     ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
+    ap.add_argument("--buffered-lookahead", type=int, default=None, metavar="TOKENS",
+                    help="the vocoder stream's buffered lookahead (default: its config.json; see `serve --help`)")
     ap.add_argument("--no-draft", action="store_true",
                     help="serve without <model-dir>/draft (no speculative decoding) and skip its comparison")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    if args.buffered_lookahead is not None and args.buffered_lookahead < 0:
+        ap.error(f"--buffered-lookahead is a number of tokens, at least 0; got {args.buffered_lookahead}")
 
     from npc_server.backbone.template import UserTurn
     from npc_server.engine import Engine
@@ -192,7 +196,8 @@ def main(argv: list[str]) -> int:
     from sdk import NpcClient
 
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft)
+        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
+                                        buffered_lookahead=args.buffered_lookahead)
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2

@@ -114,11 +114,12 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, threads: int | None = None, draft: bool = True,
-                        device: str = "cpu") -> "Engine":
+                        device: str = "cpu", buffered_lookahead: int | None = None) -> "Engine":
         """Load models/<name>/{tokenizer,backbone,vocoder} (each safetensors + config.json), and the optional
         draft backbone models/<name>/draft for speculative audio decoding unless `draft` is False. `device` places
         the backbone (e.g. "cuda": transformers with flash-attn when the `gpu` extra is installed, else SDPA); the
-        tokenizer and vocoder stay on the CPU."""
+        tokenizer and vocoder stay on the CPU. `buffered_lookahead` overrides the vocoder stream's
+        `buffered_lookahead_tokens` (None keeps its config.json's)."""
         from npc_server.backbone.generator import Generator
         from npc_server.tokenizer import AudioTokenizer
         from npc_server.vocoder import Vocoder
@@ -135,6 +136,9 @@ class Engine:
         generator = Generator.from_pretrained(model_dir / "backbone", draft=draft_dir if use_draft else None,
                                               device=device)
         vocoder = Vocoder.from_pretrained(model_dir / "vocoder")
+        if buffered_lookahead is not None:
+            vocoder.stream_config = replace(vocoder.stream_config, buffered_lookahead_tokens=buffered_lookahead)
+            vocoder.stream_config.validate(vocoder.samples_per_token)
         return cls(tokenizer, generator, vocoder, name=f"npc-voice/{model_dir.name}")
 
     def enable_batching(self, lanes: int = 1) -> bool:

@@ -95,3 +95,18 @@ def test_a_busy_server_sends_a_longer_first_chunk(tiny_model_dir, question_wav):
         firsts[busy] = next(len(e.wav) for e in events if isinstance(e, EngineAudio))
     assert firsts[1] == cfg.first_chunk_tokens * spt
     assert firsts[3] == min(cfg.chunk_tokens, 3 * cfg.first_chunk_tokens) * spt
+
+
+def test_buffered_lookahead_override(tiny_model_dir):
+    """`serve --buffered-lookahead N` (Engine.from_pretrained) sets the vocoder stream's buffered lookahead; without
+    it the model's config.json holds; a negative value is refused by the command line."""
+    import subprocess
+    import sys
+
+    assert Engine.from_pretrained(tiny_model_dir).vocoder.stream_config.buffered_lookahead_tokens == 0
+    engine = Engine.from_pretrained(tiny_model_dir, buffered_lookahead=6)
+    assert engine.vocoder.stream_config.buffered_lookahead_tokens == 6
+    r = subprocess.run([sys.executable, "-m", "npc_server.cli", "serve", "--model-dir", str(tiny_model_dir),
+                        "--insecure-loopback", "--buffered-lookahead", "-1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--buffered-lookahead" in r.stderr
+
