@@ -97,17 +97,16 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from npc_server.eval.vocoder_eval import heldout_rows
+    from benchmarks.vocoder_speed import heldout_tokens
+    from npc_server.eval.vocoder_eval import _voice_for
     from npc_server.vocoder import STREAM_MEL_TOLERANCE_DB, Vocoder
 
     torch.set_num_threads(args.threads)
     vocoder = Vocoder.from_pretrained(args.vocoder)
-    rows = [r for r in heldout_rows(args.corpus, 5 * args.n, args.seed)
-            if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()][: args.n]
-    if not rows:
+    items = [(_voice_for(vocoder, r["speaker"]), tokens)
+             for r, tokens in heldout_tokens(args.corpus, args.n, args.seed)]
+    if not items:
         raise SystemExit(f"no held-out utterances with cached tokens in {args.corpus}/tokens")
-    items = [(r["speaker"] if r["speaker"] in vocoder.voices else vocoder.voices[0],
-              np.load(args.corpus / "tokens" / f"{r['id']}.npz")["semantic"].astype(np.int64)) for r in rows]
     base = vocoder.stream_config
     print(f"{len(items)} held-out utterances in their own voices, pushed {args.push} at a time; "
           f"tolerance {STREAM_MEL_TOLERANCE_DB} dB")

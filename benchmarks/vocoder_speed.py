@@ -36,6 +36,18 @@ def parse_setting(text: str) -> dict:
         raise ValueError(f"setting {text!r}: expected steps:temperature[:guidance[:guided_steps[c]]]") from None
 
 
+def heldout_tokens(corpus: Path, n: int, seed: int) -> list[tuple[dict, np.ndarray]]:
+    """`n` held-out NPC utterances that have cached semantic tokens (<corpus>/tokens/<id>.npz), with those tokens."""
+    from npc_server.eval.vocoder_eval import heldout_rows
+
+    rows = [r for r in heldout_rows(corpus, 10 * n, seed) if (corpus / "tokens" / f"{r['id']}.npz").is_file()][:n]
+    picks = []
+    for r in rows:
+        with np.load(corpus / "tokens" / f"{r['id']}.npz") as z:
+            picks.append((r, z["semantic"].astype(np.int64)))
+    return picks
+
+
 def time_setting(vocoder, token_sets: list[np.ndarray], push: int, repeats: int) -> dict:
     """Each utterance decoded offline and streamed `repeats` times in a row; its fastest time of each counts, so a busy
     moment of the machine does not. -> offline and streamed compute seconds, audio seconds, first-chunk times (ms)."""
@@ -77,7 +89,6 @@ def main() -> None:
     if min(args.n, args.push, args.repeats) < 1:
         ap.error("--n, --push and --repeats must be at least 1")
 
-    from npc_server.eval.vocoder_eval import heldout_rows
     from npc_server.vocoder import Vocoder
 
     torch.set_num_threads(args.threads)
@@ -87,14 +98,9 @@ def main() -> None:
             vocoder.flow.set_sampling(**kwargs)
         except ValueError as e:
             ap.error(f"setting {name}: {e}")
-    rows = [r for r in heldout_rows(args.corpus, 10 * args.n, args.seed)
-            if (args.corpus / "tokens" / f"{r['id']}.npz").is_file()][: args.n]
-    if not rows:
+    token_sets = [tokens for _, tokens in heldout_tokens(args.corpus, args.n, args.seed)]
+    if not token_sets:
         ap.error(f"no held-out utterance of {args.corpus} has cached tokens in {args.corpus / 'tokens'}")
-    token_sets = []
-    for r in rows:
-        with np.load(args.corpus / "tokens" / f"{r['id']}.npz") as z:
-            token_sets.append(z["semantic"].astype(np.int64))
     seconds = sum(len(t) for t in token_sets) * vocoder.samples_per_token / vocoder.sample_rate
     print(f"{args.vocoder}: {len(token_sets)} held-out utterances, {seconds:.1f} s of audio, pushed {args.push} tokens "
           f"at a time, {args.threads} thread(s), best of {args.repeats} per utterance")
