@@ -232,6 +232,10 @@ class AudioTokenizer(nn.Module):
         last = s.flush()
         return make_tokens(torch.cat([first.linguistic, last.linguistic]), torch.cat([first.semantic, last.semantic]))
 
+    def final_block_samples(self, n: int) -> int:
+        """The length a last, partial block of n samples is zero-padded to: a whole block."""
+        return self.cfg.block_samples
+
     def init_state(self, batch: int = 1):
         return {"past": torch.zeros(batch, self.cfg.features.context), "ling": None, "sem": None}
 
@@ -346,7 +350,7 @@ class TokenizerStream:
         lings, sems = [], []
         while self._buf.shape[0] >= bs or (final and self._buf.shape[0] > 0):
             n = min(bs, self._buf.shape[0])
-            block = np.zeros(bs, dtype=np.float32)
+            block = np.zeros(bs if n == bs else self.model.final_block_samples(n), dtype=np.float32)
             block[:n] = self._buf[:n]
             self._buf = self._buf[n:]
             ling, sem, self._state = self.model.encode_block(torch.from_numpy(block)[None], self._state)
