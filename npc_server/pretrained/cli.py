@@ -13,7 +13,8 @@ import time
 from npc_server.pretrained.cache import cache_root
 from npc_server.pretrained.packages import MissingPackageError
 
-PREPARERS = {"whisper-base": "npc_server.pretrained.whisper:load_encoder"}
+PREPARERS = {"whisper-base": "npc_server.pretrained.whisper:load_encoder",
+             "gemma3-270m": "npc_server.pretrained.gguf:base_folder"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""The stateful side of backbone v2: one conversation's KV cache and tokens, with named verbs.
+
+`ThinkerSession` owns its cache; `prefill` appends tokens (a persona turn, the player's audio as it arrives),
+`next_logits` reads the distribution after the last token, `rewind` drops tokens from the end. `decode_text`
+is greedy / temperature sampling restricted to a set of output rows (e.g. text + <|text_end|>). The model
+(`AudioLM`) stays stateless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from npc_server.backbone.audio_lm import AudioLM
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+
+
+class ThinkerSession:
+    def __init__(self, model: AudioLM):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.body.config)
+        self.ids: list[int] = []
+        self._last_hidden: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        hidden, self.cache = self.model(torch.tensor([ids], dtype=torch.long), cache=self.cache)
+        self._last_hidden = hidden[0, -1]
+        self.ids.extend(int(i) for i in ids)
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """Logits over the model's output rows (`model.head_ids`) for the token after the last one."""
+        if self._last_hidden is None:
+            raise RuntimeError("prefill the session before asking for logits")
+        return self.model.logits(self._last_hidden.float()[None])[0]
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first `keep` tokens (e.g. drop an interrupted answer); the next prefill continues from there."""
+        if not 0 < keep <= len(self.ids):
+            raise ValueError(f"keep must be in 1..{len(self.ids)}, got {keep}")
+        if keep == len(self.ids):
+            return
+        self.cache.crop(keep - 1)
+        last = self.ids[keep - 1]
+        self.ids = self.ids[: keep - 1]
+        self.prefill([last])
+
+    def memory_bytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def decode(session: ThinkerSession, allowed_ids: list[int], stop_ids: set[int], options: DecodeOptions = DecodeOptions()
+           ) -> list[int]:
+    """Sample up to `max_new_tokens` ids among `allowed_ids`, stopping after one of `stop_ids` (included)."""
+    model = session.model
+    rows = model.head_index[torch.as_tensor(allowed_ids, dtype=torch.long)]
+    if (rows < 0).any():
+        raise ValueError("some allowed ids are not output rows of this model")
+    gen = torch.Generator().manual_seed(options.seed)
+    out: list[int] = []
+    for _ in range(options.max_new_tokens):
+        logits = session.next_logits()[rows]
+        if options.temperature <= 0:
+            k = int(logits.argmax())
+        else:
+            k = int(torch.multinomial(torch.softmax(logits / options.temperature, -1), 1, generator=gen))
+        token = int(allowed_ids[k])
+        out.append(token)
+        session.prefill([token])
+        if token in stop_ids:
+            break
+    return out

@@ -1,0 +1,165 @@
+"""Shared training code of backbone v2's stages: the model to start from, batches of fixed shapes, the loss, the
+time-budgeted loop with checkpoints, and the per-run log.
+
+Every stage starts from the last saved weights (`--init`, default the shipped backbone when it is a v2 one), so
+training goes on across runs; each run appends its record (loss, tokens, minutes, eval figure) to
+`<out>/training.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from npc_server.backbone.audio_lm import AudioLM, AudioLMConfig, load_body
+from npc_server.backbone.template_v2 import IGNORE, Example
+
+LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384)  # padded sequence lengths: few shapes (a new one costs on CPU)
+
+
+def is_v2_backbone(directory: Path) -> bool:
+    try:
+        return json.loads((Path(directory) / "config.json").read_text()).get("version") == 2
+    except (OSError, ValueError):
+        return False
+
+
+def head_text_ids(text_tokenizer, texts: list[str], extra: list[int] = ()) -> torch.Tensor:
+    """The text ids an answer may use: every id of `texts` (+ the base model's bos/eos and `extra`)."""
+    ids = set(extra) | {text_tokenizer.bos_token_id, text_tokenizer.eos_token_id}
+    for t in texts:
+        ids.update(text_tokenizer.encode(t, add_special_tokens=False))
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
+
+
+def start_model(init: Path | None, cfg: AudioLMConfig, texts: list[str], text_tokenizer, body=None) -> AudioLM:
+    """Continue from a saved v2 backbone, or build a fresh one (new rows, zero LoRA) whose head covers `texts`."""
+    if init is not None and is_v2_backbone(init):
+        model = AudioLM.from_pretrained(init, body=body)
+        missing = set(head_text_ids(text_tokenizer, texts).tolist()) - set(model.head_ids.tolist())
+        if missing:
+            print(f"note: {len(missing)} text ids of the data are not output rows of {init}; their targets are skipped")
+        return model
+    body = body if body is not None else load_body(cfg.base)
+    return AudioLM(cfg, body, head_text_ids(text_tokenizer, texts))
+
+
+def bucket_length(n: int) -> int:
+    for b in LENGTH_BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"example of {n} tokens is longer than the longest bucket ({LENGTH_BUCKETS[-1]})")
+
+
+def make_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[tuple[int, list[int]]]:
+    """(padded length, example indices) with about `batch_tokens` padded tokens each, in random order."""
+    by_bucket: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_bucket.setdefault(bucket_length(len(ex.ids)), []).append(i)
+    out = []
+    for length, idx in by_bucket.items():
+        rng.shuffle(idx)
+        size = max(1, batch_tokens // length)
+        out += [(length, idx[k : k + size]) for k in range(0, len(idx), size) if len(idx[k : k + size]) == size]
+    rng.shuffle(out)
+    return out
+
+
+def collate(examples: list[Example], idx: list[int], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(idx), length), pad_id, dtype=torch.long)
+    tgt = torch.full((len(idx), length), IGNORE, dtype=torch.long)
+    for b, i in enumerate(idx):
+        ex = examples[i]
+        ids[b, : len(ex.ids)] = torch.tensor(ex.ids)
+        tgt[b, : len(ex.targets)] = torch.tensor(ex.targets)
+    return ids, tgt
+
+
+def lm_loss(model: AudioLM, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the target positions (logits only there, over the output rows)."""
+    hidden, _ = model(ids)
+    rows = model.head_index[targets.clamp_min(0)]
+    keep = (targets != IGNORE) & (rows >= 0)
+    logits = model.logits(hidden[keep]).float()
+    return F.cross_entropy(logits, rows[keep]), int(keep.sum())
+
+
+@dataclass
+class RunResult:
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+
+
+def train_loop(model: AudioLM, examples: list[Example], minutes: float, batch_tokens: int, lr: float,
+               precision: str, pad_id: int, seed: int = 0, max_steps: int | None = None,
+               save: Callable[[], None] | None = None, save_every_minutes: float = 15.0,
+               progress: bool = True) -> RunResult:
+    """AdamW on the trainable parameters (LoRA at `lr`, new embedding rows at 4x), warm-up then cosine to 10% over
+    the time budget; `save()` every `save_every_minutes` and at the end."""
+    rng = random.Random(seed)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    rows = [model.new_embed.weight]
+    for p in lora + rows:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr}, {"params": rows, "lr": 4 * lr, "base": 4 * lr}],
+                            weight_decay=0.0, betas=(0.9, 0.98))
+    model.train()
+    budget, t0, last_save = minutes * 60, time.perf_counter(), time.perf_counter()
+    step, tokens, losses = 0, 0, []
+    bar = tqdm(total=int(budget), unit="s", desc="train", disable=not progress)
+    done = False
+    while not done:
+        for length, idx in make_batches(examples, batch_tokens, rng):
+            frac = min(1.0, (time.perf_counter() - t0) / budget)
+            for g in opt.param_groups:
+                g["lr"] = g["base"] * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            ids, tgt = collate(examples, idx, length, pad_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, n = lm_loss(model, ids, tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lora + rows, 1.0)
+            opt.step()
+            step += 1
+            tokens += int((ids != pad_id).sum())
+            losses.append(float(loss.detach()))
+            bar.n = min(int(budget), int(time.perf_counter() - t0))
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if not progress and step % 20 == 0:
+                print(f"step {step}: loss {np.mean(losses[-20:]):.3f}, {tokens / (time.perf_counter() - t0):.0f} tok/s, "
+                      f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+            if save is not None and time.perf_counter() - last_save > save_every_minutes * 60:
+                model.eval()
+                save()
+                model.train()
+                last_save = time.perf_counter()
+            if time.perf_counter() - t0 >= budget or (max_steps is not None and step >= max_steps):
+                done = True
+                break
+        if not examples:
+            break
+    bar.close()
+    model.eval()
+    for p in lora + rows:
+        p.requires_grad_(False)
+    if save is not None:
+        save()
+    return RunResult(step, tokens, time.perf_counter() - t0, losses)
+
+
+def append_run_log(out: Path, record: dict) -> None:
+    path = Path(out) / "training.json"
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    path.write_text(json.dumps({"runs": runs + [record]}, indent=2, ensure_ascii=False) + "\n")
