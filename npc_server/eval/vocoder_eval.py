@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample, save_wav
-from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir, require_corpus
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.vocoder.mel import LogMel, logmel_distance_db
 from npc_server.vocoder.phone_judge import PhoneJudge
@@ -495,6 +495,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if min(args.n, args.timbre_utts, args.stream_utts) < 1:
         p.error("--n, --timbre-utts and --stream-utts must be at least 1")
+    args.corpus = require_corpus(args.corpus, "eval vocoder")
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
     try:
