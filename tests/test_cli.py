@@ -48,3 +48,18 @@ def test_eval_without_a_corpus_prints_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "dialogues.jsonl" in r.stderr
+
+
+def test_readme_serve_flags_match_serve_help():
+    """The README's Serving API section names exactly the flags `npc-server serve --help` has."""
+    import re
+
+    from npc_server.paths import REPO_ROOT
+    from npc_server.service.serve import build_parser
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Serving API"):readme.index("Python SDK:")]
+    named = set(re.findall(r"(--[a-z][a-z-]+)", section)) - {"--tls-ca", "--help"}  # --tls-ca: of `say`
+    serve_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert named - serve_flags == set(), "README names flags serve does not have"
+    assert serve_flags - named == set(), "serve flags the README does not name"

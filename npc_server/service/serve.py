@@ -70,33 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
     d = Limits()
     lim = ap.add_argument_group("limits (each refused request gets a status with a readable message)")
     lim.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                     metavar="SECONDS",
                      help=f"longest question audio (default {d.max_audio_seconds:g})")
     lim.add_argument("--max-chunk-kb", type=int, default=d.max_chunk_bytes >> 10,
+                     metavar="KIB",
                      help=f"largest audio chunk of a question, KiB (default {d.max_chunk_bytes >> 10})")
     lim.add_argument("--max-request-mb", type=int, default=d.max_request_bytes >> 20,
+                     metavar="MIB",
                      help=f"all audio of one question, MiB (default {d.max_request_bytes >> 20})")
     lim.add_argument("--max-text-chars", type=int, default=d.max_text_chars,
+                     metavar="N",
                      help=f"longest typed question (default {d.max_text_chars})")
     lim.add_argument("--max-answers", type=int, default=d.max_concurrent_requests,
+                     metavar="N",
                      help=f"answers generated at once; more are refused as busy (default {d.max_concurrent_requests})")
     lim.add_argument("--max-pending-questions", type=int, default=d.max_pending_questions,
+                     metavar="N",
                      help="questions still arriving (config sent, audio not finished) at once, all clients "
                           f"(default {d.max_pending_questions})")
     lim.add_argument("--max-pending-per-client", type=int, default=d.max_pending_questions_per_client,
+                     metavar="N",
                      help=f"the same, per client (default {d.max_pending_questions_per_client})")
     lim.add_argument("--question-timeout", type=float, default=d.question_timeout_seconds, metavar="SECONDS",
                      help="a question that sends nothing for this long ends with DEADLINE_EXCEEDED "
                           f"(default {d.question_timeout_seconds:g})")
     lim.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                     metavar="N",
                      help=f"sessions open at once, all clients (default {d.max_sessions})")
     lim.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
+                     metavar="N",
                      help=f"sessions open at once per client (default {d.max_sessions_per_client})")
     lim.add_argument("--session-memory-mb", type=float, default=d.max_session_memory_mb,
+                     metavar="MB",
                      help=f"KV-cache memory of all sessions together (default {d.max_session_memory_mb:g})")
     lim.add_argument("--idle-timeout", type=float, default=d.session_idle_seconds, metavar="SECONDS",
                      help=f"a session unused this long is closed (default {d.session_idle_seconds:g})")
 
-    ap.add_argument("--ready-file", default=None, help="write 'grpc_port bridge_port' here once serving")
+    ap.add_argument("--ready-file", default=None, metavar="FILE", help="write 'grpc_port bridge_port' here once serving")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
