@@ -150,6 +150,13 @@ def test_reload_personas(server, client):
         client.reload_personas()
 
 
+def _flac_bomb() -> bytes:
+    """10 min of silence in 14 kB of FLAC: refused from its header, never decoded whole."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(8000 * 600, np.float32), 8000, format="FLAC")
+    return buf.getvalue()
+
+
 def _nan_wav() -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.full(1600, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
@@ -171,6 +178,7 @@ def _nan_wav() -> bytes:
          "cannot read audio bytes: Format not recognised"),
         (dict(npc="innkeeper", audio=np.zeros(16000 * 11, np.float32)), "INVALID_ARGUMENT", "limit is 10.0 s"),
         (dict(npc="innkeeper", audio=_nan_wav()), "INVALID_ARGUMENT", "audio contains NaN"),
+        (dict(npc="innkeeper", audio=_flac_bomb()), "INVALID_ARGUMENT", "audio is 600.0 s long; the limit is 10.0 s"),
         (dict(npc="innkeeper", audio=np.zeros(1600, np.float32), sample_rate=4000), "INVALID_ARGUMENT", "sample_rate"),
         (dict(npc="innkeeper"), "INVALID_ARGUMENT", "needs audio, text or both"),
         (dict(npc="innkeeper", text="hi", chunk_bytes=1), None, None),  # tiny chunks are fine

@@ -203,13 +203,16 @@ class Bridge:
 
     async def _shutdown(self) -> None:
         going = ApiError(ErrorCode.UNAVAILABLE, "the server is shutting down; this request did not complete")
-        for conn in list(self._connections):
-            for req_id in list(conn.speaks):
-                try:
+
+        async def leave(conn: _Connection) -> None:
+            try:
+                for req_id in list(conn.speaks):
                     await conn.end_with_error(req_id, going)
-                except ConnectionClosed:
-                    break
+            except ConnectionClosed:
+                return
             await conn.ws.close(code=1001, reason="server shutting down")
+
+        await asyncio.gather(*(leave(conn) for conn in list(self._connections)))
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
