@@ -495,7 +495,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if min(args.n, args.timbre_utts, args.stream_utts) < 1:
         p.error("--n, --timbre-utts and --stream-utts must be at least 1")
-    args.corpus = require_corpus(args.corpus, "eval vocoder")
 
     vocoder = Vocoder.from_pretrained(args.vocoder)
     try:
@@ -503,6 +502,7 @@ def main(argv: list[str]) -> int:
                                   guidance_carry=args.guidance_carry)
     except ValueError as e:
         p.error(str(e))
+    args.corpus = require_corpus(args.corpus, "eval vocoder")  # after the argument checks, before any work
     tokenizer = None
     if not args.copy_synthesis:
         from npc_server.tokenizer import AudioTokenizer
