@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 import threading
@@ -14,6 +15,8 @@ import yaml
 
 from npc_server.controls import ACCENTS, EMOTIONS, LANGUAGES, PITCH_RANGE_ST, ROLES, SPEED_RANGE
 from npc_server.voices import VOICE_BANK
+
+log = logging.getLogger("npc_server.personas")
 
 ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 MAX_TEXT_CHARS = 2000  # backstory / goals / knowledge each
@@ -316,8 +319,16 @@ class PersonaStore:
         with self._lock:
             return sorted(self._personas.values(), key=lambda p: p.id)
 
-    def _snapshot(self) -> dict[str, float]:
-        return {str(p): p.stat().st_mtime for p in sorted(self.folder.glob("*.y*ml"))}
+    def _snapshot(self) -> dict[str, float | None]:
+        """Persona files -> modification time; None for one that cannot be looked at (a dangling symlink, a file
+        deleted since the listing): `reload()` then reports it as an error and goes on."""
+        snapshot: dict[str, float | None] = {}
+        for p in sorted(self.folder.glob("*.y*ml")):
+            try:
+                snapshot[str(p)] = p.stat().st_mtime
+            except OSError:
+                snapshot[str(p)] = None
+        return snapshot
 
     def reload(self) -> ReloadResult:
         result = ReloadResult()
@@ -355,10 +366,15 @@ class PersonaStore:
 
         def loop() -> None:
             while not self._stop.wait(interval):
-                if self._snapshot() != self._mtimes:
-                    res = self.reload()
-                    if on_reload is not None:
-                        on_reload(res)
+                try:
+                    if self._snapshot() != self._mtimes:
+                        res = self.reload()
+                        for err in res.errors:
+                            log.error("persona error: %s", err)
+                        if on_reload is not None:
+                            on_reload(res)
+                except Exception:  # noqa: BLE001 - the watcher must outlive anything a folder can do to it
+                    log.exception("reloading personas from %s failed; still watching", self.folder)
 
         self._thread = threading.Thread(target=loop, name="persona-watch", daemon=True)
         self._thread.start()

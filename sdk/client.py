@@ -116,8 +116,15 @@ class NpcClient:
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, client_id: str | None = None,
-                 timeout: float = 120.0):
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 16 << 20)])
+                 timeout: float = 120.0, tls: bool = False, tls_ca: str | Path | bytes | None = None):
+        """`tls`: talk TLS to a server started with --tls-cert, trusting the system's certificate authorities;
+        `tls_ca`: trust this PEM certificate (a path or its bytes) instead, e.g. the server's self-signed one."""
+        options = [("grpc.max_receive_message_length", 16 << 20)]
+        if tls or tls_ca is not None:
+            roots = tls_ca if isinstance(tls_ca, (bytes, type(None))) else Path(tls_ca).read_bytes()
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = rpc.NpcVoiceStub(self._channel)
         self._metadata = []
         if token:

@@ -72,3 +72,35 @@ def test_save_wav_clips(tmp_path):
 def test_resample_identity():
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     assert resample(x, 16000, 16000) is x or np.array_equal(resample(x, 16000, 16000), x)
+
+
+def test_garbage_bytes_error_names_no_memory_address():
+    with pytest.raises(AudioError) as e:
+        load_audio(b"RIFF not a wav")
+    assert str(e.value) == "cannot read audio bytes: Format not recognised"
+
+
+def test_compressed_audio_bomb_is_refused_before_it_is_decoded():
+    """A small FLAC of 10 min of silence (28 kB) would decode to 38 MB of float32: the declared length is checked
+    first, and decoding goes in bounded blocks."""
+    import io
+    import tracemalloc
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 600, np.float32), 16000, format="FLAC")
+    bomb = buf.getvalue()
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioError, match=r"audio is 600.0 s long; the limit is 10.0 s"):
+            load_audio(bomb, max_seconds=10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 1e6:.1f} MB allocated to refuse it"
+    # within the limit it still decodes, block by block, to the same samples
+    buf = io.BytesIO()
+    tone = (0.3 * np.sin(np.arange(16000 * 3) / 10)).astype(np.float32)
+    sf.write(buf, tone, 16000, format="FLAC")
+    wav, sr = load_audio(buf.getvalue(), max_seconds=10)
+    assert sr == 16000 and len(wav) == len(tone) and np.allclose(wav, tone, atol=1e-4)

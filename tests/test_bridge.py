@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,8 +31,9 @@ pytestmark = pytest.mark.usefixtures("no_handler_crashes")
 @pytest.fixture(scope="module")
 def bridge(tiny_model_dir, tmp_path_factory):
     personas = capped_personas(tmp_path_factory.mktemp("bridge_personas"), long_npc=CANCEL_NPC)
-    service = NpcService(Engine.from_pretrained(tiny_model_dir), PersonaStore(personas),
-                         Limits(max_audio_seconds=10, max_sessions_per_client=3), auth_token=TOKEN)
+    limits = Limits(max_audio_seconds=10, max_sessions_per_client=3, max_pending_questions=6,
+                    max_pending_questions_per_client=3, question_timeout_seconds=2)
+    service = NpcService(Engine.from_pretrained(tiny_model_dir), PersonaStore(personas), limits, auth_token=TOKEN)
     server, port = start_bridge(service, "127.0.0.1", 0)
     yield {"port": port, "service": service, "personas": personas}
     server.stop()
@@ -40,12 +43,15 @@ def bridge(tiny_model_dir, tmp_path_factory):
 class Conn:
     """A minimal synchronous bridge client: msgpack maps in binary WebSocket frames."""
 
-    def __init__(self, port: int, hello: dict | None = None, handshake: bool = True):
+    def __init__(self, port: int, hello: dict | None = None, handshake: bool = True, client_id: str = "py-ref",
+                 ssl_context: ssl.SSLContext | None = None):
         self._stack = ExitStack()
-        self.ws = self._stack.enter_context(connect(f"ws://127.0.0.1:{port}", max_size=8 << 20, open_timeout=10))
+        scheme = "wss" if ssl_context else "ws"
+        self.ws = self._stack.enter_context(connect(f"{scheme}://127.0.0.1:{port}", max_size=8 << 20, open_timeout=10,
+                                                    ssl=ssl_context))
         self.welcome = None
         if handshake:
-            self.send(hello or {"type": "hello", "version": 1, "token": TOKEN, "client_id": "py-ref"})
+            self.send(hello or {"type": "hello", "version": 1, "token": TOKEN, "client_id": client_id})
             self.welcome = self.recv()
 
     def send(self, frame) -> None:
@@ -310,17 +316,24 @@ def test_bad_speaks_end_with_one_error(conn):
         frames = conn.speak(100 + i, cfg, audio)
         assert len(frames) == 1 and frames[0]["type"] == "error", frames
         assert frames[0]["code"] == code and words in frames[0]["message"], frames[0]
-    # an id in use is refused while its answer runs
+    # an error ends the request it names (protocol.md): a speak id already in use is refused and its answer ends
     conn.send({"type": "speak", "id": "dup", "config": {"npc_id": "innkeeper", "text": "hi"}})
     conn.send({"type": "speak", "id": "dup", "config": {"npc_id": "innkeeper", "text": "hi"}})
     err = conn.recv()
-    assert err["type"] == "error" and err["code"] == "INVALID_ARGUMENT" and "already in use" in err["message"]
-    conn.send({"type": "audio", "id": "dup", "data": "not bytes"})
+    assert err["type"] == "error" and err["id"] == "dup" and err["code"] == "INVALID_ARGUMENT"
+    assert "already in use" in err["message"]
+    conn.send({"type": "end_audio", "id": "dup"})  # too late: ignored, "dup" has ended
+    # so does a bad frame of a speak in flight
+    conn.send({"type": "speak", "id": "bin", "config": {"npc_id": "innkeeper", "text": "hi"}})
+    conn.send({"type": "audio", "id": "bin", "data": "not bytes"})
     err = conn.recv()
-    assert err["code"] == "INVALID_ARGUMENT" and "audio.data must be binary" in err["message"]
-    conn.send({"type": "end_audio", "id": "dup"})
-    while (f := conn.recv())["type"] != "end":
-        assert f["id"] == "dup" and f["type"] in ("text", "audio"), f
+    assert err["id"] == "bin" and err["code"] == "INVALID_ARGUMENT" and "audio.data must be binary" in err["message"]
+    conn.send({"type": "end_audio", "id": "bin"})
+    assert conn.request({"type": "health", "id": "h"})["type"] == "health"  # no answer frames for dup or bin
+    with pytest.raises(TimeoutError):
+        conn.recv(timeout=1.0)
+    # and the ids are free again
+    assert split(conn.speak("dup", {"npc_id": "innkeeper", "text": "hi"}))[2]["type"] == "end"
 
 
 def test_server_survives_oversized_frames_and_vanishing_clients(bridge, question_wav):
@@ -345,3 +358,89 @@ def test_server_survives_oversized_frames_and_vanishing_clients(bridge, question
     assert c.request({"type": "health", "id": 1})["status"] == "ok"
     c.close()
     time.sleep(0.5)  # let the vanished connection's handler finish (no_handler_crashes checks it)
+
+
+# ---- hardening: each test below failed before its fix ------------------------------------------------------------
+
+
+def _pending(conn: Conn, req_id, npc: str = "innkeeper") -> None:
+    """Start a question that sends its config and then nothing."""
+    conn.send({"type": "speak", "id": req_id, "config": {"npc_id": npc, "sample_rate": 16000}})
+
+
+def test_held_open_speaks_are_bounded_and_time_out(bridge):
+    """Speaks that never send end_audio used to hold the bridge's few threads for good."""
+    service = bridge["service"]
+    holders = [Conn(bridge["port"], client_id=f"holder{i}") for i in range(3)]
+    probe = Conn(bridge["port"], client_id="probe")
+    try:
+        t0 = time.monotonic()
+        for i in range(3):  # the per-client limit is 3: the 4th of holder0 is refused
+            _pending(holders[0], i)
+        err = holders[0].request({"type": "speak", "id": 3, "config": {"npc_id": "innkeeper"}})
+        assert err["type"] == "error" and err["id"] == 3 and err["code"] == "RESOURCE_EXHAUSTED", err
+        for i in range(3):  # 6 in all: holder2's are refused
+            _pending(holders[1], i)
+        err = holders[2].request({"type": "speak", "id": 0, "config": {"npc_id": "innkeeper"}})
+        assert err["code"] == "RESOURCE_EXHAUSTED" and err["id"] == 0, err
+        assert service.pending_questions() == 6
+        # everything else is still answered at once
+        assert probe.request({"type": "health", "id": "h"})["status"] == "ok"
+        assert probe.request({"type": "open_session", "id": "s", "npc_id": "innkeeper"})["type"] == "session"
+        # after 2 s without a frame each held question ends with DEADLINE_EXCEEDED
+        for conn in holders[:2]:
+            errors = [conn.recv(timeout=10) for _ in range(3)]
+            assert sorted(e["id"] for e in errors) == [0, 1, 2]
+            assert all(e["code"] == "DEADLINE_EXCEEDED" and "end_audio" in e["message"] for e in errors), errors
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 5
+        while service.pending_questions() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.pending_questions() == 0
+        assert split(holders[2].speak(1, {"npc_id": "innkeeper", "text": "hello"}))[2]["type"] == "end"
+    finally:
+        for c in holders + [probe]:
+            c.close()
+
+
+def test_stop_ends_requests_in_flight_with_an_error_frame(bridge):
+    """What SIGTERM does to `serve`: requests in flight get an UNAVAILABLE error, then the close (1001)."""
+    server, port = start_bridge(bridge["service"], "127.0.0.1", 0)
+    c = Conn(port, client_id="stopping")
+    try:
+        _pending(c, "asking")
+        c.send({"type": "speak", "id": "answering", "config": {"npc_id": CANCEL_NPC, "text": "Any work for me?"}})
+        c.send({"type": "end_audio", "id": "answering"})
+        assert c.request({"type": "health", "id": "h"})["type"] == "health"  # both speaks are registered
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        ended = {}
+        with pytest.raises(ConnectionClosed) as e:
+            while True:
+                f = c.recv(timeout=10)
+                assert f["id"] not in ended, f  # nothing after a request's last frame
+                if f["type"] in ("end", "error"):
+                    ended[f["id"]] = f
+        assert e.value.rcvd.code == 1001
+        assert ended["asking"]["type"] == "error" and ended["asking"]["code"] == "UNAVAILABLE"
+        assert ended["answering"]["type"] in ("end", "error")  # it may have finished before the stop
+        stopper.join(10)
+    finally:
+        c.close()
+        server.stop()
+
+
+def test_tls_bridge(bridge, self_signed_cert):
+    cert, key = self_signed_cert
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    server, port = start_bridge(bridge["service"], "127.0.0.1", 0, ssl_context=server_ctx)
+    try:
+        c = Conn(port, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        assert c.welcome["type"] == "welcome"
+        assert c.request({"type": "health", "id": 1})["status"] == "ok"
+        c.close()
+        with pytest.raises(Exception):  # plain ws:// gets no welcome
+            Conn(port)
+    finally:
+        server.stop()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from npc_server.cli import COMMANDS, main
 
@@ -25,3 +28,38 @@ def test_version_and_unknown(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "npc_server.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: npc-server" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["npc", "listen", "tokenizer", "vocoder"])
+def test_eval_without_a_corpus_says_what_is_missing(command, tmp_path, monkeypatch):
+    """A fresh clone has no corpus: one line naming the file and the command that makes it, no traceback."""
+    monkeypatch.setenv("NPC_VOICE_DATA", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", command])
+    message = str(e.value.code)
+    assert message.startswith(f"npc-server eval {command}: no corpus at {tmp_path / 'corpus' / 'default'}")
+    assert "manifest.jsonl" in message and "`npc-server train corpus --size default`" in message
+    assert "\n" not in message
+
+
+def test_eval_without_a_corpus_prints_no_traceback(tmp_path):
+    env = {**os.environ, "NPC_VOICE_DATA": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "npc_server.cli", "eval", "npc", "--limit", "1"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "dialogues.jsonl" in r.stderr
+
+
+def test_readme_serve_flags_match_serve_help():
+    """The README's Serving API section names exactly the flags `npc-server serve --help` has."""
+    import re
+
+    from npc_server.paths import REPO_ROOT
+    from npc_server.service.serve import build_parser
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Serving API"):readme.index("Python SDK:")]
+    named = set(re.findall(r"(--[a-z][a-z-]+)", section)) - {"--tls-ca", "--help"}  # --tls-ca: of `say`
+    serve_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert named - serve_flags == set(), "README names flags serve does not have"
+    assert serve_flags - named == set(), "serve flags the README does not name"

@@ -160,6 +160,31 @@ def test_store_watch_thread_picks_up_changes(tmp_path: Path):
         store.stop()
 
 
+def test_dangling_symlink_or_vanished_file_is_skipped_and_the_watcher_lives_on(tmp_path: Path, caplog):
+    (tmp_path / "tester.yaml").write_text(GOOD)
+    store = PersonaStore(tmp_path)
+    seen = []
+    store.watch(interval=0.05, on_reload=seen.append)
+    try:
+        (tmp_path / "ghost.yaml").symlink_to(tmp_path / "nowhere.yaml")  # stat() fails: a file that vanished
+        deadline = time.time() + 5
+        while not seen and time.time() < deadline:
+            time.sleep(0.05)
+        assert seen and any("ghost.yaml" in str(e) and "cannot read file" in str(e) for e in seen[-1].errors)
+        assert any("ghost.yaml" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        assert store.get("tester").name == "Test Person"
+        res = store.reload()  # what ReloadPersonas calls: an error in the result, not an exception
+        assert res.loaded == ["tester"] and [Path(e.file).name for e in res.errors] == ["ghost.yaml"]
+        # the watcher is still alive and picks up the next change
+        (tmp_path / "tester.yaml").write_text(GOOD.replace("Test Person", "Still Watched"))
+        deadline = time.time() + 5
+        while store.get("tester").name != "Still Watched" and time.time() < deadline:
+            time.sleep(0.05)
+        assert store.get("tester").name == "Still Watched"
+    finally:
+        store.stop()
+
+
 def test_cli_reports_errors(tmp_path: Path, capsys):
     from npc_server.cli import main
 

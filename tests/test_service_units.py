@@ -1,4 +1,5 @@
-"""Session manager (LRU, idle timeout, per-client and memory bounds) and the fair step scheduler."""
+"""Session manager (ownership, LRU, idle timeout, per-client and memory bounds), auth, arriving-question bounds
+and the fair step scheduler."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 import pytest
 
 from npc_server.service.api import ApiError, ErrorCode, Limits
+from npc_server.service.auth import TokensFileError, bearer_token, read_tokens_file
+from npc_server.service.core import NpcService
 from npc_server.service.scheduler import Scheduler
 from npc_server.service.sessions import SessionManager
 
@@ -32,9 +35,14 @@ def test_open_get_close_and_ownership():
     sm = SessionManager(Limits())
     s = sm.open("innkeeper", "alice")
     assert sm.get(s.id, "alice") is s
+    assert len(s.id) >= 22  # 128 random bits: the id is a capability nobody guesses
+    # another client can neither use nor close it, nor learn that it exists
     with pytest.raises(ApiError) as e:
         sm.get(s.id, "bob")
-    assert e.value.code == ErrorCode.FAILED_PRECONDITION
+    assert e.value.code == ErrorCode.NOT_FOUND
+    assert not sm.close(s.id, "bob") and sm.get(s.id, "alice") is s
+    # the same id chosen by another client is another session
+    assert sm.open("merchant", "bob", s.id) is not s and sm.get(s.id, "alice").npc_id == "innkeeper"
     with pytest.raises(ApiError) as e:
         sm.open("merchant", "alice", s.id)
     assert "talks to NPC 'innkeeper'" in e.value.message
@@ -90,6 +98,30 @@ def test_per_client_limit_evicts_lru_idle_but_not_busy():
     assert other.client_id == "someone-else"
 
 
+def test_another_clients_sessions_are_never_evicted():
+    """Opening sessions under new client ids must not push out anyone else's: RESOURCE_EXHAUSTED instead."""
+    clock = FakeClock()
+    sm = SessionManager(Limits(max_sessions=2, max_session_memory_mb=1.0), clock=clock)
+    a = sm.open("innkeeper", "alice", state=Sized(300_000))
+    b = sm.open("innkeeper", "alice", state=Sized(300_000))
+    for intruder in ("mallory", "mallory2"):
+        with pytest.raises(ApiError) as e:
+            sm.open("innkeeper", intruder)
+        assert e.value.code == ErrorCode.RESOURCE_EXHAUSTED
+    assert sm.get(a.id, "alice") is a and sm.get(b.id, "alice") is b and sm.evicted == 0
+    # at the total bound a client may still make room among its own idle sessions
+    c = sm.open("innkeeper", "alice")
+    assert sm.evicted == 1 and len(sm) == 2 and sm.get(c.id, "alice") is c
+    # the memory budget: over it, a newcomer is refused rather than someone else's session dropped
+    sm2 = SessionManager(Limits(max_session_memory_mb=1.0), clock=clock)
+    big = sm2.open("innkeeper", "alice", state=Sized(1_200_000))
+    with pytest.raises(ApiError) as e:
+        sm2.open("innkeeper", "bob")
+    assert e.value.code == ErrorCode.RESOURCE_EXHAUSTED and "memory" in e.value.message
+    sm2.touch(big)
+    assert sm2.get(big.id, "alice") is big
+
+
 def test_memory_budget_evicts_least_recently_used():
     clock = FakeClock()
     sm = SessionManager(Limits(max_session_memory_mb=1.0), clock=clock)
@@ -102,6 +134,76 @@ def test_memory_budget_evicts_least_recently_used():
     assert len(sm) == 2 and sm.memory_bytes() == 800_000
     with pytest.raises(ApiError):
         sm.get(sessions[0].id, "c")
+
+
+class NoPersonas:
+    """Stands in for a PersonaStore where no persona is needed."""
+
+    def all(self):
+        return []
+
+    def stop(self):
+        pass
+
+
+def test_tokens_file(tmp_path):
+    f = tmp_path / "tokens"
+    f.write_text("# game servers\nrealm-eu  eu-0123456789abcdef\n\nrealm-us us-0123456789abcdef\n")
+    assert read_tokens_file(f) == {"eu-0123456789abcdef": "realm-eu", "us-0123456789abcdef": "realm-us"}
+    for text, words in [("a b c\n", ":1: expected `name token`"), ("x short\n", "shorter than 16"),
+                        ("x 0123456789abcdef\nx 0123456789abcdeX\n", ":2: client 'x' is named twice"),
+                        ("x 0123456789abcdef\ny 0123456789abcdef\n", "same token as 'x'"), ("# none\n", "no `name")]:
+        f.write_text(text)
+        with pytest.raises(TokensFileError, match=words):
+            read_tokens_file(f)
+
+
+def test_bearer_header_and_identity():
+    assert bearer_token(None) is None
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc") == "abc"
+    for header in ("abc", "Basic abc", "Bearer", "Bearer "):
+        with pytest.raises(ApiError) as e:
+            bearer_token(header)
+        assert e.value.code == ErrorCode.UNAUTHENTICATED
+
+    shared = NpcService(object(), NoPersonas(), auth_token="shared-secret")
+    try:
+        assert shared.identify("shared-secret", "game-1", "ipv4:1.2.3.4") == "game-1"
+        assert shared.identify("shared-secret", None, "ipv4:1.2.3.4") == "ipv4:1.2.3.4"
+        with pytest.raises(ApiError):
+            shared.identify("wrong", "game-1", "x")
+    finally:
+        shared.shutdown()
+    own = NpcService(object(), NoPersonas(), client_tokens={"eu-0123456789abcdef": "realm-eu"})
+    try:  # with its own token a client is that token's name, whatever id it declares
+        assert own.identify("eu-0123456789abcdef", "realm-us", "x") == "realm-eu"
+        for token in (None, "shared-secret"):
+            with pytest.raises(ApiError):
+                own.identify(token, "realm-eu", "x")
+    finally:
+        own.shutdown()
+
+
+def test_arriving_questions_are_bounded_per_client_and_in_all():
+    svc = NpcService(object(), NoPersonas(), Limits(max_pending_questions=3, max_pending_questions_per_client=2))
+    try:
+        a1, a2 = svc.hold_question("a"), svc.hold_question("a")
+        with pytest.raises(ApiError) as e:
+            svc.hold_question("a")
+        assert e.value.code == ErrorCode.RESOURCE_EXHAUSTED and "limit 2" in e.value.message
+        b1 = svc.hold_question("b")
+        with pytest.raises(ApiError) as e:
+            svc.hold_question("c")
+        assert e.value.code == ErrorCode.RESOURCE_EXHAUSTED
+        a1.release()
+        a1.release()  # a second release changes nothing
+        assert svc.pending_questions() == 2
+        svc.hold_question("c").release()
+        a2.release()
+        b1.release()
+        assert svc.pending_questions() == 0
+    finally:
+        svc.shutdown()
 
 
 def _steps(name: str, n: int, log: list, delay: float = 0.0):

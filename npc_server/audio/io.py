@@ -12,6 +12,7 @@ import soxr
 # Sample rates a client may send; anything else is refused with a clear error.
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
+MAX_CHANNELS = 8  # a file with more is refused before it is decoded
 
 
 class AudioError(ValueError):
@@ -51,14 +52,35 @@ def load_audio(source: str | Path | bytes, target_sr: int | None = None, max_sec
     """Read a wav/flac/ogg file (path or bytes) -> (mono float32 in [-1, 1], sample rate).
 
     With target_sr the audio is resampled. Raises AudioError on unreadable or unusable audio.
+    With max_seconds the file's declared duration is checked before anything is decoded, and the audio is
+    decoded in blocks of one second that stop at the limit: a small compressed file can hold hours of audio.
     """
+    name = "audio bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-        wav, sr = sf.read(data, dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        name = "audio bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-        raise AudioError(f"cannot read {name}: {exc}") from exc
-    wav = to_mono(wav)
+        with sf.SoundFile(data) as f:
+            sr, channels, declared = f.samplerate, f.channels, f.frames
+            if not (MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE):
+                raise AudioError(f"sample rate {sr} Hz is not supported (allowed {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
+            if channels > MAX_CHANNELS:
+                raise AudioError(f"audio has {channels} channels; at most {MAX_CHANNELS} are read")
+            limit = None if max_seconds is None else int(max_seconds * sr)
+            if limit is not None and declared > limit:
+                raise AudioError(f"audio is {declared / sr:.1f} s long; the limit is {max_seconds:.1f} s")
+            blocks, frames = [], 0
+            for block in f.blocks(blocksize=sr, dtype="float32", always_2d=True):
+                frames += len(block)
+                if limit is not None and frames > limit:  # the header understated the length
+                    raise AudioError(f"audio is over {frames / sr:.1f} s long; the limit is {max_seconds:.1f} s")
+                blocks.append(to_mono(block))
+    except sf.LibsndfileError as exc:
+        # exc's own text names the BytesIO object (a memory address) for bytes: use libsndfile's message alone
+        raise AudioError(f"cannot read {name}: {exc.error_string.rstrip('.')}") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, AudioError):
+            raise
+        raise AudioError(f"cannot read {name}: not a wav, flac or ogg file ({type(exc).__name__})") from None
+    wav = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     validate_audio(wav, sr, max_seconds)
     if target_sr is not None:
         wav, sr = resample(wav, sr, target_sr), target_sr

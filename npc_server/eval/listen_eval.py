@@ -22,7 +22,7 @@ from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import Mode, SystemPrompt, UserTurn
 from npc_server.eval.npc_eval import add_backbone_argument, backbone_dirs
 from npc_server.eval.vocoder_eval import normalize_text, word_errors
-from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
+from npc_server.paths import DEFAULT_MODEL_DIR, data_dir, require_corpus
 from npc_server.training.lm_data import controls_of, load_manifest
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from npc_server.tokenizer import AudioTokenizer
 
-    corpus = (args.corpus or data_dir() / "corpus" / "default").expanduser()
+    corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
     rows = [r for r in load_manifest(corpus).values()
             if r["split"] == args.split and r.get("language") == "en" and (args.role == "any" or r["role"] == args.role)
             and (corpus / r["audio"]).is_file()]

@@ -33,7 +33,7 @@ from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import AssistantTurn, Mode, UserTurn
 from npc_server.controls import EMOTIONS
 from npc_server.eval.vocoder_eval import median_f0, neutral_voice_f0, normalize_text, word_errors
-from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir
+from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir, require_corpus
 from npc_server.training.lm_data import (
     PersonaInfo,
     dialogue_prompt,
@@ -234,7 +234,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    corpus = args.corpus or data_dir() / "corpus" / "default"
+    corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval npc",
+                            needs=("manifest.jsonl", "dialogues.jsonl"))
     manifest = load_manifest(corpus)
     rows = load_dialogues(corpus, args.split)
     if not rows:

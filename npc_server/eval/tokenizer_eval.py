@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from npc_server.audio.io import load_audio
-from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir, require_corpus
 from npc_server.tokenizer.phones import edit_distance
 from npc_server.tokenizer.quantizers import codebook_usage
 from npc_server.tokenizer.tokenizer import AudioTokenizer
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "tokenizer_eval.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    corpus = require_corpus(args.corpus, "eval tokenizer")
     model = AudioTokenizer.from_pretrained(args.model)
-    corpus = args.corpus.expanduser()
     rows = read_manifest(corpus)
     chosen, pairs, pair_split = select_rows(rows, args.split, args.limit, args.seed)
     res = evaluate(model, corpus, chosen, args.split, pairs)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample, save_wav
-from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir, require_corpus
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.vocoder.mel import LogMel, logmel_distance_db
 from npc_server.vocoder.phone_judge import PhoneJudge
@@ -502,6 +502,7 @@ def main(argv: list[str]) -> int:
                                   guidance_carry=args.guidance_carry)
     except ValueError as e:
         p.error(str(e))
+    args.corpus = require_corpus(args.corpus, "eval vocoder")  # after the argument checks, before any work
     tokenizer = None
     if not args.copy_synthesis:
         from npc_server.tokenizer import AudioTokenizer

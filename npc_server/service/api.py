@@ -15,15 +15,27 @@ class ErrorCode(str, Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
 
 
+MAX_MESSAGE_CHARS = 300  # an error message never grows with what the client sent
+
+
 class ApiError(Exception):
-    """A client-facing error with a readable message."""
+    """A client-facing error with a readable message (cut to MAX_MESSAGE_CHARS)."""
 
     def __init__(self, code: ErrorCode, message: str):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def shorten(value: object, limit: int = 40) -> str:
+    """repr() of a client-sent value for an error message, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}...({len(str(value))} characters)"
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,11 @@ class Limits:
     max_sessions: int = 256
     max_session_memory_mb: float = 512.0  # all sessions' KV caches together
     session_idle_seconds: float = 600.0
-    max_concurrent_requests: int = 16
+    max_concurrent_requests: int = 16  # answers being generated at once
+    # questions still arriving (config sent, audio not finished): each holds a connection thread while it waits
+    max_pending_questions: int = 32
+    max_pending_questions_per_client: int = 8
+    question_timeout_seconds: float = 10.0  # longest silence between two messages of a question
 
 
 @dataclass
@@ -66,7 +82,7 @@ class SpeakConfig:
     npc_id: str
     session_id: str = ""
     encoding: AudioEncoding = AudioEncoding.PCM_S16LE
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # of pcm_s16le audio; 0 = not given (an error once such audio arrives)
     channels: int = 1
     text: str = ""
     overrides: Overrides = field(default_factory=Overrides)

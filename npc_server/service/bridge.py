@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import ssl
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -16,8 +18,8 @@ from websockets.exceptions import ConnectionClosed
 
 from npc_server import __version__
 from npc_server.service import api
-from npc_server.service.api import ApiError, ErrorCode
-from npc_server.service.core import NpcService
+from npc_server.service.api import ApiError, ErrorCode, shorten
+from npc_server.service.core import NpcService, QuestionSlot
 
 log = logging.getLogger("npc_server.bridge")
 
@@ -31,6 +33,12 @@ def _err(code: ErrorCode, message: str, req_id: Any = None) -> dict:
     return {"type": "error", "id": req_id, "code": code.value, "message": message}
 
 
+def _names(keys) -> str:
+    """Map keys a client sent, for an error message: a few, each cut short."""
+    names = sorted(str(k) if len(str(k)) <= 30 else str(k)[:27] + "..." for k in keys)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def config_from_frame(c: Any) -> api.SpeakConfig:
     """A speak frame's `config` map -> SpeakConfig, with readable errors for wrong fields or types."""
     if not isinstance(c, dict):
@@ -39,7 +47,7 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
                "output_sample_rate", "mode"}
     unknown = set(c) - allowed
     if unknown:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown config field(s): {', '.join(sorted(map(str, unknown)))}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown config field(s): {_names(unknown)}")
 
     def get(name, typ, default):
         v = c.get(name, default)
@@ -56,28 +64,30 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "config.overrides must be a map")
     bad = set(o) - {"emotion", "speed", "pitch", "language", "accent"}
     if bad:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown override(s): {', '.join(sorted(map(str, bad)))}")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown override(s): {_names(bad)}")
     for key in ("speed", "pitch"):
         if key in o and (isinstance(o[key], bool) or not isinstance(o[key], (int, float))):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"overrides.{key} must be a number")
     for key in ("emotion", "language", "accent"):
         if key in o and not isinstance(o[key], str):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"overrides.{key} must be text")
-    try:
-        encoding = api.AudioEncoding(get("encoding", str, "pcm_s16le"))
-        mode = api.OutputMode(get("mode", str, "audio_and_text"))
-    except ValueError as exc:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+    encoding, mode = get("encoding", str, "pcm_s16le"), get("mode", str, "audio_and_text")
+    if encoding not in {e.value for e in api.AudioEncoding}:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT,
+                       f"config.encoding {shorten(encoding)} is not one of {', '.join(e.value for e in api.AudioEncoding)}")
+    if mode not in {m.value for m in api.OutputMode}:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT,
+                       f"config.mode {shorten(mode)} is not one of {', '.join(m.value for m in api.OutputMode)}")
     return api.SpeakConfig(
         npc_id=get("npc_id", str, ""),
         session_id=get("session_id", str, ""),
-        encoding=encoding,
+        encoding=api.AudioEncoding(encoding),
         sample_rate=get("sample_rate", int, 16000),
         channels=get("channels", int, 1),
         text=get("text", str, ""),
         overrides=api.Overrides(**{k: o.get(k) for k in ("emotion", "speed", "pitch", "language", "accent")}),
         output_sample_rate=get("output_sample_rate", int, 0),
-        mode=mode,
+        mode=api.OutputMode(mode),
     )
 
 
@@ -91,31 +101,87 @@ def event_to_frame(ev: api.SpeakEvent, req_id: Any) -> dict:
 
 
 class _Speak:
-    """One speak request of a connection: its audio inbox and cancel flag."""
+    """One speak request of a connection: its audio inbox, cancel flag and the slot of its arriving question."""
 
-    def __init__(self):
+    def __init__(self, question: QuestionSlot, timeout: float):
         self.audio: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.ended = False  # its last frame (end or error) is sent: nothing more goes out for it
+        self.question = question
+        self.timeout = timeout
 
     def chunks(self):
         while True:
-            item = self.audio.get()
+            try:
+                item = self.audio.get(timeout=self.timeout)
+            except queue.Empty:
+                raise ApiError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"no audio or end_audio for {self.timeout:g} s: send the question's audio as it comes and "
+                    "end_audio when the player stops talking",
+                ) from None
             if item is _END:
                 return
             if isinstance(item, ApiError):
                 raise item
             yield item
 
+    def stop(self, error: ApiError | None = None) -> None:
+        """Stop reading the question (with `error` raised to its reader) and interrupt the answer."""
+        self.cancelled.set()
+        self.audio.put(error if error is not None else _END)
+
+
+class _Connection:
+    """The state of one client connection: its speak requests in flight and how to send it a frame."""
+
+    def __init__(self, ws: ServerConnection):
+        self.ws = ws
+        self.speaks: dict[Any, _Speak] = {}
+        self.finished: OrderedDict = OrderedDict()  # ids of answers that ended (error or end frame already sent)
+        self.tasks: set[asyncio.Task] = set()
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, frame: dict) -> None:
+        async with self._send_lock:
+            await self.ws.send(msgpack.packb(frame, use_bin_type=True))
+
+    def finish(self, req_id, sp: _Speak) -> None:
+        """The speak's last frame is about to leave: free its id (the client may reuse it once it sees that)."""
+        sp.ended = True
+        if self.speaks.get(req_id) is sp:
+            del self.speaks[req_id]
+            self.finished[req_id] = True
+            while len(self.finished) > FINISHED_IDS_KEPT:
+                self.finished.popitem(last=False)
+
+    async def end_with_error(self, req_id, error: ApiError) -> None:
+        """Send `error` for `req_id`; when that is a speak in flight, it ends there (protocol.md: an error ends
+        the request it names): its question stops, its answer is interrupted and no more frames follow."""
+        sp = self.speaks.get(req_id)
+        if sp is not None:
+            self.finish(req_id, sp)
+            sp.stop(error)
+        await self.send(_err(error.code, error.message, req_id))
+
 
 class Bridge:
-    def __init__(self, service: NpcService, host: str, port: int):
+    def __init__(self, service: NpcService, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
         self.service = service
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Future | None = None
         self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)
         self._error: BaseException | None = None
+        self._connections: set[_Connection] = set()
+        # speak requests run here, not in the loop's default executor (which the small calls use): at most one
+        # thread per question that may be arriving and per answer that may be streaming (both bounded)
+        limits = service.limits
+        self._speak_threads = ThreadPoolExecutor(
+            max_workers=limits.max_pending_questions + limits.max_concurrent_requests, thread_name_prefix="bridge-speak"
+        )
 
     def start(self) -> int:
         self._thread.start()
@@ -124,10 +190,29 @@ class Bridge:
             raise self._error
         return self.port
 
-    def stop(self) -> None:
-        if self._stop is not None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every request in flight with an UNAVAILABLE error frame, close the connections, stop serving."""
+        if self._stop is not None and self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
+            except Exception:  # noqa: BLE001 - stopping goes on regardless
+                log.exception("bridge shutdown")
             self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)
+        self._speak_threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _shutdown(self) -> None:
+        going = ApiError(ErrorCode.UNAVAILABLE, "the server is shutting down; this request did not complete")
+
+        async def leave(conn: _Connection) -> None:
+            try:
+                for req_id in list(conn.speaks):
+                    await conn.end_with_error(req_id, going)
+            except ConnectionClosed:
+                return
+            await conn.ws.close(code=1001, reason="server shutting down")
+
+        await asyncio.gather(*(leave(conn) for conn in list(self._connections)))
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -139,45 +224,39 @@ class Bridge:
 
     async def _main(self) -> None:
         self._stop = self._loop.create_future()
-        async with serve(self._handle, self.host, self.port, max_size=MAX_FRAME_BYTES) as server:
+        async with serve(self._handle, self.host, self.port, max_size=MAX_FRAME_BYTES, ssl=self.ssl_context) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop
 
     async def _handle(self, ws: ServerConnection) -> None:
-        send_lock = asyncio.Lock()
-
-        async def send(frame: dict) -> None:
-            async with send_lock:
-                await ws.send(msgpack.packb(frame, use_bin_type=True))
-
+        conn = _Connection(ws)
         try:
-            client = await self._handshake(ws, send)
+            client = await self._handshake(ws, conn.send)
         except (ConnectionClosed, ApiError):
             return
         if client is None:
             return
-        speaks: dict[Any, _Speak] = {}
-        finished: OrderedDict = OrderedDict()  # ids of answers that ended (error or end frame already sent)
-        tasks: set[asyncio.Task] = set()
+        self._connections.add(conn)
         try:
             async for raw in ws:
                 frame: dict | None = None
                 try:
                     frame = self._decode(raw)
-                    await self._dispatch(frame, client, speaks, finished, tasks, send)
+                    await self._dispatch(frame, client, conn)
                 except ApiError as exc:
-                    await send(_err(exc.code, exc.message, frame.get("id") if frame else None))
+                    await conn.end_with_error(frame.get("id") if frame else None, exc)
                 except Exception as exc:  # noqa: BLE001 - a bug in one request must not drop the connection
                     log.exception("bridge request failed")
-                    await send(_err(ErrorCode.INTERNAL, f"internal error: {exc}", frame.get("id") if frame else None))
+                    await conn.end_with_error(frame.get("id") if frame else None,
+                                              ApiError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))
         except ConnectionClosed:
             pass
         finally:
-            for sp in speaks.values():  # the client went away: interrupt its answers
-                sp.cancelled.set()
-                sp.audio.put(_END)
-            pending = list(tasks)  # a copy: finishing tasks remove themselves from `tasks`
+            self._connections.discard(conn)
+            for sp in conn.speaks.values():  # the client went away: interrupt its answers
+                sp.stop()
+            pending = list(conn.tasks)  # a copy: finishing tasks remove themselves from `tasks`
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
@@ -203,9 +282,11 @@ class Bridge:
             version = frame.get("version")
             if version != PROTOCOL_VERSION:
                 raise ApiError(ErrorCode.FAILED_PRECONDITION,
-                               f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}")
-            token = frame.get("token")
-            self.service.authenticate(token if isinstance(token, str) else None)
+                               f"protocol version {shorten(version)} is not supported; this server speaks {PROTOCOL_VERSION}")
+            token, cid = frame.get("token"), frame.get("client_id")
+            peer = ws.remote_address[0] if ws.remote_address else "anonymous"
+            client = self.service.identify(token if isinstance(token, str) else None,
+                                           cid if isinstance(cid, str) else None, f"ws:{peer}")
         except ApiError as exc:
             await send(_err(exc.code, exc.message))
             await ws.close(code=1008 if exc.code == ErrorCode.UNAUTHENTICATED else 1002, reason=exc.code.value)
@@ -213,33 +294,30 @@ class Bridge:
         except asyncio.TimeoutError:
             await ws.close(code=1002, reason="no hello")
             return None
-        cid = frame.get("client_id")
-        peer = ws.remote_address[0] if ws.remote_address else "anonymous"
-        client = cid[:128] if isinstance(cid, str) and cid else f"ws:{peer}"
         await send({"type": "welcome", "version": PROTOCOL_VERSION, "server": f"npc-voice {__version__}",
                     "model": getattr(self.service.engine, "name", ""),
                     "sample_rate": int(self.service.engine.sample_rate)})
         return client
 
-    async def _dispatch(self, frame: dict, client: str, speaks: dict, finished: OrderedDict, tasks: set,
-                        send) -> None:
+    async def _dispatch(self, frame: dict, client: str, conn: _Connection) -> None:
         kind, req_id = frame["type"], frame.get("id")
         svc = self.service
         if kind == "speak":
-            if req_id is None or req_id in speaks:
+            if req_id is None or req_id in conn.speaks:
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak needs an 'id' not already in use on this connection")
             cfg = config_from_frame(frame.get("config"))
-            finished.pop(req_id, None)
-            sp = speaks[req_id] = _Speak()
-            task = asyncio.create_task(self._run_speak(client, cfg, sp, req_id, speaks, finished, send))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            question = svc.hold_question(client)
+            conn.finished.pop(req_id, None)
+            sp = conn.speaks[req_id] = _Speak(question, svc.limits.question_timeout_seconds)
+            task = asyncio.create_task(self._run_speak(client, cfg, sp, req_id, conn))
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
         elif kind in ("audio", "end_audio", "cancel"):
-            sp = speaks.get(req_id)
-            if sp is None and req_id in finished:
+            sp = conn.speaks.get(req_id)
+            if sp is None and req_id in conn.finished:
                 return  # the answer already ended (e.g. an early error); the client could not know yet
             if sp is None:
-                raise ApiError(ErrorCode.NOT_FOUND, f"no speak request with id {req_id!r} on this connection")
+                raise ApiError(ErrorCode.NOT_FOUND, f"no speak request with id {shorten(req_id)} on this connection")
             if kind == "audio":
                 data = frame.get("data")
                 if not isinstance(data, (bytes, bytearray)):
@@ -248,38 +326,37 @@ class Bridge:
             elif kind == "end_audio":
                 sp.audio.put(_END)
             else:
-                sp.cancelled.set()
-                sp.audio.put(_END)
+                sp.stop()
         elif kind == "list_personas":
             personas = [p.summary() for p in svc.list_personas()]
-            await send({"type": "personas", "id": req_id, "personas": personas})
+            await conn.send({"type": "personas", "id": req_id, "personas": personas})
         elif kind == "reload_personas":
             r = await asyncio.to_thread(svc.reload_personas)
-            await send({"type": "reloaded", "id": req_id, "loaded": r.loaded, "changed": r.changed,
-                        "removed": r.removed, "errors": [str(e) for e in r.errors]})
+            await conn.send({"type": "reloaded", "id": req_id, "loaded": r.loaded, "changed": r.changed,
+                             "removed": r.removed, "errors": [str(e) for e in r.errors]})
         elif kind == "open_session":
             npc, sid = frame.get("npc_id", ""), frame.get("session_id", "")
             if not isinstance(npc, str) or not isinstance(sid, str):
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "npc_id and session_id must be text")
             sid = await asyncio.to_thread(svc.open_session, client, npc, sid)
-            await send({"type": "session", "id": req_id, "session_id": sid})
+            await conn.send({"type": "session", "id": req_id, "session_id": sid})
         elif kind == "close_session":
             sid = frame.get("session_id", "")
             if not isinstance(sid, str):
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "session_id must be text")
-            await send({"type": "closed", "id": req_id, "closed": svc.close_session(client, sid)})
+            await conn.send({"type": "closed", "id": req_id, "closed": svc.close_session(client, sid)})
         elif kind == "health":
-            await send({"type": "health", "id": req_id, **asdict(svc.health())})
+            await conn.send({"type": "health", "id": req_id, **asdict(svc.health())})
         else:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown frame type {kind!r}")
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown frame type {shorten(kind)}")
 
-    async def _run_speak(self, client: str, cfg: api.SpeakConfig, sp: _Speak, req_id, speaks: dict,
-                         finished: OrderedDict, send) -> None:
+    async def _run_speak(self, client: str, cfg: api.SpeakConfig, sp: _Speak, req_id, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
 
         def work() -> None:
-            events = self.service.speak(client, cfg, sp.chunks(), is_cancelled=sp.cancelled.is_set)
+            events = self.service.speak(client, cfg, sp.chunks(), is_cancelled=sp.cancelled.is_set,
+                                        question=sp.question)
             try:
                 for ev in events:
                     loop.call_soon_threadsafe(out.put_nowait, event_to_frame(ev, req_id))
@@ -287,36 +364,35 @@ class Bridge:
                 loop.call_soon_threadsafe(out.put_nowait, _err(exc.code, exc.message, req_id))
             except Exception as exc:  # noqa: BLE001 - never let a request kill the server
                 log.exception("speak failed")
-                loop.call_soon_threadsafe(out.put_nowait, _err(ErrorCode.INTERNAL, f"internal error: {exc}", req_id))
+                loop.call_soon_threadsafe(out.put_nowait,
+                                          _err(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}", req_id))
             finally:
                 events.close()
+                sp.question.release()
                 loop.call_soon_threadsafe(out.put_nowait, _END)
 
-        worker = loop.run_in_executor(None, work)
+        worker = loop.run_in_executor(self._speak_threads, work)
         try:
             while True:
                 frame = await out.get()
                 if frame is _END:
                     break
+                if sp.ended:  # ended by an error frame from the connection (or shutdown): nothing more for it
+                    continue
                 if frame["type"] in ("end", "error"):  # free the id before the client can see the last frame
-                    self._finish(req_id, sp, speaks, finished)
+                    conn.finish(req_id, sp)
                 try:
-                    await send(frame)
+                    await conn.send(frame)
                 except ConnectionClosed:
                     sp.cancelled.set()
         finally:
             await worker
-            self._finish(req_id, sp, speaks, finished)
-
-    @staticmethod
-    def _finish(req_id, sp: _Speak, speaks: dict, finished: OrderedDict) -> None:
-        if speaks.get(req_id) is sp:
-            del speaks[req_id]
-            finished[req_id] = True
-            while len(finished) > FINISHED_IDS_KEPT:
-                finished.popitem(last=False)
+            conn.finish(req_id, sp)
 
 
-def start_bridge(service: NpcService, host: str, port: int) -> tuple[Bridge, int]:
-    bridge = Bridge(service, host, port)
+def start_bridge(service: NpcService, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> tuple[Bridge, int]:
+    """Start the bridge in a background thread; returns (bridge, bound port). `ssl_context`: serve wss:// only.
+    Raises OSError when the address cannot be bound."""
+    bridge = Bridge(service, host, port, ssl_context)
     return bridge, bridge.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import io
 import threading
 import time
@@ -29,7 +28,9 @@ from npc_server.service.api import (
     SpeakEvent,
     TextOut,
     Timings,
+    shorten,
 )
+from npc_server.service.auth import matches
 from npc_server.service.scheduler import Scheduler
 from npc_server.service.sessions import SessionManager
 from npc_server.voices import VOICE_BANK, voice_supports
@@ -37,6 +38,23 @@ from npc_server.voices import VOICE_BANK, voice_supports
 ENGINE_SAMPLE_RATE_IN = 16000
 SESSION_BUSY_GRACE_S = 2.0  # how long a question waits for its session's previous (e.g. cancelled) answer
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class QuestionSlot:
+    """A question still arriving (taken when its request starts, released once its audio is read)."""
+
+    def __init__(self, release):
+        self._release = release
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Free the slot; calling it again does nothing."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._release()
 
 
 @dataclass
@@ -60,25 +78,85 @@ class NpcService:
         auth_token: str | None = None,
         workers: int = 1,
         batch_lanes: int = 1,
+        client_tokens: dict[str, str] | None = None,
     ):
+        """`auth_token`: one token shared by all clients; `client_tokens`: {token: client name}, one per client
+        (`serve --tokens-file`). With neither, anyone may connect (development on loopback)."""
+        if auth_token is not None and client_tokens:
+            raise ValueError("give a shared auth_token or per-client client_tokens, not both")
         self.engine = engine
         self.personas = personas
         self.limits = limits
         self.auth_token = auth_token
+        self.client_tokens = dict(client_tokens or {})
         self.sessions = SessionManager(limits)
         self.scheduler = Scheduler(workers)
         if workers > 1 and hasattr(engine, "enable_batching"):
             engine.enable_batching(batch_lanes)  # concurrent answers share decode steps
         self._active = 0
         self._active_lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # client -> questions still arriving
+        self._pending_lock = threading.Lock()
 
     # ---- auth ----------------------------------------------------------------------------------------------
 
-    def authenticate(self, token: str | None) -> None:
-        if self.auth_token is None:
-            return
-        if not token or not hmac.compare_digest(token.encode(), self.auth_token.encode()):
+    def authenticate(self, token: str | None) -> str | None:
+        """Check a client's token. Returns the client's name when it has a token of its own (`client_tokens`),
+        None when it holds the shared token or the server runs without auth."""
+        if self.client_tokens:
+            name = None
+            for known, client in self.client_tokens.items():  # look at every one: the time says nothing
+                if token and matches(token, known):
+                    name = client
+            if name is None:
+                raise ApiError(ErrorCode.UNAUTHENTICATED, "missing or wrong auth token")
+            return name
+        if self.auth_token is not None and (not token or not matches(token, self.auth_token)):
             raise ApiError(ErrorCode.UNAUTHENTICATED, "missing or wrong auth token")
+        return None
+
+    def identify(self, token: str | None, declared_id: str | None, peer: str) -> str:
+        """Authenticate a client and name the owner of its sessions and questions.
+
+        A client with its own token is that token's name, whatever it declares. Holders of the shared token are
+        trusted alike: the id a client declares (gRPC `x-client-id`, bridge `client_id`) only keeps well-behaved
+        clients apart (their sessions' random ids are what keeps them private), else its address is used.
+        """
+        name = self.authenticate(token)
+        if name is not None:
+            return name
+        return declared_id[:128] if declared_id else peer
+
+    def hold_question(self, client_id: str) -> QuestionSlot:
+        """Count a question that has started to arrive, or refuse it with RESOURCE_EXHAUSTED.
+
+        A question waiting for its audio holds a thread of its transport, so these are bounded per client and
+        in all: held-open questions cannot take the threads that every other request needs."""
+        lim = self.limits
+        with self._pending_lock:
+            mine = self._pending.get(client_id, 0)
+            if mine >= lim.max_pending_questions_per_client:
+                raise ApiError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"this client already has {mine} questions arriving (limit {lim.max_pending_questions_per_client})",
+                )
+            if sum(self._pending.values()) >= lim.max_pending_questions:
+                raise ApiError(ErrorCode.RESOURCE_EXHAUSTED, "the server is busy with arriving questions; try again")
+            self._pending[client_id] = mine + 1
+
+        def release() -> None:
+            with self._pending_lock:
+                left = self._pending.get(client_id, 1) - 1
+                if left > 0:
+                    self._pending[client_id] = left
+                else:
+                    self._pending.pop(client_id, None)
+
+        return QuestionSlot(release)
+
+    def pending_questions(self) -> int:
+        with self._pending_lock:
+            return sum(self._pending.values())
 
     # ---- small calls ---------------------------------------------------------------------------------------
 
@@ -120,14 +198,15 @@ class NpcService:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "npc_id is required")
         try:
             return self.personas.get(npc_id)
-        except KeyError as exc:
-            raise ApiError(ErrorCode.NOT_FOUND, exc.args[0]) from None
+        except KeyError:
+            known = ", ".join(p.id for p in self.personas.all()) or "none"
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown NPC {shorten(npc_id)}; known: {known}") from None
 
     def resolve_controls(self, persona: Persona, cfg: SpeakConfig) -> Controls:
         o = cfg.overrides
         emotion = o.emotion if o.emotion is not None else persona.default_emotion
         if emotion not in EMOTIONS:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown emotion {emotion!r}; known: {', '.join(EMOTIONS)}")
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown emotion {shorten(emotion)}; known: {', '.join(EMOTIONS)}")
         if emotion not in persona.allowed_emotions:
             raise ApiError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -143,12 +222,12 @@ class NpcService:
             )
         language = o.language or persona.language
         if language not in LANGUAGES:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown language {shorten(language)}; known: {', '.join(LANGUAGES)}")
         accent = o.accent or (persona.accent if language == persona.language else ACCENTS[language][0])
         if accent not in ACCENTS[language]:
             raise ApiError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"unknown accent {accent!r} for {language!r}; known: {', '.join(ACCENTS[language])}",
+                f"unknown accent {shorten(accent)} for {language!r}; known: {', '.join(ACCENTS[language])}",
             )
         voice = persona.voice.timbre
         if not voice_supports(voice, language, accent):
@@ -161,7 +240,7 @@ class NpcService:
             raise ApiError(
                 ErrorCode.INVALID_ARGUMENT, f"text is {len(cfg.text)} characters; the limit is {self.limits.max_text_chars}"
             )
-        if cfg.encoding == AudioEncoding.PCM_S16LE and not (8000 <= cfg.sample_rate <= 192000):
+        if cfg.encoding == AudioEncoding.PCM_S16LE and cfg.sample_rate and not (8000 <= cfg.sample_rate <= 192000):
             raise ApiError(
                 ErrorCode.INVALID_ARGUMENT, f"input sample_rate {cfg.sample_rate} Hz is not supported (8000-192000)"
             )
@@ -177,7 +256,8 @@ class NpcService:
         """Read the question -> 16 kHz audio, or audio tokens, or None when there is no audio.
 
         Raw PCM is tokenized while it arrives (the streaming tokenizer equals offline encoding), so at the end
-        of the player's speech only the last block is left to encode. A wav/flac/ogg file is decoded whole.
+        of the player's speech only the last block is left to encode. A wav/flac/ogg file is decoded once complete,
+        in blocks, after a look at its declared duration (a small compressed file can hold hours of audio).
         """
         total = 0
         buf = io.BytesIO()
@@ -201,6 +281,9 @@ class NpcService:
                 if cfg.encoding == AudioEncoding.WAV:
                     buf.write(chunk)
                     continue
+                if not cfg.sample_rate:
+                    raise ApiError(ErrorCode.INVALID_ARGUMENT,
+                                   "pcm_s16le audio needs its input sample_rate (8000-192000 Hz); it was not given")
                 data = carry + chunk
                 usable = len(data) - len(data) % frame
                 carry = data[usable:]
@@ -236,34 +319,42 @@ class NpcService:
         cfg: SpeakConfig,
         audio_chunks: Iterable[bytes],
         is_cancelled: Callable[[], bool] = lambda: False,
+        question: QuestionSlot | None = None,
     ) -> Iterator[SpeakEvent]:
-        """Validate, read the question, then stream the answer. Raises ApiError before the first event on bad input."""
-        self._validate_config(cfg)
-        persona = self._persona(cfg.npc_id)
-        controls = self.resolve_controls(persona, cfg)
-        if cfg.session_id:
-            session = self.sessions.get(cfg.session_id, client_id)
-            if session.npc_id != persona.id:
-                raise ApiError(
-                    ErrorCode.FAILED_PRECONDITION,
-                    f"session {cfg.session_id!r} talks to NPC {session.npc_id!r}, not {persona.id!r}",
-                )
-        else:
-            session = None
-        audio = self._read_audio(cfg, audio_chunks)
-        if audio is None and not cfg.text.strip():
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "a question needs audio, text or both")
-        t_question_end = time.perf_counter()
+        """Validate, read the question, then stream the answer. Raises ApiError before the first event on bad input.
 
-        with self._active_lock:
-            if self._active >= self.limits.max_concurrent_requests:
-                raise ApiError(ErrorCode.RESOURCE_EXHAUSTED, "the server is busy; try again shortly")
-            self._active += 1
+        `question`: the slot of `hold_question()` the transport took for this request; released once the question's
+        audio is read (the answer then counts against `max_concurrent_requests` instead)."""
+        try:
+            self._validate_config(cfg)
+            persona = self._persona(cfg.npc_id)
+            controls = self.resolve_controls(persona, cfg)
+            if cfg.session_id:
+                session = self.sessions.get(cfg.session_id, client_id)
+                if session.npc_id != persona.id:
+                    raise ApiError(
+                        ErrorCode.FAILED_PRECONDITION,
+                        f"session {shorten(cfg.session_id)} talks to NPC {session.npc_id!r}, not {persona.id!r}",
+                    )
+            else:
+                session = None
+            audio = self._read_audio(cfg, audio_chunks)
+            if audio is None and not cfg.text.strip():
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "a question needs audio, text or both")
+            t_question_end = time.perf_counter()
+
+            with self._active_lock:
+                if self._active >= self.limits.max_concurrent_requests:
+                    raise ApiError(ErrorCode.RESOURCE_EXHAUSTED, "the server is busy; try again shortly")
+                self._active += 1
+        finally:
+            if question is not None:
+                question.release()
         try:
             if session is not None:
                 # a just-cancelled answer needs a moment to stop and rewrite the history: wait for it briefly
                 if not session.busy.acquire(timeout=SESSION_BUSY_GRACE_S):
-                    raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session.id!r} is already answering")
+                    raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {shorten(session.id)} is already answering")
                 try:
                     if session.state is None:
                         session.state = self.engine.new_state(persona)
@@ -312,16 +403,18 @@ class NpcService:
                         continue
                     if first_audio is None:
                         first_audio = time.perf_counter()
-                    yield AudioOut(float_to_pcm16(wav), out_sr, seq)
+                    # counted before the yield: the transport may be stopped (a cancel) while it sends this chunk,
+                    # and the client may well have it by then; what was sent belongs in the history
                     seq += 1
                     samples_sent += len(wav)
+                    yield AudioOut(float_to_pcm16(wav), out_sr, seq - 1)
                 elif isinstance(ev, EngineDone):
                     done = ev
                     tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True) if resampler else None
                     if tail is not None and tail.size:
-                        yield AudioOut(float_to_pcm16(tail), out_sr, seq)
                         seq += 1
                         samples_sent += len(tail)
+                        yield AudioOut(float_to_pcm16(tail), out_sr, seq - 1)
         except GeneratorExit:  # the transport stopped reading: the client cancelled
             interrupted = True
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from concurrent import futures
 from typing import Iterator
@@ -11,6 +12,7 @@ import grpc
 
 from npc_server.service import api
 from npc_server.service.api import ApiError, ErrorCode
+from npc_server.service.auth import bearer_token
 from npc_server.service.core import NpcService
 from npc_server.service.protos import pb, rpc
 
@@ -23,9 +25,12 @@ STATUS = {
     ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 AUTH_HEADER = "authorization"  # value: "Bearer <token>"
+# threads for the cheap calls (Health, ListPersonas, sessions) beyond those questions and answers may hold
+RESERVED_THREADS = 8
 
 _ENCODINGS = {
     pb.AUDIO_ENCODING_UNSPECIFIED: api.AudioEncoding.PCM_S16LE,
@@ -42,11 +47,12 @@ def config_from_proto(c: "pb.SpeakConfig") -> api.SpeakConfig:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown audio encoding {c.input_format.encoding}")
     if c.mode not in _MODES:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown output mode {c.mode}")
+    # sample_rate 0 = not given (proto3 cannot tell): an error once pcm_s16le audio arrives, fine for text alone
     return api.SpeakConfig(
         npc_id=c.npc_id,
         session_id=c.session_id,
         encoding=_ENCODINGS[c.input_format.encoding],
-        sample_rate=c.input_format.sample_rate or 16000,
+        sample_rate=c.input_format.sample_rate,
         channels=c.input_format.channels,
         text=c.text,
         overrides=api.Overrides(
@@ -78,12 +84,64 @@ def event_to_proto(ev: api.SpeakEvent) -> "pb.SpeakResponse":
     )
 
 
-def client_id(declared: str | None, peer: str | None) -> str:
-    """Sessions belong to a client: the id it declares (x-client-id), else its address without the port."""
-    if declared:
-        return declared[:128]
+def peer_address(peer: str | None) -> str:
+    """A gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") without its port."""
     peer = peer or "anonymous"
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+_CLOSED = object()
+
+
+class _Messages:
+    """The request stream of one Speak call, read by a helper thread so that a silent client times out.
+
+    gRPC's request iterator blocks until the next message with no timeout of its own; a question whose client
+    sends a config and then nothing would hold its thread for good. `next(timeout)` raises DEADLINE_EXCEEDED
+    instead, the call ends, and the helper thread ends with it. The queue is short, so a fast sender waits
+    for the reader (gRPC flow control) instead of filling memory.
+    """
+
+    def __init__(self, request_iterator: Iterator["pb.SpeakRequest"]):
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._pump, args=(request_iterator,), name="grpc-question", daemon=True).start()
+
+    def _pump(self, request_iterator) -> None:
+        try:
+            for message in request_iterator:
+                if not self._put(message):
+                    return
+        except Exception as exc:  # noqa: BLE001 - the call broke (cancelled, too large): handed to the reader
+            self._put(exc)
+            return
+        self._put(_CLOSED)
+
+    def _put(self, item) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self, timeout: float):
+        """The next message, or None when the client closed its side of the stream."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise ApiError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no message for {timeout:g} s: send the question's audio as it comes and close the request stream "
+                "when the player stops talking",
+            ) from None
+        if isinstance(item, Exception):
+            raise item
+        return None if item is _CLOSED else item
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class NpcVoiceServicer(rpc.NpcVoiceServicer):
@@ -93,16 +151,14 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
     # every RPC goes through here: auth, then errors -> status codes; nothing a client sends can crash the server
     def _guard(self, context: grpc.ServicerContext) -> str:
         md = dict(context.invocation_metadata() or ())
-        header = md.get(AUTH_HEADER, "")
-        token = header[7:] if header.lower().startswith("bearer ") else header
-        self.service.authenticate(token or None)
-        return client_id(md.get("x-client-id"), context.peer())
+        token = bearer_token(md.get(AUTH_HEADER))
+        return self.service.identify(token, md.get("x-client-id"), peer_address(context.peer()))
 
     def _fail(self, context: grpc.ServicerContext, exc: BaseException):
         if isinstance(exc, ApiError):
             context.abort(STATUS[exc.code], exc.message)
         log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     def _unary(self, context, fn):
         try:
@@ -112,15 +168,20 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
             self._fail(context, exc)
 
     def Speak(self, request_iterator: Iterator["pb.SpeakRequest"], context: grpc.ServicerContext):
+        question = None
+        messages = None
         try:
             client = self._guard(context)
-            first = next(request_iterator, None)
+            question = self.service.hold_question(client)  # before anything is read: silent calls count too
+            timeout = self.service.limits.question_timeout_seconds
+            messages = _Messages(request_iterator)
+            first = messages.next(timeout)
             if first is None or first.WhichOneof("kind") != "config":
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "the first Speak message must be a config")
             cfg = config_from_proto(first.config)
 
             def audio_chunks():
-                for req in request_iterator:
+                while (req := messages.next(timeout)) is not None:
                     kind = req.WhichOneof("kind")
                     if kind == "config":
                         raise ApiError(ErrorCode.INVALID_ARGUMENT, "config may only be sent once, first")
@@ -129,7 +190,8 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
 
             cancelled = threading.Event()
             context.add_callback(cancelled.set)
-            events = self.service.speak(client, cfg, audio_chunks(), is_cancelled=cancelled.is_set)
+            events = self.service.speak(client, cfg, audio_chunks(), is_cancelled=cancelled.is_set,
+                                        question=question)
             try:
                 for ev in events:
                     yield event_to_proto(ev)
@@ -139,6 +201,11 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
             return
         except Exception as exc:  # noqa: BLE001
             self._fail(context, exc)
+        finally:
+            if question is not None:
+                question.release()
+            if messages is not None:
+                messages.stop()
 
     def ListPersonas(self, request, context):
         def run(client):
@@ -176,21 +243,41 @@ class NpcVoiceServicer(rpc.NpcVoiceServicer):
         return self._unary(context, lambda client: pb.HealthResponse(**vars(self.service.health())))
 
 
-def start_grpc(service: NpcService, host: str, port: int, max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """Start the gRPC server in background threads; returns (server, bound port)."""
+def worker_threads(limits: api.Limits) -> int:
+    """Threads of the gRPC server: one per question that may be arriving and per answer that may be streaming
+    (both are bounded, so Speak calls cannot hold more), plus RESERVED_THREADS for every other call."""
+    return limits.max_pending_questions + limits.max_concurrent_requests + RESERVED_THREADS
+
+
+def start_grpc(service: NpcService, host: str, port: int, tls: tuple[bytes, bytes] | None = None,
+               ) -> tuple[grpc.Server, int]:
+    """Start the gRPC server in background threads; returns (server, bound port).
+
+    `tls`: (certificate chain PEM, private key PEM) to serve TLS only. Raises OSError when the address cannot be
+    bound."""
     limits = service.limits
+    threads = worker_threads(limits)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
         options=[
             # above our own chunk limit, so an oversized chunk gets our readable message, not a transport error
             ("grpc.max_receive_message_length", 2 * limits.max_chunk_bytes + 65536),
             ("grpc.max_send_message_length", 8 << 20),
         ],
-        maximum_concurrent_rpcs=max_workers * 4,
+        # beyond this many calls at once gRPC itself answers RESOURCE_EXHAUSTED instead of queueing them
+        maximum_concurrent_rpcs=threads * 2,
     )
     rpc.add_NpcVoiceServicer_to_server(NpcVoiceServicer(service), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert_chain, private_key = tls
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(private_key, cert_chain)]))
+    except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC on {host}:{port}")
+        raise OSError(f"cannot listen on {address} (gRPC): the port is in use, or the address is not this machine's")
     server.start()
     return server, bound

@@ -34,6 +34,9 @@ def _run(argv: list[str]) -> int:
     ap.add_argument("--text", default="", help="typed text (instead of or with the audio)")
     ap.add_argument("--server", default="127.0.0.1:50051", help="gRPC address (default 127.0.0.1:50051)")
     ap.add_argument("--token", default=os.environ.get("NPC_VOICE_TOKEN"), help="auth token ($NPC_VOICE_TOKEN)")
+    ap.add_argument("--tls", action="store_true", help="the server serves TLS (serve --tls-cert): use it")
+    ap.add_argument("--tls-ca", default=None, metavar="PEM",
+                    help="trust this certificate for TLS (e.g. the server's self-signed --tls-cert); implies --tls")
     ap.add_argument("--session", default="", help="session id to continue a conversation")
     ap.add_argument("--emotion")
     ap.add_argument("--speed", type=float)
@@ -48,7 +51,7 @@ def _run(argv: list[str]) -> int:
     from sdk import NpcClient, NpcError
 
     try:
-        with NpcClient(args.server, token=args.token) as client:
+        with NpcClient(args.server, token=args.token, tls=args.tls, tls_ca=args.tls_ca) as client:
             answer = client.ask(
                 args.npc, args.question, session=args.session, text=args.text, emotion=args.emotion,
                 speed=args.speed, pitch=args.pitch, language=args.language, accent=args.accent, mode=args.mode,

@@ -1,4 +1,10 @@
-"""Conversation sessions: per-session model state (KV cache), bounded memory with LRU eviction, idle timeout."""
+"""Conversation sessions: per-session model state (KV cache), bounded counts and memory, idle timeout.
+
+A session belongs to the client that opened it: it is stored under (owner, session id), so another client can
+neither use nor close it, and does not even learn that it exists (NOT_FOUND). Ids the server picks are random
+128-bit strings. When a bound is hit, only the asking client's own least recently used idle session may be
+evicted; another client's session never is: the request gets RESOURCE_EXHAUSTED instead.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from npc_server.service.api import ApiError, ErrorCode, Limits
+from npc_server.service.api import ApiError, ErrorCode, Limits, shorten
 
 
 @dataclass
 class Session:
     id: str
     npc_id: str
-    client_id: str
+    client_id: str  # the owner: the authenticated client (see NpcService.authenticate)
     state: Any = None  # the engine's per-conversation state (KV cache, history)
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
@@ -31,7 +37,8 @@ class SessionManager:
     """Thread-safe store of sessions.
 
     Bounds: a total session count, a per-client count and a total memory budget for the engine states.
-    When a bound is hit the least recently used idle session is evicted (never one that is answering).
+    At a bound the asking client's least recently used idle session is evicted (never one that is answering,
+    never another client's); when it has none, the request is refused with RESOURCE_EXHAUSTED.
     Sessions idle for longer than `limits.session_idle_seconds` are dropped by `sweep()`.
     """
 
@@ -39,7 +46,8 @@ class SessionManager:
         self.limits = limits
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, Session] = OrderedDict()  # LRU order: oldest first
+        # (owner, session id) -> session, in LRU order: oldest first
+        self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -51,64 +59,61 @@ class SessionManager:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "session_id must be printable and at most 128 characters")
         with self._lock:
             self._sweep_locked()
-            if session_id in self._sessions:
-                s = self._sessions[session_id]
-                if s.client_id != client_id:
-                    raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session_id!r} belongs to another client")
+            s = self._sessions.get((client_id, session_id))
+            if s is not None:
                 if s.npc_id != npc_id:
                     raise ApiError(
                         ErrorCode.FAILED_PRECONDITION,
-                        f"session {session_id!r} talks to NPC {s.npc_id!r}, not {npc_id!r}",
+                        f"session {shorten(session_id)} talks to NPC {s.npc_id!r}, not {npc_id!r}",
                     )
                 return s
             mine = [s for s in self._sessions.values() if s.client_id == client_id]
-            if len(mine) >= self.limits.max_sessions_per_client:
-                if not self._evict_one_locked(mine):
-                    raise ApiError(
-                        ErrorCode.RESOURCE_EXHAUSTED,
-                        f"client has {len(mine)} sessions open (limit {self.limits.max_sessions_per_client}); close one",
-                    )
-            if len(self._sessions) >= self.limits.max_sessions and not self._evict_one_locked(
-                list(self._sessions.values())
-            ):
+            if len(mine) >= self.limits.max_sessions_per_client and not self._evict_one_locked(mine):
+                raise ApiError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"this client has {len(mine)} sessions open (limit {self.limits.max_sessions_per_client}) and all "
+                    "are answering; close one",
+                )
+            if len(self._sessions) >= self.limits.max_sessions and not self._evict_one_locked(mine):
                 raise ApiError(ErrorCode.RESOURCE_EXHAUSTED, "the server has too many sessions open; try again later")
-            sid = session_id or secrets.token_urlsafe(12)
+            budget = self.limits.max_session_memory_mb * 1e6
+            while self._total_memory_locked() > budget:
+                if not self._evict_one_locked([s for s in self._sessions.values() if s.client_id == client_id]):
+                    raise ApiError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   "the server's session memory is full; try again later")
+            sid = session_id or secrets.token_urlsafe(16)
             s = Session(id=sid, npc_id=npc_id, client_id=client_id, state=state, created=self._clock())
             s.last_used = self._clock()
-            self._sessions[sid] = s
+            self._sessions[(client_id, sid)] = s
             return s
 
     def get(self, session_id: str, client_id: str) -> Session:
         with self._lock:
-            s = self._sessions.get(session_id)
-            if s is None:
-                raise ApiError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r} (closed, expired or evicted)")
-            if s.client_id != client_id:
-                raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session_id!r} belongs to another client")
+            s = self._sessions.get((client_id, session_id))
+            if s is None:  # also when another client owns it: that is none of this client's business
+                raise ApiError(ErrorCode.NOT_FOUND,
+                               f"unknown session {shorten(session_id)} (closed, expired or evicted)")
             s.last_used = self._clock()
-            self._sessions.move_to_end(session_id)
+            self._sessions.move_to_end((client_id, session_id))
             return s
 
     def touch(self, session: Session) -> None:
-        """Mark as used after an answer and enforce the memory budget (the state may have grown)."""
+        """Mark as used after an answer and enforce the memory budget (the state may have grown): the owner's
+        other idle sessions go first; while the budget stays exceeded, no new session opens."""
+        key = (session.client_id, session.id)
         with self._lock:
             session.last_used = self._clock()
-            if session.id in self._sessions:
-                self._sessions.move_to_end(session.id)
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
             budget = self.limits.max_session_memory_mb * 1e6
             while self._total_memory_locked() > budget:
-                if not self._evict_one_locked([s for s in self._sessions.values() if s is not session]):
+                own = [s for s in self._sessions.values() if s.client_id == session.client_id and s is not session]
+                if not self._evict_one_locked(own):
                     break
 
     def close(self, session_id: str, client_id: str) -> bool:
         with self._lock:
-            s = self._sessions.get(session_id)
-            if s is None:
-                return False
-            if s.client_id != client_id:
-                raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {session_id!r} belongs to another client")
-            del self._sessions[session_id]
-            return True
+            return self._sessions.pop((client_id, session_id), None) is not None
 
     def sweep(self) -> int:
         with self._lock:
@@ -126,7 +131,7 @@ class SessionManager:
     def _evict_one_locked(self, candidates: list[Session]) -> bool:
         for s in sorted(candidates, key=lambda s: s.last_used):
             if not s.busy.locked():
-                del self._sessions[s.id]
+                del self._sessions[(s.client_id, s.id)]
                 self.evicted += 1
                 return True
         return False
@@ -134,10 +139,10 @@ class SessionManager:
     def _sweep_locked(self) -> int:
         now = self._clock()
         stale = [
-            sid
-            for sid, s in self._sessions.items()
+            key
+            for key, s in self._sessions.items()
             if now - s.last_used > self.limits.session_idle_seconds and not s.busy.locked()
         ]
-        for sid in stale:
-            del self._sessions[sid]
+        for key in stale:
+            del self._sessions[key]
         return len(stale)
