@@ -1,7 +1,7 @@
 """Lean CPU forward of backbone v2 for serving: Gemma 3's decoder written out, LoRA merged, int8 weights.
 
 `LeanLM.from_audio_lm(model)` copies an `AudioLM` (transformers body + LoRA + new rows) into plain tensors:
-every projection is W + (alpha / r) B A, then (by default) int8 with per-tensor dynamic activation quantisation
+every projection is W + (alpha / r) B A, then (by default) int8 per output channel with dynamic per-tensor activation quantisation
 (torch's quantised dynamic Linear, fbgemm); norms, RoPE and attention stay fp32. The output head is the model's
 cut head (`head_ids`), also int8. The result is tested against the transformers forward (`tests/test_audio_lm.py`).
 
@@ -33,11 +33,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _linear(weight: torch.Tensor, quantize: bool) -> nn.Module:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     lin.weight.data.copy_(weight.float())
+    lin.weight.requires_grad_(False)
     if not quantize:
         return lin
-    from torch.ao.quantization import quantize_dynamic
+    import warnings
 
-    return quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's eager quantisation warns that it moves to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(nn.Sequential(lin), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -120,7 +125,8 @@ class LeanLM(nn.Module):
         self.n_text, self.hidden, self.eps = model.cfg.n_text, cfg.hidden_size, cfg.rms_norm_eps
         self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
         self.embed_scale = model.embed_scale
-        self.text_embed = body.embed_tokens.weight.detach().to(torch.bfloat16)  # looked up, never multiplied
+        # looked up, never multiplied: bf16 when serving (the cached base weights are bf16 already, so no loss)
+        self.text_embed = body.embed_tokens.weight.detach().to(torch.bfloat16 if quantize else torch.float32)
         self.new_embed = model.new_embed.weight.detach().float().clone()
         self.layer_types = list(cfg.layer_types)
         self.layers = nn.ModuleList(_LeanLayer(layer, t == "sliding_attention", quantize)
@@ -170,6 +176,7 @@ class LeanLM(nn.Module):
         cache.lengths[rows] = start + t
         return _rms(x, self.norm, self.eps)
 
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 

@@ -27,7 +27,7 @@ class ThinkerSession:
         from transformers import DynamicCache
 
         self.model = model
-        self.cache = DynamicCache(config=model.body.config)
+        self.cache = DynamicCache()  # full-length layers (sliding layers masked, not truncated): `rewind` can crop
         self.ids: list[int] = []
         self._last_hidden: torch.Tensor | None = None
 
@@ -55,7 +55,7 @@ class ThinkerSession:
             raise ValueError(f"keep must be in 1..{len(self.ids)}, got {keep}")
         if keep == len(self.ids):
             return
-        self.cache.crop(keep - 1)
+        self.cache.crop(-(len(self.ids) - (keep - 1)))  # remove that many tokens from the end
         last = self.ids[keep - 1]
         self.ids = self.ids[: keep - 1]
         self.prefill([last])
