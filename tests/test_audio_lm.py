@@ -199,3 +199,43 @@ def test_hearing_examples_and_a_few_training_steps():
     after, _ = lm_loss(model, ids, tgt)
     assert result.steps == 12 and float(after) < float(before)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def _tiny_examples(model: AudioLM) -> list:
+    fmt = HearingFormat(model.cfg.layout, TinyTextTokenizer())
+    rng = np.random.default_rng(0)
+    return [fmt.asr_example(fmt.audio(rng.integers(0, 1024, 20)), "ab" * (k % 3 + 1)) for k in range(16)]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from npc_server.training.lm_v2 import train_loop
+    from npc_server.training.loop import teardown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = tiny_model()
+    result = train_loop(model, _tiny_examples(model), minutes=5, batch_tokens=256, lr=3e-3, precision="fp32",
+                        pad_id=0, max_steps=3, progress=False)
+    torch.save({"steps": result.steps, **model.trained_state()}, f"{out}/rank{rank}.pt")
+    teardown_distributed()
+
+
+def test_training_under_ddp_keeps_ranks_in_sync(tmp_path):
+    """Two processes (gloo), as under torchrun: the same steps, the same trained weights on both, and they moved."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.pop("steps") == b.pop("steps") == 3
+    start = tiny_model().trained_state()
+    for k in a:  # equal up to the summation order of the gradient all-reduce
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a[k], start[k]) for k in a if "lora_" in k)

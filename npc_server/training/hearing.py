@@ -6,6 +6,7 @@ starts from `--init` when it is a v2 backbone (so training goes on across runs),
 rows and zero LoRA; it ends with the listening WER on held-out questions by unseen voices, logged per run.
 
   npc-server train hearing --corpus ~/.cache/npc-voice/corpus/v2 --minutes 120 --out runs/backbone_v2
+  torchrun --nproc_per_node 8 -m npc_server.cli train hearing ...   (DDP: the same command on more processes)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from npc_server.backbone.audio_lm import AudioLMConfig, load_text_tokenizer
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.training.lm_v2 import append_run_log, bucket_length, start_model, train_loop
+from npc_server.training.loop import setup_distributed, teardown_distributed
 from npc_server.training.precision import PRECISIONS, resolve
 
 
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tokens.is_dir():
         raise SystemExit(f"npc-server train hearing: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
                          f"--corpus {corpus}` first")
+    rank, _ = setup_distributed()  # under torchrun: one process per rank, rank 0 writes
     precision = resolve(args.precision)
     text_tok = load_text_tokenizer(args.base)
     train_rows = load_rows(corpus, tokens, "train")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hearing: {len(examples)} examples from {len(train_rows)} utterances, {n_train / 1e6:.1f}M trained "
           f"parameters, {model.head_ids.numel()} output rows, precision {precision}, buckets "
           f"{sorted({bucket_length(len(e.ids)) for e in examples})}", flush=True)
-    if init is not None and (init / "training.json").exists() and init.resolve() != args.out.resolve():
+    if rank == 0 and init is not None and (init / "training.json").exists() and init.resolve() != args.out.resolve():
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy(init / "training.json", args.out / "training.json")
 
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train_loop(model, examples, args.minutes, args.batch_tokens, args.lr, precision, text_tok.pad_token_id,
                         args.seed, args.max_steps, save, progress=not args.no_progress)
+    if rank != 0:
+        teardown_distributed()
+        return 0
     record = {
         "stage": "hearing", "date": time.strftime("%Y-%m-%d %H:%M"), "init": str(init) if init else f"base {args.base}",
         "steps": result.steps, "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
@@ -128,4 +134,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"listening WER on {res['n']} held-out questions by unseen voices: {res['wer']:.1%}")
     append_run_log(args.out, record)
     print(json.dumps(record, indent=2))
+    teardown_distributed()
     return 0

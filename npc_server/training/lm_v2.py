@@ -102,60 +102,91 @@ class RunResult:
     losses: list[float]
 
 
+class _LossOf(torch.nn.Module):
+    """The loss as one module's forward, so that DistributedDataParallel sees every use of the parameters."""
+
+    def __init__(self, model: AudioLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.model, ids, targets)[0]
+
+
 def train_loop(model: AudioLM, examples: list[Example], minutes: float, batch_tokens: int, lr: float,
                precision: str, pad_id: int, seed: int = 0, max_steps: int | None = None,
                save: Callable[[], None] | None = None, save_every_minutes: float = 15.0,
                progress: bool = True) -> RunResult:
     """AdamW on the trainable parameters (LoRA at `lr`, new embedding rows at 4x), warm-up then cosine to 10% over
-    the time budget; `save()` every `save_every_minutes` and at the end."""
-    rng = random.Random(seed)
+    the time budget; `save()` every `save_every_minutes` and at the end (rank 0).
+
+    Under torchrun (WORLD_SIZE > 1) each rank takes its share of every epoch's batches, gradients are averaged by
+    DistributedDataParallel, and the ranks agree each step on whether the time budget is spent."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from npc_server.training.loop import barrier, setup_distributed
+
+    rank, world = setup_distributed()
+    rng = random.Random(seed)  # the same on every rank: the same batches, split by rank
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     rows = [model.new_embed.weight]
     for p in lora + rows:
         p.requires_grad_(True)
+    loss_of = _LossOf(model)
+    wrapped = DistributedDataParallel(loss_of) if world > 1 else loss_of
     opt = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr}, {"params": rows, "lr": 4 * lr, "base": 4 * lr}],
                             weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     budget, t0, last_save = minutes * 60, time.perf_counter(), time.perf_counter()
     step, tokens, losses = 0, 0, []
-    bar = tqdm(total=int(budget), unit="s", desc="train", disable=not progress)
-    done = False
+    bar = tqdm(total=int(budget), unit="s", desc="train", disable=not progress or rank != 0)
+    done = not examples
     while not done:
-        for length, idx in make_batches(examples, batch_tokens, rng):
+        epoch = make_batches(examples, batch_tokens, rng)
+        per_rank = len(epoch) // world
+        if per_rank == 0:
+            raise ValueError(f"{len(examples)} examples make fewer batches than ranks ({world})")
+        for length, idx in epoch[rank * per_rank : (rank + 1) * per_rank]:
             frac = min(1.0, (time.perf_counter() - t0) / budget)
             for g in opt.param_groups:
                 g["lr"] = g["base"] * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             ids, tgt = collate(examples, idx, length, pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss, n = lm_loss(model, ids, tgt)
+                loss = wrapped(ids, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora + rows, 1.0)
             opt.step()
             step += 1
-            tokens += int((ids != pad_id).sum())
+            tokens += int((ids != pad_id).sum()) * world
             losses.append(float(loss.detach()))
-            bar.n = min(int(budget), int(time.perf_counter() - t0))
-            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            if not progress and step % 20 == 0:
-                print(f"step {step}: loss {np.mean(losses[-20:]):.3f}, {tokens / (time.perf_counter() - t0):.0f} tok/s, "
-                      f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+            elapsed = time.perf_counter() - t0
+            bar.n = min(int(budget), int(elapsed))
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            if rank == 0 and not progress and step % 20 == 0:
+                print(f"step {step}: loss {np.mean(losses[-20:]):.3f}, {tokens / elapsed:.0f} tok/s, "
+                      f"{elapsed / 60:.1f} min", flush=True)
             if save is not None and time.perf_counter() - last_save > save_every_minutes * 60:
                 model.eval()
-                save()
+                if rank == 0:
+                    save()
+                barrier()
                 model.train()
                 last_save = time.perf_counter()
-            if time.perf_counter() - t0 >= budget or (max_steps is not None and step >= max_steps):
+            stop = torch.tensor([float(elapsed >= budget or (max_steps is not None and step >= max_steps))])
+            if world > 1:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item() > 0:
                 done = True
                 break
-        if not examples:
-            break
     bar.close()
     model.eval()
     for p in lora + rows:
         p.requires_grad_(False)
-    if save is not None:
+    if save is not None and rank == 0:
         save()
+    barrier()
     return RunResult(step, tokens, time.perf_counter() - t0, losses)
 
 
