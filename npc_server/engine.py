@@ -62,16 +62,8 @@ class EngineState:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question text or "<audio>", spoken answer)
 
     def memory_bytes(self) -> int:
-        """KV-cache bytes of the conversation (the backbone's and, with speculative decoding, the draft's)."""
-        caches = [getattr(self.session, "cache", None), getattr(getattr(self.session, "draft", None), "cache", None)]
-        total = 0
-        for cache in caches:
-            for layer in getattr(cache, "layers", ()) or ():
-                for name in ("keys", "values"):
-                    t = getattr(layer, name, None)
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
-        return total
+        """KV-cache bytes of the conversation (see `Session.memory_bytes`)."""
+        return self.session.memory_bytes()
 
 
 class QuestionStream:
@@ -300,15 +292,9 @@ class Engine:
             last = None
         spoken_text = last.text if last else ""
         spoken_codes = last.codes if last else []
-        # During an answer the KV cache holds exactly the tokens of `segments`, the answer being the last one.
-        template = self.generator.template
-        keep = sum(len(seg) for seg in session.segments[:-1]) + state.prompt_len
-        remove = session.cache.get_seq_length() - keep
-        if remove > 0:
-            session.cache.crop(-remove)  # transformers >= 5: a negative count of tokens to drop
-        session.segments[-1] = session.segments[-1][: state.prompt_len]
-        session.pending = []
-        body = template.assistant_body(
+        # the answer is the last segment: cut it back to its prompt, then write what was spoken
+        session.rewind(sum(len(seg) for seg in session.segments[:-1]) + state.prompt_len)
+        body = self.generator.template.assistant_body(
             AssistantTurn(text=spoken_text, audio=spoken_codes, mode=state.mode), target=False
         ).ids
         self.generator.prefill(session, body[:-1], new_segment=False)  # the answer stays in its turn
