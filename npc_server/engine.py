@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import AssistantTurn, Mode, SystemPrompt, UserTurn
+from npc_server.controls import Controls
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
@@ -141,14 +142,7 @@ class Engine:
     # ---- sessions ----------------------------------------------------------------------------------------
 
     def system_prompt(self, persona, controls: Controls | None = None) -> SystemPrompt:
-        controls = controls or Controls(
-            voice=persona.voice.timbre,
-            language=persona.language,
-            accent=persona.accent,
-            emotion=persona.default_emotion,
-            speed=persona.voice.speed,
-            pitch_st=persona.voice.pitch,
-        )
+        controls = controls or Controls.from_persona(persona)
         return SystemPrompt(persona=persona.role, text=persona.prompt_text(), controls=controls)
 
     def new_state(self, persona) -> EngineState:

@@ -116,7 +116,7 @@ def test_sft_examples_cover_history_modes_and_targets(corpus, pretrained):
 
 
 def test_dialogue_prompt_uses_persona_defaults_and_per_turn_overrides(tmp_path):
-    from npc_server.backbone.template import Controls
+    from npc_server.controls import Controls
     from npc_server.training.lm_data import dialogue_prompt, persona_infos
 
     infos = persona_infos(tmp_path / "no_personas")  # falls back to the corpus world's personas

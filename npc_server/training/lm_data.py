@@ -29,13 +29,12 @@ from npc_server.backbone.template import (
     KIND_TEXT,
     AssistantTurn,
     ChatTemplate,
-    Controls,
     Encoded,
     Mode,
     SystemPrompt,
     UserTurn,
 )
-from npc_server.controls import ACCENTS, EMOTIONS, PITCH_RANGE_ST, SPEED_RANGE
+from npc_server.controls import ACCENTS, EMOTIONS, PITCH_RANGE_ST, SPEED_RANGE, Controls
 from npc_server.voices import VOICE_BANK
 
 log = logging.getLogger(__name__)
@@ -145,9 +144,7 @@ def persona_infos(personas_dir: str | Path | None) -> dict[str, PersonaInfo]:
         for err in errors:
             log.warning("persona skipped: %s", err)
         for p in personas.values():
-            info = PersonaInfo(p.prompt_text(), Controls(
-                voice=p.voice.timbre, language=p.language, accent=p.accent, emotion=p.default_emotion,
-                speed=p.voice.speed, pitch_st=p.voice.pitch))
+            info = PersonaInfo(p.prompt_text(), Controls.from_persona(p))
             out[p.role] = out[p.id] = info
     return out
 
