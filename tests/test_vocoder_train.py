@@ -14,6 +14,7 @@ import torch
 
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.training import train_vocoder as tv
+from npc_server.training.corpus.manifest import read_manifest
 from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig, Vocoder
 
 torch.set_num_threads(1)
@@ -63,7 +64,7 @@ def small_flow_config() -> FlowConfig:
 
 
 def test_flow_cache_follows_corpus(corpus):
-    rows = tv.pick_utterances(tv.read_manifest(corpus), "train", max_hours=1.0, seed=0)
+    rows = tv.pick_utterances(read_manifest(corpus), "train", max_hours=1.0, seed=0)
     assert [r["role"] for r in rows][:2] == ["npc", "npc"]
     cfg = small_flow_config()
     examples = tv.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=1.0, seed=0)
@@ -103,7 +104,7 @@ def test_pitch_copies_are_labelled_with_the_shift_reached(corpus):
 def test_flow_training_step_decreases_loss(corpus):
     torch.manual_seed(0)
     cfg = small_flow_config()
-    rows = tv.pick_utterances(tv.read_manifest(corpus), "train", 1.0, 0)
+    rows = tv.pick_utterances(read_manifest(corpus), "train", 1.0, 0)
     examples = tv.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=0.0, seed=0)
     flow = FlowDecoder(cfg)
     batch = tv.flow_batch(examples, 4, 30, cfg.frames_per_token, random.Random(0))
@@ -298,7 +299,7 @@ def test_cli_rejects_a_cond_dropout_outside_0_1(value, tmp_path, capsys):
 def test_voice_pitch_reference_labels(corpus):
     """`pitch_reference` "voice": a speaker's reference F0 takes out the shift the corpus asked for (persona pitch +
     emotion), and each example's pitch input is its mel's median F0 in semitones from its speaker's reference."""
-    rows = {r["id"]: r for r in tv.read_manifest(corpus)}
+    rows = {r["id"]: r for r in read_manifest(corpus)}
     mel_cache = tv.build_mel_cache(list(rows.values()), corpus, MelConfig(), pitch_aug=0.0, seed=0)
     tokens = tv.build_token_cache(mel_cache, corpus, EnergyTokenizer())
     cfg = small_flow_config()
@@ -358,7 +359,7 @@ def test_generator_fine_tunes_on_flow_mels(corpus, tmp_path):
         tv.main(["--stage", "all", "--flow-mels", "--run-dir", str(tmp_path / "run")])
     assert exc.value.code == 2
     (root / "tokens").mkdir()
-    rows = [r for r in tv.read_manifest(root) if r["role"] == "npc"]
+    rows = [r for r in read_manifest(root) if r["role"] == "npc"]
     for r in rows:
         codes = EnergyTokenizer().encode(*load_audio(root / r["audio"])).semantic.numpy()
         np.savez(root / "tokens" / f"{r['id']}.npz", semantic=codes.astype(np.int16))

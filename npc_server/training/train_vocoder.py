@@ -19,6 +19,7 @@ from tqdm import tqdm
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.controls import EMOTIONS
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.training.corpus.manifest import read_manifest
 from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder, check_cond_dropout
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import LogMel, MelConfig
@@ -198,14 +199,6 @@ def synth_bootstrap(out_dir: Path, n: int, seed: int = 0) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------------------
 # data
-
-
-def read_manifest(corpus: Path) -> list[dict]:
-    manifest = corpus / "manifest.jsonl"
-    if not manifest.exists():
-        raise FileNotFoundError(f"no manifest.jsonl in {corpus}; run `npc-server train corpus` first")
-    with manifest.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def pick_utterances(rows: list[dict], split: str, max_hours: float, seed: int) -> list[dict]:
