@@ -52,7 +52,7 @@ def main() -> None:
     from npc_server.eval.vocoder_eval import _voice_for
     from npc_server.tokenizer.phones import PhoneInventory
     from npc_server.training.corpus.manifest import read_manifest
-    from npc_server.training.train_vocoder import pick_utterances
+    from npc_server.training.train_vocoder.data import pick_utterances
     from npc_server.vocoder import Vocoder
     from npc_server.vocoder.mel import LogMel
     from npc_server.vocoder.phone_judge import PhoneJudge

@@ -14,7 +14,7 @@ from npc_server.audio.io import load_audio, resample
 from npc_server.eval.metrics import judge_phone_error_rate
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.training.train_readout import batches
-from npc_server.training.train_vocoder import train_loop
+from npc_server.training.train_vocoder.common import train_loop
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge
 
