@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from npc_server.audio.io import AudioError, load_audio
 from npc_server.eval.metrics import ctc_phone_errors
-from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.paths import REPO_ROOT, data_dir
 from npc_server.tokenizer.features import f0_track, frame_energy, log_f0
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.tokenizer.tokenizer import GROUP_LINGUISTIC, GROUP_SEMANTIC, AudioTokenizer, preset
@@ -260,7 +260,8 @@ def set_mel_stats(model: AudioTokenizer, items: list[Item], n: int = 300, seed: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="npc-server train tokenizer", description=__doc__)
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default", help="corpus root (manifest.jsonl)")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer", help="where to write model.safetensors + config.json")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "tokenizer" / "model",
+                   help="where to write model.safetensors + config.json (default runs/tokenizer/model)")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "tokenizer", help="checkpoints, cache and logs")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget (the LR schedule follows it)")
     p.add_argument("--preset", default="default", choices=["default", "tiny"])

@@ -46,7 +46,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="npc-server train vocoder", description=__doc__)
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "vocoder" / "model",
+                   help="where to write the vocoder (default runs/vocoder/model; never the shipped model: pass "
+                        "--init models/default/vocoder to continue from it)")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "vocoder")
     p.add_argument("--stage", choices=["all", "generator", "mels", "flow", "judge"], default="all",
                    help="mels: only precompute the flow targets (no tokenizer needed yet); judge: train the mel phone "
