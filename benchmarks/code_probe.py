@@ -23,8 +23,8 @@ from torch import nn
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
 from npc_server.tokenizer.modules import ConvReadout
 from npc_server.tokenizer.tokenizer import AudioTokenizer
+from npc_server.training.corpus.manifest import read_manifest
 from npc_server.training.train_readout import CodeItem, fit_readout, load_items, phone_error_rate
-from npc_server.training.train_tokenizer import read_manifest
 
 
 class CodeProbe(nn.Module):

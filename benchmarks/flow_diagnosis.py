@@ -48,10 +48,11 @@ def main() -> None:
     from tqdm import tqdm
 
     from npc_server.audio import load_audio, resample
-    from npc_server.eval.vocoder_eval import _voice_for, heldout_rows
+    from npc_server.eval.metrics import heldout_rows, judge_phone_error_rate
+    from npc_server.eval.vocoder_eval import _voice_for
     from npc_server.tokenizer.phones import PhoneInventory
-    from npc_server.training.train_phone_judge import phone_error_rate
-    from npc_server.training.train_vocoder import pick_utterances, read_manifest
+    from npc_server.training.corpus.manifest import read_manifest
+    from npc_server.training.train_vocoder.data import pick_utterances
     from npc_server.vocoder import Vocoder
     from npc_server.vocoder.mel import LogMel
     from npc_server.vocoder.phone_judge import PhoneJudge
@@ -103,7 +104,7 @@ def main() -> None:
             mels["real"].append(real)
             refs.append(inventory.encode(r.get("phonemes", "")))
         with torch.no_grad():
-            results[split] = {k: phone_error_rate(judge, v, refs) for k, v in mels.items()}
+            results[split] = {k: judge_phone_error_rate(judge, v, refs) for k, v in mels.items()}
         results[split]["utterances"] = len(rows)
         print(f"{split} ({len(rows)} utterances, {time.perf_counter() - t0:.0f} s): judge PER "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in results[split].items() if k != "utterances"), flush=True)

@@ -24,8 +24,9 @@ from transformers import DynamicCache
 
 from npc_server.backbone.generator import SPECULATIVE_FILE, Generator, SamplingConfig, forward_tokens
 from npc_server.backbone.speculative import SpeculativeDecoder
-from npc_server.backbone.template import Controls, SystemPrompt, UserTurn
+from npc_server.backbone.template import SystemPrompt, UserTurn
 from npc_server.bench import QUESTIONS, speculative_figures
+from npc_server.controls import Controls
 
 
 def corpus_prompts(corpus: Path, n: int, personas: Path | None) -> list[tuple[SystemPrompt, UserTurn]]:

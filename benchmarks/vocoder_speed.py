@@ -38,7 +38,7 @@ def parse_setting(text: str) -> dict:
 
 def heldout_tokens(corpus: Path, n: int, seed: int) -> list[tuple[dict, np.ndarray]]:
     """`n` held-out NPC utterances that have cached semantic tokens (<corpus>/tokens/<id>.npz), with those tokens."""
-    from npc_server.eval.vocoder_eval import heldout_rows
+    from npc_server.eval.metrics import heldout_rows
 
     rows = [r for r in heldout_rows(corpus, 10 * n, seed) if (corpus / "tokens" / f"{r['id']}.npz").is_file()][:n]
     picks = []

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from npc_server.eval.vocoder_eval import Listener, normalize_text, word_errors
+    from npc_server.eval.metrics import Listener, normalize_text, word_errors
     from npc_server.tokenizer import AudioTokenizer
     from npc_server.training.corpus.render import SR, PiperEngine
     from npc_server.vocoder import Vocoder

@@ -94,7 +94,7 @@ def ask(client, npc: str, wav: np.ndarray, session: str = "") -> Run:
 
 def cascade_baseline(questions: list[Path], answer_text: str, threads: int) -> dict:
     """faster-whisper tiny.en ASR + piper (joe) TTS: time to first audio with no LLM at all (a lower bound)."""
-    from npc_server.eval.vocoder_eval import Listener
+    from npc_server.eval.metrics import Listener
     from npc_server.training.corpus.render import PiperEngine
 
     whisper = Listener(threads=threads)

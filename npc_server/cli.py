@@ -7,11 +7,12 @@ import sys
 
 # command words -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    # play: run the server and talk to its NPCs
     ("serve",): ("npc_server.service.serve:main", "run the gRPC + WebSocket bridge server"),
     ("say",): ("npc_server.service.say:main", "ask an NPC a question from a wav file and save its spoken answer"),
     ("personas",): ("npc_server.personas:main", "validate and list persona YAML files"),
-    ("pretrained", "prepare"): ("npc_server.pretrained.cli:main",
-                                "check the pretrained base packages and convert them once into the local cache"),
+    # develop: build, train and measure the models
+    ("bench",): ("npc_server.bench:main", "latency benchmarks (time to first audio, RTF, concurrency)"),
     ("train", "corpus"): ("npc_server.training.corpus.cli:main", "synthesise the spoken NPC-dialogue corpus"),
     ("train", "tokenizer"): ("npc_server.training.train_tokenizer:main", "train the dual-codebook audio tokenizer"),
     ("train", "tokenizer-v2"): ("npc_server.training.train_tokenizer_v2:main",
@@ -33,14 +34,22 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                          "how well the backbone hears: WER of its ASR-task transcripts of held-out questions"),
     ("eval", "vocoder"): ("npc_server.eval.vocoder_eval:main", "evaluate the vocoder"),
     ("eval", "npc"): ("npc_server.eval.npc_eval:main", "NPC-Eval: held-out spoken-answer evaluation"),
-    ("bench",): ("npc_server.bench:main", "latency benchmarks (time to first audio, RTF, concurrency)"),
+    ("pretrained", "prepare"): ("npc_server.pretrained.cli:main",
+                                "check the pretrained base packages and convert them once into the local cache"),
 }
+
+# the commands of someone who runs the server; all the others develop the models
+PLAY: tuple[tuple[str, ...], ...] = (("serve",), ("say",), ("personas",))
 
 
 def _usage() -> str:
-    lines = ["usage: npc-server <command> [options]", "", "commands:"]
-    for words, (_, help_text) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):<18} {help_text}")
+    lines = ["usage: npc-server <command> [options]"]
+    groups = (("play (run the server, talk to its NPCs)", [w for w in COMMANDS if w in PLAY]),
+              ("develop (build, train and measure the models)", [w for w in COMMANDS if w not in PLAY]))
+    width = max(len(" ".join(words)) for words in COMMANDS)
+    for title, commands in groups:
+        lines += ["", f"{title}:"]
+        lines += [f"  {' '.join(words):<{width}}  {COMMANDS[words][1]}" for words in commands]
     lines += ["", "Run `npc-server <command> --help` for the options of a command."]
     return "\n".join(lines)
 

@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from npc_server.backbone.template import AssistantTurn, Controls, Mode, SystemPrompt, UserTurn
+from npc_server.backbone.template import AssistantTurn, Mode, SystemPrompt, UserTurn
+from npc_server.controls import Controls
 
 __all__ = ["Controls", "Engine", "EngineAudio", "EngineDone", "EngineState", "EngineText", "QuestionStream"]
 
@@ -62,16 +63,8 @@ class EngineState:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question text or "<audio>", spoken answer)
 
     def memory_bytes(self) -> int:
-        """KV-cache bytes of the conversation (the backbone's and, with speculative decoding, the draft's)."""
-        caches = [getattr(self.session, "cache", None), getattr(getattr(self.session, "draft", None), "cache", None)]
-        total = 0
-        for cache in caches:
-            for layer in getattr(cache, "layers", ()) or ():
-                for name in ("keys", "values"):
-                    t = getattr(layer, name, None)
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
-        return total
+        """KV-cache bytes of the conversation (see `Session.memory_bytes`)."""
+        return self.session.memory_bytes()
 
 
 class QuestionStream:
@@ -149,14 +142,7 @@ class Engine:
     # ---- sessions ----------------------------------------------------------------------------------------
 
     def system_prompt(self, persona, controls: Controls | None = None) -> SystemPrompt:
-        controls = controls or Controls(
-            voice=persona.voice.timbre,
-            language=persona.language,
-            accent=persona.accent,
-            emotion=persona.default_emotion,
-            speed=persona.voice.speed,
-            pitch_st=persona.voice.pitch,
-        )
+        controls = controls or Controls.from_persona(persona)
         return SystemPrompt(persona=persona.role, text=persona.prompt_text(), controls=controls)
 
     def new_state(self, persona) -> EngineState:
@@ -300,15 +286,9 @@ class Engine:
             last = None
         spoken_text = last.text if last else ""
         spoken_codes = last.codes if last else []
-        # During an answer the KV cache holds exactly the tokens of `segments`, the answer being the last one.
-        template = self.generator.template
-        keep = sum(len(seg) for seg in session.segments[:-1]) + state.prompt_len
-        remove = session.cache.get_seq_length() - keep
-        if remove > 0:
-            session.cache.crop(-remove)  # transformers >= 5: a negative count of tokens to drop
-        session.segments[-1] = session.segments[-1][: state.prompt_len]
-        session.pending = []
-        body = template.assistant_body(
+        # the answer is the last segment: cut it back to its prompt, then write what was spoken
+        session.rewind(sum(len(seg) for seg in session.segments[:-1]) + state.prompt_len)
+        body = self.generator.template.assistant_body(
             AssistantTurn(text=spoken_text, audio=spoken_codes, mode=state.mode), target=False
         ).ids
         self.generator.prefill(session, body[:-1], new_segment=False)  # the answer stays in its turn

@@ -71,11 +71,11 @@ def test_eval_end_to_end_text_judge(tmp_path):
     from npc_server.tokenizer import AudioTokenizer
     from npc_server.tokenizer import preset as tokenizer_preset
     from npc_server.training import pretrain
-    from npc_server.training.lm_data import load_manifest
+    from npc_server.training.corpus.manifest import read_manifest
     from npc_server.training.lm_synthetic import synthetic_corpus
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=20, seed=0)
-    for row in load_manifest(corpus).values():
+    for row in read_manifest(corpus):
         if row["split"] == "heldout":
             (corpus / row["audio"]).parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["espeak-ng", "-w", str(corpus / row["audio"]), row["text"]], check=True)
@@ -122,7 +122,7 @@ def test_eval_end_to_end_audio_judge(tmp_path):
     from npc_server.tokenizer import AudioTokenizer
     from npc_server.tokenizer import preset as tokenizer_preset
     from npc_server.training import pretrain
-    from npc_server.training.lm_data import load_manifest
+    from npc_server.training.corpus.manifest import read_manifest
     from npc_server.training.lm_synthetic import synthetic_corpus
     from npc_server.vocoder import (
         FlowConfig,
@@ -133,7 +133,7 @@ def test_eval_end_to_end_audio_judge(tmp_path):
     )
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=10, seed=0)
-    for row in load_manifest(corpus).values():
+    for row in read_manifest(corpus):
         (corpus / row["audio"]).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["espeak-ng", "-w", str(corpus / row["audio"]), row["text"]], check=True)
     torch.manual_seed(0)

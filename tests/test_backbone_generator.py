@@ -240,3 +240,19 @@ def test_prefill_can_extend_the_current_turn_segment(gen, parts):
     assert len(session.segments) == n_segments
     assert session.segments[-1] == template.user(Q2).ids + template.assistant_prefix(Mode.TEXT).ids
     torch.testing.assert_close(logits[-1], _full_logits(model, session.ids)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_rewind_cuts_the_conversation_and_memory_follows(gen, parts):
+    model, _, template = parts
+    session = gen.start_session(SYSTEM)
+    gen.generate(session, Q1, sampling=SamplingConfig(seed=3, max_new_tokens=40))
+    before = session.memory_bytes()
+    keep = len(session.segments[0]) + 5  # the system prompt and 5 tokens of the first turn
+    session.rewind(keep)
+    assert session.cached_tokens == len(session.ids) == keep and session.pending == []
+    assert [len(seg) for seg in session.segments] == [keep - 5, 5]
+    assert 0 < session.memory_bytes() < before
+    with pytest.raises(ValueError):
+        session.rewind(keep + 1)
+    logits = gen.prefill(session, template.user(Q2).ids, new_segment=False)
+    torch.testing.assert_close(logits, _full_logits(model, session.ids)[-logits.shape[0]:], atol=1e-4, rtol=1e-4)

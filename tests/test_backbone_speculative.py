@@ -176,9 +176,7 @@ def test_draft_follows_interruption_crop_and_prefix_forks(template, target):
         # interruption: cut the answer back to its prompt plus a few body tokens, the way the engine does
         prompt_len = len(template.user(user).ids) + len(template.assistant_prefix(mode).ids)
         keep = len(session.ids) - len(session.segments[-1]) + prompt_len + 5
-        session.cache.crop(keep - session.cache.get_seq_length())
-        session.segments[-1] = session.segments[-1][: prompt_len + 5]
-        session.pending = []
+        session.rewind(keep)
         gen.prefill(session, [template.sp("<|text_end|>"), template.sp("<|end|>")], new_segment=False)
     for user, mode in TURNS[1:]:
         a, _ = _run(plain, s_plain, user, mode)

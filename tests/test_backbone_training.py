@@ -116,7 +116,7 @@ def test_sft_examples_cover_history_modes_and_targets(corpus, pretrained):
 
 
 def test_dialogue_prompt_uses_persona_defaults_and_per_turn_overrides(tmp_path):
-    from npc_server.backbone.template import Controls
+    from npc_server.controls import Controls
     from npc_server.training.lm_data import dialogue_prompt, persona_infos
 
     infos = persona_infos(tmp_path / "no_personas")  # falls back to the corpus world's personas
@@ -245,14 +245,11 @@ def test_tokenize_corpus_with_audio_tokenizer_on_real_speech(tmp_path):
 
     from npc_server.tokenizer import AudioTokenizer, split_interleaved
     from npc_server.tokenizer import preset as tokenizer_preset
-    from npc_server.training.lm_data import (
-        load_manifest,
-        pretrain_examples,
-        tokenize_corpus,
-    )
+    from npc_server.training.corpus.manifest import read_manifest
+    from npc_server.training.lm_data import pretrain_examples, tokenize_corpus
 
     corpus = synthetic_corpus(tmp_path / "corpus", n_dialogues=3, seed=0)
-    rows = load_manifest(corpus)
+    rows = {r["id"]: r for r in read_manifest(corpus)}
     for row in rows.values():
         wav = corpus / row["audio"]
         wav.parent.mkdir(parents=True, exist_ok=True)

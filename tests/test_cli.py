@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from npc_server.cli import COMMANDS, main
+from npc_server.cli import COMMANDS, PLAY, main
 
 
 def test_help_lists_all_commands(capsys):
@@ -16,6 +19,36 @@ def test_help_lists_all_commands(capsys):
     out = capsys.readouterr().out
     for words in COMMANDS:
         assert " ".join(words) in out
+
+
+def test_help_groups_play_and_develop(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    play, develop = out.index("play ("), out.index("develop (")
+    assert play < develop
+    for words in COMMANDS:
+        at = out.index(f"  {' '.join(words)} ")
+        assert (play < at < develop) == (words in PLAY)
+
+
+@pytest.mark.parametrize("command", [("train", "tokenizer"), ("train", "tokenizer-v2"), ("train", "readout"),
+                                     ("train", "vocoder"), ("train", "hearing")])
+def test_training_writes_under_runs_by_default(command, monkeypatch):
+    """A trainer run without --out never writes over the shipped model in models/."""
+    from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT
+
+    class Parsed(Exception):
+        pass
+
+    def defaults(parser, args=None, namespace=None):
+        raise Parsed({action.dest: action.default for action in parser._actions})
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", defaults)
+    module, func = COMMANDS[command][0].split(":")
+    with pytest.raises(Parsed) as parsed:
+        getattr(importlib.import_module(module), func)([])
+    out = Path(parsed.value.args[0]["out"])
+    assert REPO_ROOT / "runs" in out.parents and DEFAULT_MODEL_DIR not in [out, *out.parents]
 
 
 def test_version_and_unknown(capsys):

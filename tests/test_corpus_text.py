@@ -112,3 +112,15 @@ def test_larger_corpus_extends_smaller_one():
     big_d, big_j = build(PREFIX_STABLE_FROM + 50, seed=1)
     assert [d.to_json() for d in small_d] == [d.to_json() for d in big_d[:PREFIX_STABLE_FROM]]
     assert small_j == big_j[: len(small_j)]
+
+
+def test_manifest_reader_skips_only_a_torn_last_line(tmp_path):
+    from npc_server.training.corpus.manifest import read_manifest
+
+    with pytest.raises(FileNotFoundError, match="train corpus"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text('{"id": "a"}\n\n{"id": "b"}\n{"id": "c", "te')
+    assert [r["id"] for r in read_manifest(tmp_path)] == ["a", "b"]
+    (tmp_path / "manifest.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n')
+    with pytest.raises(ValueError, match="manifest.jsonl:2"):
+        read_manifest(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from npc_server.controls import LANGUAGES
+from npc_server.controls import LANGUAGES, Controls
 from npc_server.paths import DEFAULT_PERSONAS_DIR
 from npc_server.personas import PersonaError, PersonaStore, load_folder, load_persona, parse_persona
 from npc_server.voices import VOICE_BANK
@@ -52,6 +52,22 @@ def test_good_persona_parses():
     assert p.id == "tester" and p.voice.pitch == 2.0 and p.voice.speed == 1.1
     assert p.allowed_emotions == ("happy", "neutral") and p.default_emotion == "happy"
     assert p.max_answer_seconds == 15.0
+
+
+def test_controls_from_persona_and_overrides():
+    from npc_server.service.api import Overrides
+
+    p = parse_persona(GOOD, "tester.yaml")
+    assert Controls.from_persona(p) == Controls.from_persona(p, Overrides()) == Controls(
+        voice="joe", language="en", accent="us", emotion="happy", speed=1.1, pitch_st=2.0)
+    ja = Controls.from_persona(p, Overrides(language="ja", emotion="neutral", pitch=-3))
+    assert (ja.language, ja.accent, ja.emotion, ja.pitch_st) == ("ja", "standard", "neutral", -3.0)
+    assert "ja" in VOICE_BANK[ja.voice].languages  # joe cannot speak Japanese: the first bank voice that can
+    bad_requests = [(Overrides(emotion="sad"), "does not allow"), (Overrides(speed=9), "speed must be"),
+                    (Overrides(language="xx" * 40), r"characters\)"), (Overrides(accent="gb", language="ja"), "for 'ja'")]
+    for bad, words in bad_requests:
+        with pytest.raises(ValueError, match=words):
+            Controls.from_persona(p, bad)
 
 
 def _error(text: str) -> PersonaError:

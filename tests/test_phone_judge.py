@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.eval.metrics import judge_phone_error_rate
 from npc_server.paths import DEFAULT_MODEL_DIR
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.training import train_phone_judge as tj
 from npc_server.training import train_vocoder as tv
+from npc_server.training.corpus.manifest import read_manifest
+from npc_server.training.train_vocoder import data as tv_data
+from npc_server.training.train_vocoder import flow_stage as tv_flow
 from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge, PhoneJudgeConfig
 
@@ -57,12 +61,12 @@ def small_judge() -> PhoneJudge:
 
 def test_judge_learns_phones_of_real_speech(corpus):
     torch.manual_seed(0)
-    rows = tv.read_manifest(corpus)
-    mel_cache = tv.build_mel_cache([r for r in rows if r["split"] == "train"], corpus, MelConfig(), 0.0, 0)
+    rows = read_manifest(corpus)
+    mel_cache = tv_data.build_mel_cache([r for r in rows if r["split"] == "train"], corpus, MelConfig(), 0.0, 0)
     items = tj.items_from_mel_cache(mel_cache, rows, PhoneInventory(PHONES))
     assert len(items) == 2 and all(len(it.phones) > 10 for it in items)
     judge = small_judge()
-    per_before = tj.phone_error_rate(judge, [it.mel for it in items], [it.phones for it in items])
+    per_before = judge_phone_error_rate(judge, [it.mel for it in items], [it.phones for it in items])
     opt = torch.optim.AdamW(judge.parameters(), lr=3e-3)
     batch = tj.collate(items)
     first = float(tj.ctc_loss(judge, batch).detach())
@@ -72,7 +76,7 @@ def test_judge_learns_phones_of_real_speech(corpus):
         loss.backward()
         opt.step()
     assert float(tj.ctc_loss(judge, batch).detach()) < 0.5 * first
-    per_after = tj.phone_error_rate(judge.eval(), [it.mel for it in items], [it.phones for it in items])
+    per_after = judge_phone_error_rate(judge.eval(), [it.mel for it in items], [it.phones for it in items])
     assert per_after < 0.8 * per_before and per_after < 0.9
 
 
@@ -99,13 +103,13 @@ def test_output_judges_train_the_flow_only(corpus):
     torch.manual_seed(0)
     flow = FlowDecoder(FlowConfig(dim=48, token_dim=48, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1))
     judge, gen = small_judge(), Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
-    rows = tv.read_manifest(corpus)
-    mel_cache = tv.build_mel_cache(rows[:2], corpus, MelConfig(), 0.0, 0)
+    rows = read_manifest(corpus)
+    mel_cache = tv_data.build_mel_cache(rows[:2], corpus, MelConfig(), 0.0, 0)
     tokens = {uid: torch.randint(0, 4096, (it["mels"][0][0].shape[-1] // 4,)) for uid, it in mel_cache.items()}
-    examples = tv.join_caches(mel_cache, tokens, flow.config)
-    batch = tv.flow_batch(examples, 3, 20, 4, random.Random(0))
+    examples = tv_flow.join_caches(mel_cache, tokens, flow.config)
+    batch = tv_flow.flow_batch(examples, 3, 20, 4, random.Random(0))
 
-    judges = tv.OutputJudges(judge, gen, phone_weight=0.5, f0_weight=0.2)
+    judges = tv_flow.OutputJudges(judge, gen, phone_weight=0.5, f0_weight=0.2)
     torch.manual_seed(1)
     loss, parts = judges(flow, *batch, bf16=False)
     assert set(parts) == {"flow", "phone_kl", "f0_st"} and parts["phone_kl"] > 0 and parts["f0_st"] >= 0
@@ -113,7 +117,7 @@ def test_output_judges_train_the_flow_only(corpus):
                                atol=1e-4, rtol=1e-4)
     torch.manual_seed(1)  # same t and noise: the flow term is the plain flow loss
     with torch.no_grad():
-        assert abs(float(tv.flow_loss(flow, *batch, bf16=False)) - parts["flow"]) < 1e-5
+        assert abs(float(tv_flow.flow_loss(flow, *batch, bf16=False)) - parts["flow"]) < 1e-5
     loss.backward()
     assert all(p.grad is None for p in [*judge.parameters(), *gen.parameters()])
     assert flow.x_out.weight.grad is not None and flow.x_out.weight.grad.abs().sum() > 0

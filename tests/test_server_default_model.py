@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from npc_server.eval.vocoder_eval import Listener, normalize_text, word_errors
+from npc_server.eval.metrics import Listener, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
 from sdk import AudioEvent, EndEvent, NpcClient, NpcError
 

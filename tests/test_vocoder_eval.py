@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.eval import metrics
 from npc_server.eval import vocoder_eval as ve
 from npc_server.paths import DEFAULT_MODEL_DIR
 from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, Vocoder
@@ -20,10 +21,11 @@ torch.set_num_threads(1)
 
 
 def test_normalize_and_wer():
-    assert ve.normalize_text("That'll be 25 coins, friend!") == "thatll be twenty five coins friend".split()
-    assert ve.number_words(1342) == "one thousand three hundred forty two"
-    assert ve.word_errors("a b c d".split(), "a x c".split()) == 2
-    assert ve.word_errors([], []) == 0
+    assert metrics.normalize_text("That'll be 25 coins, friend!") == "thatll be twenty five coins friend".split()
+    assert metrics.number_words(1342) == "one thousand three hundred forty two"
+    assert metrics.number_words(1005) == "one thousand five" and metrics.number_words(25_000) == "twenty five thousand"
+    assert metrics.word_errors("a b c d".split(), "a x c".split()) == 2
+    assert metrics.word_errors([], []) == 0
 
 
 def test_f0_error_and_shift_measure():
@@ -31,15 +33,15 @@ def test_f0_error_and_shift_measure():
     t = np.arange(sr) / sr
     a = 0.3 * np.sin(2 * np.pi * 150 * t).astype(np.float32)
     b = 0.3 * np.sin(2 * np.pi * 150 * 2 ** (3 / 12) * t).astype(np.float32)
-    assert ve.f0_error(a, sr, a, sr)["f0_err_st"] < 0.1
-    assert abs(ve.f0_error(a, sr, b, sr)["f0_err_st"] - 3.0) < 0.2
-    assert abs(12 * np.log2(ve.median_f0(b, sr) / ve.median_f0(a, sr)) - 3.0) < 0.2
+    assert metrics.f0_error(a, sr, a, sr)["f0_err_st"] < 0.1
+    assert abs(metrics.f0_error(a, sr, b, sr)["f0_err_st"] - 3.0) < 0.2
+    assert abs(12 * np.log2(metrics.median_f0(b, sr) / metrics.median_f0(a, sr)) - 3.0) < 0.2
 
 
 def test_voice_id_accuracy_separates_distinct_groups():
     rng = np.random.default_rng(0)
     feats = {"a": [rng.normal(0, 1, 4) for _ in range(4)], "b": [rng.normal(8, 1, 4) for _ in range(4)]}
-    assert ve.nearest_centroid_accuracy(feats) == 1.0
+    assert metrics.nearest_centroid_accuracy(feats) == 1.0
 
 
 @dataclass
@@ -82,11 +84,11 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     torch.manual_seed(0)
     flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1))
     voc = Vocoder(flow, Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))).eval()
-    rows = ve.heldout_rows(heldout_corpus, 5, 0)
+    rows = metrics.heldout_rows(heldout_corpus, 5, 0)
     assert len(rows) == 2
     judge = PhoneJudge(PhoneJudgeConfig(phones=json.loads((DEFAULT_MODEL_DIR / "tokenizer" / "config.json")
                                                           .read_text())["phones"], dim=32, layers=1)).eval()
-    res = ve.evaluate(voc, EnergyTokenizer(), rows, heldout_corpus, ve.Listener(threads=1), tmp_path / "s",
+    res = ve.evaluate(voc, EnergyTokenizer(), rows, heldout_corpus, metrics.Listener(threads=1), tmp_path / "s",
                       n_timbre=2, threads=1, judge=judge)
     # the listener understands the source speech, and an untrained vocoder does not fool it
     assert res["wer_source"] < 0.5
@@ -103,9 +105,9 @@ def test_evaluate_end_to_end(heldout_corpus, tmp_path):
     by_voice = res["wer_by_voice"]
     assert set(by_voice) == {"gb_female", "scot_male"}
     assert sum(d["words"] for d in by_voice.values()) == res["words"]
-    assert ve.heldout_rows(heldout_corpus, 5, 0, speakers=["scot_male"])[0]["id"] == "h1"
+    assert metrics.heldout_rows(heldout_corpus, 5, 0, speakers=["scot_male"])[0]["id"] == "h1"
     with pytest.raises(ValueError, match="of joe"):
-        ve.heldout_rows(heldout_corpus, 5, 0, speakers=["joe"])
+        metrics.heldout_rows(heldout_corpus, 5, 0, speakers=["joe"])
     written = {p.name for p in (tmp_path / "s").iterdir()}
     assert "mels.png" in written and "0_h0_resynth.wav" in written and "voice_joe.wav" in written
     assert res["judge_per_source"] >= 0.5 and res["judge_per_resynth"] >= 0.5  # an untrained judge hears nothing
@@ -131,11 +133,11 @@ def test_cli_rejects_guidance_for_a_flow_trained_without_cond_dropout(capsys):
 def test_neutral_voice_f0_and_decoded_pitch_against_it(heldout_corpus, monkeypatch):
     rows = [json.loads(line) for line in (heldout_corpus / "manifest.jsonl").open()]
     rows = [{**r, "split": "train", "controls": {"emotion": "neutral", "pitch_st": 0.0}} for r in rows]
-    ref = ve.neutral_voice_f0(heldout_corpus, rows)
+    ref = metrics.neutral_voice_f0(heldout_corpus, rows)
     assert set(ref) == {"gb_female", "scot_male"} and all(60 < f < 400 for f in ref.values())
     rows[0]["controls"]["emotion"] = "happy"  # only neutral utterances at persona pitch 0 count
-    assert set(ve.neutral_voice_f0(heldout_corpus, rows)) == {"scot_male"}
-    assert ve.neutral_voice_f0(heldout_corpus) == {}  # the fixture's manifest holds held-out rows only
+    assert set(metrics.neutral_voice_f0(heldout_corpus, rows)) == {"scot_male"}
+    assert metrics.neutral_voice_f0(heldout_corpus) == {}  # the fixture's manifest holds held-out rows only
     torch.manual_seed(0)
     flow = FlowDecoder(FlowConfig(dim=32, token_dim=32, n_heads=2, transformer_layers=1, res_blocks=1, cond_layers=1))
     voc = Vocoder(flow, Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))).eval()

@@ -397,7 +397,7 @@ def test_bad_input_errors(tmp_path):
 
 
 def test_source_excitation_pitch_and_continuity():
-    from npc_server.eval.vocoder_eval import median_f0
+    from npc_server.eval.metrics import median_f0
 
     gen = Generator(GeneratorConfig(dim=32, intermediate_dim=64, n_layers=2))
     f0 = torch.full((1, 100), 150.0)

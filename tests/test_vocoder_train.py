@@ -14,6 +14,10 @@ import torch
 
 from npc_server.audio.io import load_audio, resample, save_wav
 from npc_server.training import train_vocoder as tv
+from npc_server.training.corpus.manifest import read_manifest
+from npc_server.training.train_vocoder import data as tv_data
+from npc_server.training.train_vocoder import flow_stage as tv_flow
+from npc_server.training.train_vocoder import generator_stage as tv_gen
 from npc_server.vocoder import FlowConfig, FlowDecoder, Generator, GeneratorConfig, LogMel, MelConfig, Vocoder
 
 torch.set_num_threads(1)
@@ -63,10 +67,10 @@ def small_flow_config() -> FlowConfig:
 
 
 def test_flow_cache_follows_corpus(corpus):
-    rows = tv.pick_utterances(tv.read_manifest(corpus), "train", max_hours=1.0, seed=0)
+    rows = tv_data.pick_utterances(read_manifest(corpus), "train", max_hours=1.0, seed=0)
     assert [r["role"] for r in rows][:2] == ["npc", "npc"]
     cfg = small_flow_config()
-    examples = tv.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=1.0, seed=0)
+    examples = tv_flow.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=1.0, seed=0)
     assert len(examples) == 6  # each utterance plus its pitch-shifted copy
     for ex in examples:
         assert ex.mel.shape == (80, 4 * ex.tokens.shape[0])
@@ -81,7 +85,7 @@ def test_psola_shift_moves_f0(corpus):
     import parselmouth
 
     wav, sr = load_audio(corpus / "audio" / "u1.wav")
-    up = tv.psola_pitch_shift(wav, sr, 4.0)
+    up = tv_data.psola_pitch_shift(wav, sr, 4.0)
 
     def median_f0(x):
         f = parselmouth.Sound(x.astype(np.float64), sr).to_pitch().selected_array["frequency"]
@@ -94,29 +98,29 @@ def test_psola_shift_moves_f0(corpus):
 def test_pitch_copies_are_labelled_with_the_shift_reached(corpus):
     """PSOLA cannot take a very low voice much lower: the measured label says so instead of the requested shift."""
     wav, sr = load_audio(corpus / "audio" / "u1.wav")
-    assert abs(tv.measured_shift_st(wav, tv.psola_pitch_shift(wav, sr, -3.0), sr) + 3.0) < 0.5
-    low = tv.psola_pitch_shift(wav, sr, -10.0)  # scot_male (~100 Hz) taken down to ~56 Hz
-    floor = tv.measured_shift_st(low, tv.psola_pitch_shift(low, sr, -7.0), sr)
+    assert abs(tv_data.measured_shift_st(wav, tv_data.psola_pitch_shift(wav, sr, -3.0), sr) + 3.0) < 0.5
+    low = tv_data.psola_pitch_shift(wav, sr, -10.0)  # scot_male (~100 Hz) taken down to ~56 Hz
+    floor = tv_data.measured_shift_st(low, tv_data.psola_pitch_shift(low, sr, -7.0), sr)
     assert np.isfinite(floor) and floor > -5.0  # asked for -7 st, reached much less
 
 
 def test_flow_training_step_decreases_loss(corpus):
     torch.manual_seed(0)
     cfg = small_flow_config()
-    rows = tv.pick_utterances(tv.read_manifest(corpus), "train", 1.0, 0)
-    examples = tv.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=0.0, seed=0)
+    rows = tv_data.pick_utterances(read_manifest(corpus), "train", 1.0, 0)
+    examples = tv_flow.build_flow_cache(rows, corpus, EnergyTokenizer(), cfg, MelConfig(), pitch_aug=0.0, seed=0)
     flow = FlowDecoder(cfg)
-    batch = tv.flow_batch(examples, 4, 30, cfg.frames_per_token, random.Random(0))
+    batch = tv_flow.flow_batch(examples, 4, 30, cfg.frames_per_token, random.Random(0))
     opt = torch.optim.AdamW(flow.parameters(), lr=2e-3)
 
     def eval_loss():
         torch.manual_seed(123)  # same noise and t for a fair before/after comparison
         with torch.no_grad():
-            return float(tv.flow_loss(flow, *batch, bf16=False))
+            return float(tv_flow.flow_loss(flow, *batch, bf16=False))
 
     before = eval_loss()
     for _ in range(30):
-        loss = tv.flow_loss(flow, *batch, bf16=True)
+        loss = tv_flow.flow_loss(flow, *batch, bf16=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,20 +132,20 @@ def test_generator_training_step_decreases_loss(corpus):
     gen = Generator(GeneratorConfig(dim=48, intermediate_dim=96, n_layers=2))
     wav, _ = load_audio(corpus / "audio" / "u0.wav", target_sr=24000)
     batch = torch.from_numpy(wav[: 2 * 9600].copy()).view(2, 9600)
-    f0 = torch.stack([torch.from_numpy(tv.frame_f0(b.numpy(), 24000, 0.01, 40)) for b in batch])
+    f0 = torch.stack([torch.from_numpy(tv_gen.frame_f0(b.numpy(), 24000, 0.01, 40)) for b in batch])
     assert (f0 > 0).any() and (f0 == 0).any()  # speech has voiced and unvoiced frames
-    logmel, mrstft = LogMel(), tv.MultiResolutionSTFTLoss()
+    logmel, mrstft = LogMel(), tv_gen.MultiResolutionSTFTLoss()
     opt = torch.optim.AdamW(gen.parameters(), lr=2e-3)
     first = None
     for _ in range(25):
-        loss, parts = tv.generator_loss(gen, logmel, mrstft, batch, f0, bf16=True)
+        loss, parts = tv_gen.generator_loss(gen, logmel, mrstft, batch, f0, bf16=True)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert set(parts) == {"mel_l1", "stft", "f0_l1", "v_bce"}
     with torch.no_grad():
-        final, _ = tv.generator_loss(gen, logmel, mrstft, batch, f0, bf16=False)
+        final, _ = tv_gen.generator_loss(gen, logmel, mrstft, batch, f0, bf16=False)
     assert float(final) < 0.8 * first
 
 
@@ -178,7 +182,7 @@ def test_cli_mels_then_flow_stage(corpus, tmp_path):
     assert set(proxy) == set(mel_cache) and all(int(t.max()) < 4096 for t in proxy.values())
     assert (run / "ckpt_flow_proxy.pt").exists() and not (out / "model.safetensors").exists()
     # the tokenizer is trained elsewhere; its tokens land in the cache the flow stage reads
-    torch.save(tv.build_token_cache(mel_cache, corpus, EnergyTokenizer()), run / "token_cache.pt")
+    torch.save(tv_flow.build_token_cache(mel_cache, corpus, EnergyTokenizer()), run / "token_cache.pt")
     assert tv.main(["--stage", "flow", "--minutes", "0.05", "--flow-segment-tokens", "20", *common]) == 0
     info = json.loads((out / "training.json").read_text())
     assert info["flow"]["steps"] > 0 and info["flow"]["examples"] >= 3
@@ -207,7 +211,7 @@ def test_tokens_from_corpus_cache_and_added_encoder_transformers(corpus, tmp_pat
         if uid != "u2":  # one utterance without a cached file is left out
             np.savez(corpus / "tokens" / f"{uid}.npz", semantic=semantic[uid].astype(np.int16),
                      linguistic=np.zeros(1, np.int16))
-    tokens = tv.corpus_token_cache(mel_cache, corpus)
+    tokens = tv_flow.corpus_token_cache(mel_cache, corpus)
     assert set(tokens) == {"u0", "u1"}
     np.testing.assert_array_equal(tokens["u0"].numpy(), semantic["u0"])
 
@@ -216,7 +220,7 @@ def test_tokens_from_corpus_cache_and_added_encoder_transformers(corpus, tmp_pat
     base.eval().save_pretrained(tmp_path / "init")
     before = Vocoder.from_pretrained(tmp_path / "init")
     grown = Vocoder.from_pretrained(tmp_path / "init")
-    tv.resize_cond_transformers(grown, 2)
+    tv_flow.resize_cond_transformers(grown, 2)
     assert len(grown.flow.cond_transformers) == 2 and grown.flow.config.cond_transformer_layers == 2
     ids = list(range(200, 240))
     np.testing.assert_array_equal(grown.eval().decode(ids)[0], before.decode(ids)[0])
@@ -251,24 +255,24 @@ def test_voice_swap_copies_render_a_sibling_voice(corpus):
     the sibling's pitch and formants, labelled with the voice they now have and how far PSOLA got from its pitch."""
     from npc_server.voices import VOICE_BANK
 
-    assert {v.id for v in tv.sibling_voices("joe")} == {"joe_low", "joe_high"}
-    assert tv.sibling_voices("gb_female") == [] and tv.sibling_voices("player_007") == []
+    assert {v.id for v in tv_data.sibling_voices("joe")} == {"joe_low", "joe_high"}
+    assert tv_data.sibling_voices("gb_female") == [] and tv_data.sibling_voices("player_007") == []
     wav, sr = load_audio(corpus / "audio" / "u1.wav")  # a ~100 Hz male voice standing in for joe
-    up, label = tv.render_as_sibling(wav, sr, VOICE_BANK["joe"], VOICE_BANK["joe_high"])
+    up, label = tv_data.render_as_sibling(wav, sr, VOICE_BANK["joe"], VOICE_BANK["joe_high"])
     assert len(up) == len(wav) and abs(label) < 1.0
-    assert abs(tv.measured_shift_st(wav, up, sr) - 4.0) < 1.0
+    assert abs(tv_data.measured_shift_st(wav, up, sr) - 4.0) < 1.0
 
     cfg = small_flow_config()
     logmel = LogMel(MelConfig())
     mel = logmel(torch.from_numpy(resample(wav, sr, 24000)))[0].half()
     cache = {"u1": {"speaker": "joe", "audio": "audio/u1.wav", "mels": [(mel, 0.0)]},
              "u0": {"speaker": "gb_female", "audio": "audio/u0.wav", "mels": [(mel, 0.0)]}}
-    assert tv.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 1
-    assert tv.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 0  # already has its copy
+    assert tv_data.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 1
+    assert tv_data.add_voice_swaps(cache, corpus, MelConfig(), prob=1.0, seed=0) == 0  # already has its copy
     (_, st, sibling) = cache["u1"]["mels"][1]
     assert sibling in ("joe_low", "joe_high") and abs(st) < 1.5
     tokens = {"u1": torch.arange(mel.shape[-1] // 4, dtype=torch.int16)}
-    examples = tv.join_caches(cache, tokens, cfg)
+    examples = tv_flow.join_caches(cache, tokens, cfg)
     assert [cfg.voices[ex.voice] for ex in examples] == ["joe", sibling]
     assert torch.equal(examples[0].tokens, examples[1].tokens)
 
@@ -298,30 +302,30 @@ def test_cli_rejects_a_cond_dropout_outside_0_1(value, tmp_path, capsys):
 def test_voice_pitch_reference_labels(corpus):
     """`pitch_reference` "voice": a speaker's reference F0 takes out the shift the corpus asked for (persona pitch +
     emotion), and each example's pitch input is its mel's median F0 in semitones from its speaker's reference."""
-    rows = {r["id"]: r for r in tv.read_manifest(corpus)}
-    mel_cache = tv.build_mel_cache(list(rows.values()), corpus, MelConfig(), pitch_aug=0.0, seed=0)
-    tokens = tv.build_token_cache(mel_cache, corpus, EnergyTokenizer())
+    rows = {r["id"]: r for r in read_manifest(corpus)}
+    mel_cache = tv_data.build_mel_cache(list(rows.values()), corpus, MelConfig(), pitch_aug=0.0, seed=0)
+    tokens = tv_flow.build_token_cache(mel_cache, corpus, EnergyTokenizer())
     cfg = small_flow_config()
     cfg.pitch_reference = "voice"
     gen = _constant_f0_generator(200.0)
     rows["u0"] = {**rows["u0"], "controls": {"emotion": "happy", "speed": 1.0, "pitch_st": 2.0}}  # 2 + 2 st asked
-    ref = tv.speaker_f0_table(mel_cache, rows, gen)
+    ref = tv_flow.speaker_f0_table(mel_cache, rows, gen)
     assert ref == pytest.approx({"gb_female": 200.0 * 2 ** (-4 / 12), "scot_male": 200.0, "player_007": 200.0},
                                 abs=0.01)
-    examples = {ex.voice: ex.pitch_st for ex in tv.join_caches(mel_cache, tokens, cfg, gen, ref)}
+    examples = {ex.voice: ex.pitch_st for ex in tv_flow.join_caches(mel_cache, tokens, cfg, gen, ref)}
     assert examples == pytest.approx({cfg.voices.index("gb_female"): 4.0, cfg.voices.index("scot_male"): 0.0,
                                       cfg.voices.index("<other>"): 0.0}, abs=1e-3)
-    assert tv.join_caches(mel_cache, tokens, cfg, _constant_f0_generator(200.0, voiced=False), ref) == []
-    assert len(tv.join_caches(mel_cache, tokens, cfg, gen, {"scot_male": 100.0})) == 1  # no reference: left out
+    assert tv_flow.join_caches(mel_cache, tokens, cfg, _constant_f0_generator(200.0, voiced=False), ref) == []
+    assert len(tv_flow.join_caches(mel_cache, tokens, cfg, gen, {"scot_male": 100.0})) == 1  # no reference: left out
     with pytest.raises(ValueError, match="needs the generator"):
-        tv.join_caches(mel_cache, tokens, cfg)
+        tv_flow.join_caches(mel_cache, tokens, cfg)
 
 
 def test_cli_flow_stage_with_voice_pitch_reference(corpus, tmp_path):
     run, out = tmp_path / "run", tmp_path / "out"
     common = ["--corpus", str(corpus), "--run-dir", str(run), "--threads", "1", "--batch", "2"]
     assert tv.main(["--stage", "mels", *common]) == 0
-    torch.save(tv.build_token_cache(torch.load(run / "mel_cache.pt", weights_only=False), corpus, EnergyTokenizer()),
+    torch.save(tv_flow.build_token_cache(torch.load(run / "mel_cache.pt", weights_only=False), corpus, EnergyTokenizer()),
                run / "token_cache.pt")
     Vocoder(FlowDecoder(small_flow_config()), _constant_f0_generator(120.0)).eval().save_pretrained(tmp_path / "init")
     assert tv.main(["--stage", "flow", "--pitch-reference", "voice", "--minutes", "0.03", "--flow-segment-tokens", "20",
@@ -358,12 +362,12 @@ def test_generator_fine_tunes_on_flow_mels(corpus, tmp_path):
         tv.main(["--stage", "all", "--flow-mels", "--run-dir", str(tmp_path / "run")])
     assert exc.value.code == 2
     (root / "tokens").mkdir()
-    rows = [r for r in tv.read_manifest(root) if r["role"] == "npc"]
+    rows = [r for r in read_manifest(root) if r["role"] == "npc"]
     for r in rows:
         codes = EnergyTokenizer().encode(*load_audio(root / r["audio"])).semantic.numpy()
         np.savez(root / "tokens" / f"{r['id']}.npz", semantic=codes.astype(np.int16))
     before = Vocoder.from_pretrained(init)
-    mels = tv.flow_mels(before, rows, root)
+    mels = tv_gen.flow_mels(before, rows, root)
     assert [m.shape[-1] for m in mels] == [4 * len(np.load(root / "tokens" / f"{r['id']}.npz")["semantic"])
                                            for r in rows]
     assert tv.main(common) == 0

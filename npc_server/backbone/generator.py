@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -108,7 +107,6 @@ Event = TextDelta | AudioChunk | TurnEnd
 
 SPECULATIVE_FILE = "speculative.json"  # in a draft bundle: its tuned k and min_prob
 
-_session_ids = itertools.count()
 # transformers >= 5.2x renamed the cache argument/output `past_key_values` -> `cache`.
 _FORWARD_ARGS = inspect.signature(LlamaForCausalLM.forward).parameters
 _CACHE_ARG = "cache" if "cache" in _FORWARD_ARGS else "past_key_values"
@@ -186,8 +184,6 @@ class Session:
     cache: DynamicCache
     segments: list[list[int]] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
-    id: str = field(default_factory=lambda: f"s{next(_session_ids)}")
-    last_used: float = field(default_factory=time.monotonic)
     draft: object | None = None
 
     def fork(self) -> Session:
@@ -207,6 +203,39 @@ class Session:
     @property
     def turns(self) -> int:
         return max(0, len(self.segments) - 1)
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first `keep` tokens of the conversation (e.g. cut an interrupted answer back to its prompt):
+        the cache and the segments end there and pending tokens are dropped; the next prefill continues from there
+        (with new_segment=False it stays in the cut turn). The draft follows lazily."""
+        if not 0 < keep <= len(self.ids):
+            raise ValueError(f"keep must be in 1..{len(self.ids)}, got {keep}")
+        remove = self.cache.get_seq_length() - keep
+        if remove > 0:
+            self.cache.crop(-remove)  # transformers >= 5: a negative count of tokens to drop
+        segments, held = [], 0
+        for seg in self.segments:
+            if held >= keep:
+                break
+            segments.append(seg[: keep - held])
+            held += len(segments[-1])
+        self.segments = segments
+        self.pending = []
+
+    def memory_bytes(self) -> int:
+        """KV-cache bytes of the conversation (the backbone's and, with speculative decoding, the draft's)."""
+        return cache_bytes(self.cache) + cache_bytes(getattr(self.draft, "cache", None))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the key and value tensors of a KV cache (a transformers cache or one with the same `layers`)."""
+    total = 0
+    for layer in getattr(cache, "layers", ()) or ():
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 class Generator:
@@ -371,7 +400,6 @@ class Generator:
         n_prefill = len(session.pending) + len(prompt)
         logits = self.prefill(session, prompt, last_only=True)[-1]
         t1 = time.perf_counter()
-        session.last_used = time.monotonic()
 
         rng = torch.Generator(device="cpu")
         rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())

@@ -38,19 +38,8 @@ from enum import Enum
 import torch
 
 from npc_server.backbone.text_tokenizer import TextTokenizer
-from npc_server.backbone.vocab import (
-    N_LINGUISTIC,
-    VocabLayout,
-    accent_token,
-    emotion_token,
-    language_token,
-    persona_token,
-    pitch_token,
-    speed_token,
-    voice_token,
-)
-from npc_server.controls import check_language
-from npc_server.voices import VOICE_BANK
+from npc_server.backbone.vocab import N_LINGUISTIC, VocabLayout, persona_token
+from npc_server.controls import Controls  # noqa: F401  (re-exported: the template's controls)
 
 BLOCK_TEXT = 10
 BLOCK_AUDIO = 15
@@ -69,31 +58,6 @@ class Mode(str, Enum):
     @property
     def token(self) -> str:
         return f"<|mode:{self.value}|>"
-
-
-@dataclass(frozen=True)
-class Controls:
-    """How the NPC speaks. Every field maps to one control token (numeric ones are quantised, see vocab.py)."""
-
-    voice: str = "joe"
-    language: str = "en"
-    accent: str = "us"
-    emotion: str = "neutral"
-    speed: float = 1.0
-    pitch_st: float = 0.0
-
-    def token_names(self) -> list[str]:
-        if self.voice not in VOICE_BANK:
-            raise ValueError(f"unknown voice {self.voice!r}; known: {', '.join(VOICE_BANK)}")
-        check_language(self.language, self.accent)
-        return [
-            voice_token(self.voice),
-            language_token(self.language),
-            accent_token(self.accent),
-            emotion_token(self.emotion),
-            speed_token(self.speed),
-            pitch_token(self.pitch_st),
-        ]
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from tqdm import tqdm
 from npc_server.audio.io import load_audio
 from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import Mode, SystemPrompt, UserTurn
+from npc_server.eval.metrics import normalize_text, word_errors
 from npc_server.eval.npc_eval import add_backbone_argument, backbone_dirs
-from npc_server.eval.vocoder_eval import normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir, require_corpus
-from npc_server.training.lm_data import controls_of, load_manifest
+from npc_server.training.corpus.manifest import read_manifest
+from npc_server.training.lm_data import controls_of
 
 
 def transcribe(generator: Generator, audio_ids, row: dict, max_new_tokens: int) -> str:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from npc_server.tokenizer import AudioTokenizer
 
     corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
-    rows = [r for r in load_manifest(corpus).values()
+    rows = [r for r in read_manifest(corpus)
             if r["split"] == args.split and r.get("language") == "en" and (args.role == "any" or r["role"] == args.role)
             and (corpus / r["audio"]).is_file()]
     if not rows:

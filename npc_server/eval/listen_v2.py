@@ -15,7 +15,7 @@ from tqdm import tqdm
 from npc_server.backbone.audio_lm import AudioLM
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.backbone.thinker import DecodeOptions, ThinkerSession, decode
-from npc_server.eval.vocoder_eval import normalize_text, word_errors
+from npc_server.eval.metrics import normalize_text, word_errors
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 

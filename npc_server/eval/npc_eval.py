@@ -32,13 +32,13 @@ from npc_server.audio.io import load_audio
 from npc_server.backbone.generator import Generator, SamplingConfig
 from npc_server.backbone.template import AssistantTurn, Mode, UserTurn
 from npc_server.controls import EMOTIONS
-from npc_server.eval.vocoder_eval import median_f0, neutral_voice_f0, normalize_text, word_errors
+from npc_server.eval.metrics import median_f0, neutral_voice_f0, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, data_dir, require_corpus
+from npc_server.training.corpus.manifest import read_manifest
 from npc_server.training.lm_data import (
     PersonaInfo,
     dialogue_prompt,
     load_dialogues,
-    load_manifest,
     persona_infos,
 )
 
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
 
     corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval npc",
                             needs=("manifest.jsonl", "dialogues.jsonl"))
-    manifest = load_manifest(corpus)
+    manifest = {r["id"]: r for r in read_manifest(corpus)}
     rows = load_dialogues(corpus, args.split)
     if not rows:
         raise ValueError(f"no {args.split!r} dialogues in {corpus}")
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
     vocoder = listener = None
     refs: dict = {}
     if args.judge == "audio":
-        from npc_server.eval.vocoder_eval import Listener
+        from npc_server.eval.metrics import Listener
         from npc_server.vocoder.vocoder import Vocoder
 
         vocoder = Vocoder.from_pretrained(args.vocoder)

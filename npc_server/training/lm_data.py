@@ -14,7 +14,6 @@ Stages (all built with the chat template, so pretraining already speaks the serv
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterable
@@ -29,13 +28,13 @@ from npc_server.backbone.template import (
     KIND_TEXT,
     AssistantTurn,
     ChatTemplate,
-    Controls,
     Encoded,
     Mode,
     SystemPrompt,
     UserTurn,
 )
-from npc_server.controls import ACCENTS, EMOTIONS, PITCH_RANGE_ST, SPEED_RANGE
+from npc_server.controls import ACCENTS, EMOTIONS, PITCH_RANGE_ST, SPEED_RANGE, Controls
+from npc_server.training.corpus.manifest import read_jsonl, read_manifest
 from npc_server.voices import VOICE_BANK
 
 log = logging.getLogger(__name__)
@@ -44,23 +43,6 @@ IGNORE = -100
 
 
 # --- corpus ----------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: invalid JSON: {exc}") from None
-    return rows
-
-
-def load_manifest(corpus_dir: str | Path) -> dict[str, dict]:
-    return {row["id"]: row for row in read_jsonl(Path(corpus_dir) / "manifest.jsonl")}
-
-
 def load_dialogues(corpus_dir: str | Path, split: str | None = None) -> list[dict]:
     rows = read_jsonl(Path(corpus_dir) / "dialogues.jsonl")
     return [r for r in rows if split is None or r["split"] == split]
@@ -105,7 +87,7 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizer, out_dir: str | Path, spli
 
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in load_manifest(corpus_dir).values() if splits is None or r["split"] in set(splits)]
+    rows = [r for r in read_manifest(corpus_dir) if splits is None or r["split"] in set(splits)]
     rows = rows[rank::world]
     done = 0
     for row in tqdm(rows, desc="tokenize corpus", disable=rank != 0):
@@ -145,9 +127,7 @@ def persona_infos(personas_dir: str | Path | None) -> dict[str, PersonaInfo]:
         for err in errors:
             log.warning("persona skipped: %s", err)
         for p in personas.values():
-            info = PersonaInfo(p.prompt_text(), Controls(
-                voice=p.voice.timbre, language=p.language, accent=p.accent, emotion=p.default_emotion,
-                speed=p.voice.speed, pitch_st=p.voice.pitch))
+            info = PersonaInfo(p.prompt_text(), Controls.from_persona(p))
             out[p.role] = out[p.id] = info
     return out
 
@@ -233,11 +213,10 @@ def pretrain_examples(corpus_dir: str | Path, cache: TokenCache, template: ChatT
     unknown = tasks - set(PRETRAIN_TASKS)
     if unknown:
         raise ValueError(f"unknown pretraining task(s) {sorted(unknown)}; choose from {', '.join(PRETRAIN_TASKS)}")
-    manifest = load_manifest(corpus_dir)
     out: list[Encoded] = []
     texts: set[str] = set()
     missing = 0
-    for row in manifest.values():
+    for row in read_manifest(corpus_dir):
         if row["split"] != split:
             continue
         texts.add(row["text"])

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from npc_server.tokenizer import interleave
-from npc_server.training.lm_data import load_manifest, save_tokens
+from npc_server.training.corpus.manifest import read_manifest
+from npc_server.training.lm_data import save_tokens
 
 CHARS_PER_SECOND = 14.0
 
@@ -48,7 +49,7 @@ def synthetic_token_cache(corpus_dir: str | Path, out_dir: str | Path) -> int:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for row in load_manifest(corpus_dir).values():
+    for row in read_manifest(corpus_dir):
         c = row.get("controls", {})
         toks = text_tokens(row["text"], row["speaker"], c.get("pitch_st", 0.0), c.get("speed", 1.0))
         save_tokens(out_dir / f"{row['id']}.npz", toks["linguistic"], toks["semantic"], toks["interleaved"])

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from npc_server.audio.io import load_audio, resample
-from npc_server.tokenizer.phones import PhoneInventory, ctc_greedy, edit_distance
+from npc_server.eval.metrics import judge_phone_error_rate
+from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.training.train_readout import batches
-from npc_server.training.train_vocoder import train_loop
+from npc_server.training.train_vocoder.common import train_loop
 from npc_server.vocoder.mel import LogMel, MelConfig
 from npc_server.vocoder.phone_judge import PhoneJudge
 
@@ -73,17 +74,6 @@ def ctc_loss(judge: PhoneJudge, batch) -> torch.Tensor:
     return F.ctc_loss(lp, targets, judge.out_lengths(frames), tlen, blank=0, zero_infinity=True)
 
 
-@torch.no_grad()
-def phone_error_rate(judge: PhoneJudge, mels: list[torch.Tensor], phones: list[list[int]]) -> float:
-    """Greedy-CTC PER of the judge on raw log-mels [n_mels, F] against reference phone ids."""
-    errs = total = 0
-    for mel, ref in zip(mels, phones):
-        hyp = ctc_greedy(judge(mel[None].float())[0].argmax(-1).tolist())
-        errs += edit_distance(hyp, ref)
-        total += len(ref)
-    return errs / max(1, total)
-
-
 def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem], run_dir: Path, minutes: float,
                 lr: float, max_frames: int, seed: int) -> dict:
     """Time-budgeted CTC training (the vocoder stages' loop, resumable from `run_dir`/ckpt_judge.pt) on length
@@ -92,5 +82,5 @@ def train_judge(judge: PhoneJudge, items: list[JudgeItem], valid: list[JudgeItem
     buckets = batches([it.mel.shape[-1] for it in items], max_frames, rng)
     stats = train_loop("judge", judge, lambda: collate([items[i] for i in rng.choice(buckets)]),
                        lambda model, batch: (ctc_loss(model, batch), {}), run_dir, minutes, lr, log_every=50)
-    per = phone_error_rate(judge, [v.mel for v in valid], [v.phones for v in valid]) if valid else float("nan")
+    per = judge_phone_error_rate(judge, [v.mel for v in valid], [v.phones for v in valid]) if valid else float("nan")
     return {**stats, "heldout_per": per, "heldout_utterances": len(valid), "train_mels": len(items)}

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
+from npc_server.eval.metrics import ctc_phone_errors
+from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.tokenizer.linguistic import LinguisticTokenizer
-from npc_server.tokenizer.phones import ctc_greedy, edit_distance
 from npc_server.tokenizer.quantizers import FiniteScalarQuantizer
 from npc_server.tokenizer.tokenizer import AudioTokenizer
-from npc_server.training.train_tokenizer import read_manifest
+from npc_server.training.corpus.manifest import read_manifest
 
 
 @dataclass
@@ -119,7 +119,7 @@ def phone_error_rate(ling: LinguisticTokenizer, items: list[CodeItem], max_token
         logits = ling.phone_logits(codes, lengths)
         for b, i in enumerate(idx):
             n = int(lengths[b]) * ling.cfg.ctc_upsample
-            errs += edit_distance(ctc_greedy(logits[b, :n].argmax(-1).tolist()), items[i].phones)
+            errs += ctc_phone_errors(logits[b, :n], items[i].phones)
             total += len(items[i].phones)
     ling.train(was)
     return errs / max(1, total)
@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     p.add_argument("--tokens", type=Path, default=None, help="audio-token cache (default: <corpus>/tokens)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer", help="tokenizer to start from")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer",
-                   help="where to write the tokenizer with the new readout (encoders copied unchanged)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "readout",
+                   help="where to write the tokenizer with the new readout (encoders copied unchanged; default "
+                        "runs/readout)")
     p.add_argument("--rnn-layers", type=int, default=2, help="bidirectional GRU layers on top of the conv readout")
     p.add_argument("--fresh-conv", action="store_true", help="do not warm-start the conv stack from the old readout")
     p.add_argument("--minutes", type=float, default=20.0, help="training budget (the LR schedule follows it)")

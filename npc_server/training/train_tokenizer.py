@@ -18,34 +18,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from npc_server.audio.io import AudioError, load_audio
-from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
+from npc_server.eval.metrics import ctc_phone_errors
+from npc_server.paths import REPO_ROOT, data_dir
 from npc_server.tokenizer.features import f0_track, frame_energy, log_f0
-from npc_server.tokenizer.phones import PhoneInventory, ctc_greedy, edit_distance
+from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.tokenizer.tokenizer import GROUP_LINGUISTIC, GROUP_SEMANTIC, AudioTokenizer, preset
+from npc_server.training.corpus.manifest import read_manifest
 
 SR = 16000
 
 
 # ------------------------------------------------------------------------------------------- corpus + cache
-def read_manifest(corpus: Path) -> list[dict]:
-    path = corpus / "manifest.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"no manifest.jsonl in {corpus} (generate it with `npc-server train corpus`)")
-    rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:  # a half-written last line while the corpus is generated
-                if line_no > 1 and not f.readline():
-                    break
-                raise ValueError(f"{path}:{line_no}: bad JSON: {exc}") from exc
-    return rows
-
-
 def _prepare_one(args: tuple[str, dict]) -> tuple[str, np.ndarray, np.ndarray] | None:
     root, row = args
     try:
@@ -211,8 +194,7 @@ def quick_per(model: AudioTokenizer, items: list[Item], block: int, limit: int =
         logits = model.linguistic.phone_logits(out["ling"]["codes"])
         for b, i in enumerate(idx):
             n = int(out["groups"][b]) * GROUP_LINGUISTIC * model.linguistic.cfg.ctc_upsample
-            hyp = ctc_greedy(logits[b, :n].argmax(-1).tolist())
-            errs += edit_distance(hyp, items[i].phones)
+            errs += ctc_phone_errors(logits[b, :n], items[i].phones)
             total += len(items[i].phones)
     model.train()
     return errs / max(1, total)
@@ -278,7 +260,8 @@ def set_mel_stats(model: AudioTokenizer, items: list[Item], n: int = 300, seed: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="npc-server train tokenizer", description=__doc__)
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default", help="corpus root (manifest.jsonl)")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer", help="where to write model.safetensors + config.json")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "tokenizer" / "model",
+                   help="where to write model.safetensors + config.json (default runs/tokenizer/model)")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "tokenizer", help="checkpoints, cache and logs")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget (the LR schedule follows it)")
     p.add_argument("--preset", default="default", choices=["default", "tiny"])

@@ -77,7 +77,7 @@ def extract(model: WhisperTokenizer, corpus: Path, rows: list[dict], out: Path, 
 def main(argv: list[str] | None = None) -> int:
     from npc_server.training.lm_data import save_tokens
     from npc_server.training.train_readout import fit_readout, load_items, phone_error_rate
-    from npc_server.training.train_tokenizer import read_manifest
+    from npc_server.training.corpus.manifest import read_manifest
 
     p = argparse.ArgumentParser(prog="npc-server train tokenizer-v2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from npc_server.controls import EMOTIONS, PITCH_RANGE_ST
+from npc_server.controls import PITCH_RANGE_ST, emotion_pitch
 from npc_server.vocoder.flow import OTHER_VOICE, FlowConfig, FlowDecoder, SamplingConditions
 from npc_server.vocoder.generator import Generator, GeneratorConfig
 from npc_server.vocoder.mel import MelConfig
@@ -181,12 +181,10 @@ class Vocoder(nn.Module):
         `EMOTIONS[emotion].pitch_shift_st`; unknown names count as neutral). When pitch 0 is the tokens' own level
         (`pitch_reference` "tokens") the tokens already carry the emotion's pitch (the backbone speaks it), so only
         the persona's shift is applied; when it is the voice's neutral F0 ("voice"), the vocoder sets the level and
-        both count (clamped to the allowed range)."""
+        both count (`controls.emotion_pitch`, clamped to the allowed range)."""
         if self.flow.config.pitch_reference != "voice":
             return float(pitch_st)
-        shift = EMOTIONS.get(emotion, EMOTIONS["neutral"]).pitch_shift_st
-        lo, hi = PITCH_RANGE_ST
-        return float(min(hi, max(lo, pitch_st + shift)))
+        return emotion_pitch(pitch_st, emotion)
 
     @torch.no_grad()
     def tokens_to_mel(self, tokens: np.ndarray, voice_idx: int, pitch_st: float, start_token: int = 0,

@@ -237,7 +237,8 @@ _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eigh
 
 
 def number_en(n: int) -> str:
-    """0..9999 in English words ("forty-two", "one hundred and five")."""
+    """Below a million, in English words ("forty-two", "one hundred and five"; eval.metrics.number_words reads
+    transcripts with it)."""
     if n < 0:
         return "minus " + number_en(-n)
     if n < 20:
@@ -247,10 +248,10 @@ def number_en(n: int) -> str:
     if n < 1000:
         rest = n % 100
         return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_en(rest))
-    if n < 10000:
+    if n < 1_000_000:
         rest = n % 1000
         sep = " and " if 0 < rest < 100 else " "
-        return _ONES[n // 1000] + " thousand" + ("" if rest == 0 else sep + number_en(rest))
+        return number_en(n // 1000) + " thousand" + ("" if rest == 0 else sep + number_en(rest))
     raise ValueError(f"number {n} out of range")
 
 
