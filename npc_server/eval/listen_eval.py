@@ -48,8 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write per-utterance results JSON here")
+    p.add_argument("--real", action="store_true",
+                   help="v2 backbones: real human recordings (pocketsphinx-testdata) instead of the corpus")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    models = backbone_dirs(args.backbone)
+    from npc_server.training.lm_v2 import is_v2_backbone
+
+    if all(is_v2_backbone(Path(d)) for d in models.values()):
+        from npc_server.eval.listen_v2 import run
+
+        return run(args, models)
+    if args.real:
+        p.error("--real needs v2 backbones (and a v2 --audio-tokenizer)")
 
     from npc_server.tokenizer import AudioTokenizer
 
@@ -67,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         wav, sr = load_audio(corpus / r["audio"])
         audio[r["id"]] = tokenizer.encode(wav, sr).interleaved
 
-    models = backbone_dirs(args.backbone)
     report = {"corpus": str(corpus), "split": args.split, "role": args.role, "models": {}}
     for name, path in models.items():
         generator = Generator.from_pretrained(path)

@@ -16,6 +16,7 @@ from npc_server.backbone.audio_lm import AudioLM
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.backbone.thinker import DecodeOptions, ThinkerSession, decode
 from npc_server.eval.metrics import normalize_text, word_errors
+from npc_server.paths import data_dir, require_corpus
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 
@@ -68,3 +69,48 @@ def real_recordings() -> list[dict]:
             pcm = np.frombuffer(path.read_bytes(), dtype="<i2").astype(np.float32) / 32768.0
             out.append({"id": name, "text": text, "audio": pcm, "sr": 16000})
     return out
+
+
+def run(args, models: dict[str, str]) -> int:
+    """`npc-server eval listen` for v2 backbones: question audio encoded by the v2 tokenizer as served."""
+    import json
+    import random
+
+    from npc_server.audio.io import load_audio
+    from npc_server.backbone.audio_lm import load_text_tokenizer
+    from npc_server.tokenizer.tokenizer_v2 import load_tokenizer
+
+    tokenizer = load_tokenizer(args.audio_tokenizer)
+    if getattr(tokenizer, "version", 1) != 2:
+        raise SystemExit(f"{args.audio_tokenizer} is not a v2 tokenizer; pass --audio-tokenizer models/default/tokenizer_v2")
+    if args.real:
+        rows, where = real_recordings(), "real human recordings (pocketsphinx-testdata)"
+        sounds = {r["id"]: (r["audio"], r["sr"]) for r in rows}
+    else:
+        from npc_server.training.corpus.manifest import read_manifest
+
+        corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
+        rows = [r for r in read_manifest(corpus) if r["split"] == args.split and r.get("language") == "en"
+                and (args.role == "any" or r["role"] == args.role) and (corpus / r["audio"]).is_file()]
+        random.Random(args.seed).shuffle(rows)
+        rows = rows[: args.limit]
+        where = f"{args.split} {args.role} utterances of {corpus}"
+        sounds = {r["id"]: load_audio(corpus / r["audio"]) for r in rows}
+    for r in rows:
+        toks = tokenizer.encode(*sounds[r["id"]])
+        r.update(linguistic=toks.linguistic.numpy(), interleaved=toks.interleaved.numpy())
+        r.pop("audio", None)
+    report = {"data": where, "models": {}}
+    for name, path in models.items():
+        model = AudioLM.from_pretrained(path)
+        fmt = HearingFormat(model.cfg.layout, load_text_tokenizer(model.cfg.base), model.cfg.audio_input)
+        res = listen_wer(model, fmt, rows)
+        report["models"][name] = res
+        print(f"{name}: WER {res['wer']:.1%} over {res['n']} {where} ({res['words']} words), exact transcripts "
+              f"{res['exact']:.1%}")
+        for item in res["results"][:3]:
+            print(f"  said: {item['text']!r}\n  heard: {item['transcript']!r}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return 0

