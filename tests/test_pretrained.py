@@ -10,7 +10,12 @@ import torch
 
 from npc_server.pretrained import cache as cache_mod
 from npc_server.pretrained.ct2 import CT2FormatError, read_ct2, write_ct2
-from npc_server.pretrained.packages import BaseAsset, MissingPackageError, join_parts, part_paths
+from npc_server.pretrained.packages import (
+    BaseAsset,
+    MissingPackageError,
+    join_parts,
+    part_paths,
+)
 from npc_server.tokenizer.whisper import WhisperEncoder
 
 
@@ -72,7 +77,9 @@ def _hf_encoder_as_ct2(hf) -> dict[str, np.ndarray]:
 def test_whisper_encoder_from_ct2_matches_transformers(tmp_path):
     """A tiny random Whisper encoder written as a CTranslate2 file and read back computes what transformers does."""
     from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+    from transformers.models.whisper.modeling_whisper import (
+        WhisperEncoder as HFWhisperEncoder,
+    )
 
     torch.manual_seed(0)
     cfg = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,

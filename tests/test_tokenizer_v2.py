@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from npc_server.tokenizer.tokenizer import AudioTokenizer
-from npc_server.tokenizer.tokenizer_v2 import WhisperTokenizer, kmeans, load_tokenizer, preset_v2
+from npc_server.tokenizer.tokenizer_v2 import (
+    WhisperTokenizer,
+    kmeans,
+    load_tokenizer,
+    preset_v2,
+)
 
 
 @pytest.fixture(scope="module")

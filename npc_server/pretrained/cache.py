@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from npc_server.paths import data_dir
-from npc_server.pretrained.packages import ASSETS, BaseAsset, MissingPackageError, join_parts, source_fingerprint
+from npc_server.pretrained.packages import (
+    ASSETS,
+    BaseAsset,
+    MissingPackageError,
+    join_parts,
+    source_fingerprint,
+)
 
 FORMAT = 1  # bump when a conversion changes, so old caches are rebuilt
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from npc_server.pretrained.cache import cached
 from npc_server.pretrained.ct2 import read_ct2
 from npc_server.tokenizer.whisper import WhisperEncoder, WhisperEncoderConfig

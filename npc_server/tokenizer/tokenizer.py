@@ -96,8 +96,28 @@ def make_tokens(ling: torch.Tensor, sem: torch.Tensor) -> AudioTokens:
     return AudioTokens(ling, sem, interleave(ling, sem))
 
 
+class BlockTiming:
+    """Shared by the tokenizer configs (dataclasses with `features` and `block_groups`): 120 ms groups, encoding
+    blocks, and the config.json round trip."""
+
+    @property
+    def group_samples(self) -> int:
+        return int(round(GROUP_SECONDS * self.features.sample_rate))
+
+    @property
+    def block_samples(self) -> int:
+        return self.block_groups * self.group_samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return _from_dict(cls, d)
+
+
 @dataclass
-class AudioTokenizerConfig:
+class AudioTokenizerConfig(BlockTiming):
     features: FeatureConfig = field(default_factory=FeatureConfig)
     linguistic: LinguisticConfig = field(default_factory=LinguisticConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
@@ -116,21 +136,6 @@ class AudioTokenizerConfig:
             raise ValueError("linguistic tokens must be 60 ms and semantic tokens 40 ms")
         if self.linguistic.codebook_size != LINGUISTIC_CODES or self.semantic.codebook_size != SEMANTIC_CODES:
             raise ValueError(f"codebooks must have {LINGUISTIC_CODES} linguistic and {SEMANTIC_CODES} semantic codes")
-
-    @property
-    def group_samples(self) -> int:
-        return int(round(GROUP_SECONDS * self.features.sample_rate))
-
-    @property
-    def block_samples(self) -> int:
-        return self.block_groups * self.group_samples
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AudioTokenizerConfig:
-        return _from_dict(cls, d)
 
 
 def _from_dict(cls, d):

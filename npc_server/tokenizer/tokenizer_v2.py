@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,18 +33,22 @@ from npc_server.tokenizer.modules import ConvReadout
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.tokenizer.semantic import SemanticConfig, SemanticTokenizer
 from npc_server.tokenizer.tokenizer import (
-    GROUP_LINGUISTIC,
-    GROUP_SECONDS,
     GROUP_SEMANTIC,
     LINGUISTIC_CODES,
     AudioTokens,
+    BlockTiming,
     TokenizerStream,
     _as_float_audio,
-    _from_dict,
     make_tokens,
+)
+from npc_server.tokenizer.tokenizer import (
     preset as v1_preset,
 )
-from npc_server.tokenizer.whisper import EncoderState, WhisperEncoder, WhisperEncoderConfig
+from npc_server.tokenizer.whisper import (
+    EncoderState,
+    WhisperEncoder,
+    WhisperEncoderConfig,
+)
 
 VERSION = 2
 
@@ -63,7 +66,7 @@ class LinguisticV2Config:
 
 
 @dataclass
-class TokenizerV2Config:
+class TokenizerV2Config(BlockTiming):
     version: int = VERSION
     whisper: str = "whisper-base"  # the base asset whose encoder is used (npc_server.pretrained)
     encoder: WhisperEncoderConfig = field(default_factory=WhisperEncoderConfig)
@@ -83,20 +86,6 @@ class TokenizerV2Config:
         if self.max_seconds > self.encoder.max_positions * 0.02:
             raise ValueError(f"max_seconds must be at most {self.encoder.max_positions * 0.02:.0f} s")
 
-    @property
-    def group_samples(self) -> int:
-        return int(round(GROUP_SECONDS * self.features.sample_rate))
-
-    @property
-    def block_samples(self) -> int:
-        return self.block_groups * self.group_samples
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenizerV2Config:
-        return _from_dict(cls, d)
 
 
 def preset_v2(name: str, phones: list[str] | None = None) -> TokenizerV2Config:

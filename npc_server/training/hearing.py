@@ -2,10 +2,11 @@
 
 Examples come from the corpus manifest and its v2 token cache (`npc-server train tokenizer-v2` writes
 <corpus>/tokens_v2): every train utterance as an ASR example, and a share of them as audio continuation. The run
-starts from `--init` when it is a v2 backbone (so training goes on across runs), else from the base model with new
-rows and zero LoRA; it ends with the listening WER on held-out questions by unseen voices, logged per run.
+continues `--init` (default: the shipped v2 backbone, so training goes on across runs), or with `--init none`
+starts from the base model with new rows and zero LoRA; it ends with the listening WER on held-out questions by
+unseen voices, logged per run in <out>/training.json.
 
-  npc-server train hearing --corpus ~/.cache/npc-voice/corpus/v2 --minutes 120 --out runs/backbone_v2
+  npc-server train hearing --corpus ~/.cache/npc-voice/corpus/v2 --minutes 120 --out runs/backbone_v2b
   torchrun --nproc_per_node 8 -m npc_server.cli train hearing ...   (DDP: the same command on more processes)
 """
 
@@ -25,7 +26,13 @@ import torch
 from npc_server.backbone.audio_lm import AudioLMConfig, load_text_tokenizer
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
-from npc_server.training.lm_v2 import append_run_log, bucket_length, start_model, train_loop
+from npc_server.training.lm_v2 import (
+    append_run_log,
+    bucket_length,
+    is_v2_backbone,
+    start_model,
+    train_loop,
+)
 from npc_server.training.loop import setup_distributed, teardown_distributed
 from npc_server.training.precision import PRECISIONS, resolve
 
@@ -64,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     p.add_argument("--tokens", type=Path, default=None, help="v2 token cache (default <corpus>/tokens_v2)")
-    p.add_argument("--init", type=Path, default=DEFAULT_MODEL_DIR / "backbone",
-                   help="v2 backbone to continue (a v1 folder or none: start from the base model)")
+    p.add_argument("--init", type=Path, default=DEFAULT_MODEL_DIR / "backbone_v2",
+                   help="v2 backbone to continue (default: the shipped one); `none` starts from the base model")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "backbone_v2")
     p.add_argument("--base", default="gemma3-270m", help="base model of a fresh backbone")
     p.add_argument("--lora-rank", type=int, default=16)
@@ -94,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if not train_rows:
         raise SystemExit(f"npc-server train hearing: no train utterances with tokens in {tokens}")
     valid_texts = [r["text"] for r in load_rows(corpus, tokens, "valid")]
-    init = args.init if args.init and args.init.exists() else None
+    init = None if str(args.init) == "none" else args.init
+    if init is not None and not is_v2_backbone(init):
+        raise SystemExit(f"npc-server train hearing: {init} holds no v2 backbone (pass --init none to start from "
+                         f"{args.base})")
     model = start_model(init, AudioLMConfig(base=args.base, lora_rank=args.lora_rank),
                         [r["text"] for r in train_rows] + valid_texts, text_tok)
     fmt = HearingFormat(model.cfg.layout, text_tok, model.cfg.audio_input)

@@ -27,7 +27,11 @@ from tqdm import tqdm
 
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.tokenizer.tokenizer import AudioTokenizer, interleave
-from npc_server.tokenizer.tokenizer_v2 import TokenizerV2Config, WhisperTokenizer, kmeans
+from npc_server.tokenizer.tokenizer_v2 import (
+    TokenizerV2Config,
+    WhisperTokenizer,
+    kmeans,
+)
 
 
 def build_from_v1(v1_dir: Path, encoder=None, whisper: str = "whisper-base") -> WhisperTokenizer:
@@ -75,9 +79,13 @@ def extract(model: WhisperTokenizer, corpus: Path, rows: list[dict], out: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npc_server.training.lm_data import save_tokens
-    from npc_server.training.train_readout import fit_readout, load_items, phone_error_rate
     from npc_server.training.corpus.manifest import read_manifest
+    from npc_server.training.lm_data import save_tokens
+    from npc_server.training.train_readout import (
+        fit_readout,
+        load_items,
+        phone_error_rate,
+    )
 
     p = argparse.ArgumentParser(prog="npc-server train tokenizer-v2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
