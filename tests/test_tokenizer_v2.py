@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from npc_server.tokenizer.tokenizer import AudioTokenizer
-from npc_server.tokenizer.tokenizer_v2 import (
-    WhisperTokenizer,
-    kmeans,
-    load_tokenizer,
-    preset_v2,
-)
+from npc_server.tokenizer.tokenizer_v2 import WhisperTokenizer, load_tokenizer, preset_v2
+from npc_server.training.train_tokenizer_v2 import kmeans
 
 
 @pytest.fixture(scope="module")

@@ -32,23 +32,10 @@ from npc_server.tokenizer.features import FeatureConfig, LogMel
 from npc_server.tokenizer.modules import ConvReadout
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.tokenizer.semantic import SemanticConfig, SemanticTokenizer
-from npc_server.tokenizer.tokenizer import (
-    GROUP_SEMANTIC,
-    LINGUISTIC_CODES,
-    AudioTokens,
-    BlockTiming,
-    TokenizerStream,
-    _as_float_audio,
-    make_tokens,
-)
-from npc_server.tokenizer.tokenizer import (
-    preset as v1_preset,
-)
-from npc_server.tokenizer.whisper import (
-    EncoderState,
-    WhisperEncoder,
-    WhisperEncoderConfig,
-)
+from npc_server.tokenizer.tokenizer import (GROUP_SEMANTIC, LINGUISTIC_CODES, AudioTokens, BlockTiming, TokenizerStream,
+                                            _as_float_audio, make_tokens)
+from npc_server.tokenizer.tokenizer import preset as v1_preset
+from npc_server.tokenizer.whisper import EncoderState, WhisperEncoder, WhisperEncoderConfig
 
 VERSION = 2
 
@@ -257,38 +244,3 @@ def load_tokenizer(directory: str | Path, device: str = "cpu"):
     if json.loads(cfg_path.read_text()).get("version") == VERSION:
         return WhisperTokenizer.from_pretrained(directory, device=device)
     return AudioTokenizer.from_pretrained(directory, device=device)
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Plain k-means (k-means++ seeding on a sample, Lloyd steps); empty clusters are re-seeded from far points."""
-    from tqdm import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    if n < k:
-        raise ValueError(f"k-means with {k} centroids needs at least {k} vectors, got {n}")
-    xx = (x * x).sum(-1)
-
-    def nearest(c):
-        d = xx[:, None] - 2 * x @ c.T + (c * c).sum(-1)[None]
-        return d.min(-1)
-
-    # k-means++ on a subsample
-    sub = x[torch.randperm(n, generator=g)[: min(n, 20 * k)]]
-    cents = [sub[torch.randint(0, sub.shape[0], (1,), generator=g)].squeeze(0)]
-    dmin = ((sub - cents[0]) ** 2).sum(-1)
-    for _ in tqdm(range(1, k), desc="k-means++ seeds", disable=not progress, leave=False):
-        i = torch.multinomial(dmin.clamp_min(1e-12), 1, generator=g)
-        cents.append(sub[i].squeeze(0))
-        dmin = torch.minimum(dmin, ((sub - sub[i]) ** 2).sum(-1))
-    c = torch.stack(cents)
-    for it in tqdm(range(iters), desc="k-means", disable=not progress):
-        dist, assign = nearest(c)
-        counts = torch.bincount(assign, minlength=k).float()
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        empty = counts == 0
-        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
-        if empty.any():  # re-seed from the worst-fit points
-            far = dist.topk(int(empty.sum())).indices
-            c[empty] = x[far]
-    return c
