@@ -239,3 +239,21 @@ def test_training_under_ddp_keeps_ranks_in_sync(tmp_path):
     for k in a:  # equal up to the summation order of the gradient all-reduce
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(a[k], start[k]) for k in a if "lora_" in k)
+
+
+def test_head_grows_without_new_parameters():
+    """Adding text rows (open vocabulary) keeps every existing row's logit; new rows are the tied embeddings."""
+    model = tiny_model()
+    with torch.no_grad():
+        h = model(torch.tensor([[2, 7, N_TEXT + 3]]))[0][0]
+        old_index = model.head_index.clone()
+        before = model.logits(h)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.set_head(torch.cat([model.head_text_ids(), torch.tensor([200, 250])]))
+        after = model.logits(h)
+    assert model.head_ids.numel() == before.shape[-1] + 2 and sum(p.numel() for p in model.parameters()) == n_params
+    for tid in (5, 119, N_TEXT + 1, model.cfg.layout.audio_offset + 9):
+        torch.testing.assert_close(after[:, model.head_index[tid]], before[:, old_index[tid]])
+    torch.testing.assert_close(after[:, model.head_index[250]], h @ model.body.embed_tokens.weight[250])
+    with pytest.raises(ValueError):
+        model.set_head(torch.tensor([N_TEXT + 5]))

@@ -88,11 +88,24 @@ class AudioLM(nn.Module):
         with torch.no_grad():  # start the new rows near the text rows' mean, at the text rows' scale
             mean, std = text_w.float().mean(0), text_w.float().std(0).mean()
             self.new_embed.weight.copy_(mean + 0.5 * std * torch.randn(n_new, cfg.hidden))
-        head_text_ids = torch.as_tensor(head_text_ids, dtype=torch.long).unique()
-        self.register_buffer("head_ids", torch.cat([head_text_ids, torch.arange(cfg.n_text, layout.size)]))
+        self.register_buffer("head_ids", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("head_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.set_head(head_text_ids)
+
+    def set_head(self, text_ids) -> None:
+        """Output rows = these text ids + every new row. The head is tied to the embeddings, so rows can be added
+        (e.g. a general vocabulary for open-domain speech) without new parameters."""
+        layout = self.cfg.layout
+        text_ids = torch.as_tensor(text_ids, dtype=torch.long).unique()
+        if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= self.cfg.n_text):
+            raise ValueError(f"head text ids must be in 0..{self.cfg.n_text - 1}")
+        self.head_ids = torch.cat([text_ids, torch.arange(self.cfg.n_text, layout.size)])
         inverse = torch.full((layout.size,), -1, dtype=torch.long)
         inverse[self.head_ids] = torch.arange(self.head_ids.numel())
-        self.register_buffer("head_index", inverse, persistent=False)  # full id -> output row (-1: not an output)
+        self.head_index = inverse  # full id -> output row (-1: not an output)
+
+    def head_text_ids(self) -> torch.Tensor:
+        return self.head_ids[self.head_ids < self.cfg.n_text]
 
     @property
     def embed_scale(self) -> float:

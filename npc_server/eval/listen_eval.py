@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write per-utterance results JSON here")
+    p.add_argument("--open-vocab", type=int, default=0, metavar="N",
+                   help="v2 backbones: add the Latin-script pieces among the base vocabulary's first N ids to the "
+                        "output rows (speech outside the training texts; 0: the trained head only)")
     p.add_argument("--real", action="store_true",
                    help="v2 backbones: real human recordings (pocketsphinx-testdata) instead of the corpus")
     args = p.parse_args(argv)

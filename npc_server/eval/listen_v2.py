@@ -103,7 +103,13 @@ def run(args, models: dict[str, str]) -> int:
     report = {"data": where, "models": {}}
     for name, path in models.items():
         model = AudioLM.from_pretrained(path)
-        fmt = HearingFormat(model.cfg.layout, load_text_tokenizer(model.cfg.base), model.cfg.audio_input)
+        text_tok = load_text_tokenizer(model.cfg.base)
+        if args.open_vocab:
+            from npc_server.training.lm_v2 import common_text_ids
+
+            model.set_head(torch.cat([model.head_text_ids(), torch.tensor(common_text_ids(text_tok, args.open_vocab))]))
+            print(f"{name}: {model.head_ids.numel()} output rows with the open vocabulary")
+        fmt = HearingFormat(model.cfg.layout, text_tok, model.cfg.audio_input)
         res = listen_wer(model, fmt, rows)
         report["models"][name] = res
         print(f"{name}: WER {res['wer']:.1%} over {res['n']} {where} ({res['words']} words), exact transcripts "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,20 @@ def head_text_ids(text_tokenizer, texts: list[str], extra: list[int] = ()) -> to
     for t in texts:
         ids.update(text_tokenizer.encode(t, add_special_tokens=False))
     return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
+
+
+LATIN_PIECE = re.compile(r"^[A-Za-z0-9 .,!?'\-]+$")
+
+
+def common_text_ids(text_tokenizer, below: int = 16000) -> list[int]:
+    """Latin-script pieces among the base vocabulary's first `below` ids (roughly its most frequent): a general
+    English output vocabulary (11,712 ids of Gemma 3's first 16,000) for speech outside the training texts."""
+    out = []
+    for i in range(below):
+        piece = text_tokenizer.convert_ids_to_tokens(i).replace("\u2581", " ")
+        if piece.strip() and LATIN_PIECE.match(piece):
+            out.append(i)
+    return out
 
 
 def start_model(init: Path | None, cfg: AudioLMConfig, texts: list[str], text_tokenizer, body=None) -> AudioLM:
