@@ -96,3 +96,29 @@ def test_readme_serve_flags_match_serve_help():
     serve_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert named - serve_flags == set(), "README names flags serve does not have"
     assert serve_flags - named == set(), "serve flags the README does not name"
+
+
+@pytest.mark.parametrize("command", [("serve",), ("train", "vocoder"), ("train", "tokenizer"), ("train", "readout"),
+                                     ("train", "tokenizer-v2"), ("train", "hearing"), ("train", "pretrain"),
+                                     ("train", "sft"), ("train", "dpo"), ("train", "draft")])
+def test_research_knobs_sit_in_the_advanced_group(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "\nadvanced:\n" in out
+    assert out.index("\nadvanced:\n") > out.index("--threads")  # everyday flags first
+
+
+def test_trainers_share_one_word_per_concept_and_keep_the_old_ones():
+    """precision / resume / batch / warm-up: the common word is listed, the old spelling still parses, unlisted."""
+    from npc_server.training.train_tokenizer import build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for word in ("--precision", "--no-resume", "--warmup-steps"):
+        assert word in help_text
+    assert "--dtype" not in help_text and "--fresh " not in help_text and "--warmup " not in help_text
+    old = parser.parse_args(["--dtype", "fp32", "--fresh", "--warmup", "5"])
+    new = parser.parse_args(["--precision", "fp32", "--no-resume", "--warmup-steps", "5"])
+    assert vars(old) == vars(new)
+    assert (parser.parse_args([]).precision, parser.parse_args([]).no_resume) == ("auto", False)

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from npc_server.argtools import advanced
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
 from npc_server.service.api import Limits
 
@@ -59,13 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the backbone runs (default cpu; cuda uses flash-attn when the gpu extra is installed)")
     perf.add_argument("--batch-lanes", type=int, default=2,
                       help="decode batches computed at once, each on its own core (default 2)")
-    perf.add_argument("--buffered-lookahead", type=int, default=None, metavar="TOKENS",
-                      help="right context of the vocoder's chunks after the second, from tokens already there "
-                           "(default: the vocoder's config.json, 0 = off in the shipped one): closer to offline audio "
-                           "at the same latency, for 5-11%% more vocoder compute at 6-8 tokens "
-                           "(docs/vocoder_report.md)")
-    perf.add_argument("--no-draft", action="store_true",
-                      help="do not use <model-dir>/draft for speculative audio decoding even when it exists")
 
     d = Limits()
     lim = ap.add_argument_group("limits (each refused request gets a status with a readable message)")
@@ -105,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"KV-cache memory of all sessions together (default {d.max_session_memory_mb:g})")
     lim.add_argument("--idle-timeout", type=float, default=d.session_idle_seconds, metavar="SECONDS",
                      help=f"a session unused this long is closed (default {d.session_idle_seconds:g})")
+
+    adv = advanced(ap)
+    adv.add_argument("--buffered-lookahead", type=int, default=None, metavar="TOKENS",
+                     help="right context of the vocoder's chunks after the second, from tokens already there "
+                          "(default: the vocoder's config.json, 0 = off in the shipped one): closer to offline audio "
+                          "at the same latency, for 5-11%% more vocoder compute at 6-8 tokens "
+                          "(docs/vocoder.md)")
+    adv.add_argument("--no-draft", action="store_true",
+                     help="do not use <model-dir>/draft for speculative audio decoding even when it exists")
 
     ap.add_argument("--ready-file", default=None, metavar="FILE", help="write 'grpc_port bridge_port' here once serving")
     ap.add_argument("-v", "--verbose", action="store_true")

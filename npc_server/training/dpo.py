@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from npc_server.argtools import advanced
 from npc_server.training.lm_common import (
     add_data_args,
     corpus_dir,
@@ -28,9 +29,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server train dpo", description=__doc__)
     add_data_args(parser)
     parser.add_argument("--init", type=Path, required=True, help="SFT backbone bundle; also the frozen reference")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
-    parser.add_argument("--sft-weight", type=float, default=0.0, help="add the chosen answer's LM loss times this")
     add_train_args(parser, steps=300, lr=5e-6, batch_size=4)
+    a = advanced(parser)
+    a.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    a.add_argument("--sft-weight", type=float, default=0.0, help="add the chosen answer's LM loss times this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)

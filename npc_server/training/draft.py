@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from npc_server.argtools import advanced
 from npc_server.backbone.model import PRESETS, build_model, count_parameters, preset
 from npc_server.backbone.template import KIND_AUDIO
 from npc_server.training.lm_common import (
@@ -71,14 +72,15 @@ def main(argv: list[str]) -> int:
                         help="the backbone bundle the draft serves (its text tokenizer and vocabulary; the teacher)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="draft", help="draft model size")
     parser.add_argument("--init", type=Path, default=None, help="continue from this draft bundle")
-    parser.add_argument("--distill", type=float, default=1.0,
-                        help="weight of KL(backbone || draft) on answer-audio positions (0: plain LM loss, no "
-                             "backbone forward passes, ~3x faster per step)")
-    parser.add_argument("--pretrain-mix", type=float, default=0.1,
-                        help="add this fraction (relative to the SFT set) of pretraining sequences")
     parser.add_argument("--export", type=Path, default=None,
                         help="also write the final draft bundle here (e.g. models/default/draft)")
     add_train_args(parser, steps=3000, lr=1e-3)
+    a = advanced(parser)
+    a.add_argument("--distill", type=float, default=1.0,
+                   help="weight of KL(backbone || draft) on answer-audio positions (0: plain LM loss, no "
+                        "backbone forward passes, ~3x faster per step)")
+    a.add_argument("--pretrain-mix", type=float, default=0.1,
+                   help="add this fraction (relative to the SFT set) of pretraining sequences")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)

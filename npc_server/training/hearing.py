@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from npc_server.argtools import advanced
 from npc_server.backbone.audio_lm import AudioLMConfig, load_text_tokenizer
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
@@ -75,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="v2 backbone to continue (default: the shipped one); `none` starts from the base model")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "backbone_v2")
     p.add_argument("--base", default="gemma3-270m", help="base model of a fresh backbone")
-    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (the LR schedule follows it)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=1536, help="padded tokens per step")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--continue-share", type=float, default=0.2, help="share of utterances also used for continuation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-n", type=int, default=100, help="held-out questions for the listening WER (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    a = advanced(p)
+    a.add_argument("--lora-rank", type=int, default=16)
+    a.add_argument("--continue-share", type=float, default=0.2, help="share of utterances also used for continuation")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from npc_server.argtools import advanced
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,7 +59,6 @@ def add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, batch
     g.add_argument("--batch-size", type=int, default=batch_size, help="examples per process per step")
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast or fp32; auto (default) measures which is faster on this CPU")
     g.add_argument("--ckpt-every", type=int, default=200)
@@ -66,7 +67,9 @@ def add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float, batch
     g.add_argument("--stop-after", type=int, default=None, help="stop after this many total steps (resumable)")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint.pt in --out")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    g.add_argument("--no-bucket", action="store_true", help="plain random batches instead of length-bucketed ones")
+    a = advanced(parser)
+    a.add_argument("--weight-decay", type=float, default=0.1)
+    a.add_argument("--no-bucket", action="store_true", help="plain random batches instead of length-bucketed ones")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

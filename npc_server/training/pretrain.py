@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from npc_server.argtools import advanced
 from npc_server.backbone.model import PRESETS, build_model, count_parameters, preset
 from npc_server.backbone.template import ChatTemplate
 from npc_server.backbone.text_tokenizer import TextTokenizer, corpus_texts
@@ -41,13 +42,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server train pretrain", description=__doc__)
     add_data_args(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size")
-    parser.add_argument("--text-vocab", type=int, default=2048, help="text tokenizer size (reserved text ids)")
     parser.add_argument("--text-tokenizer", type=Path, default=None,
                         help="reuse this tokenizer.json (file or folder) instead of training one on the corpus")
     parser.add_argument("--init", type=Path, default=None, help="continue from this backbone bundle")
-    parser.add_argument("--tasks", default=",".join(PRETRAIN_TASKS),
-                        help=f"comma-separated pretraining tasks (default all: {','.join(PRETRAIN_TASKS)})")
     add_train_args(parser, steps=4000, lr=1e-3)
+    a = advanced(parser)
+    a.add_argument("--text-vocab", type=int, default=2048, help="text tokenizer size (reserved text ids)")
+    a.add_argument("--tasks", default=",".join(PRETRAIN_TASKS),
+                   help=f"comma-separated pretraining tasks (default all: {','.join(PRETRAIN_TASKS)})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from npc_server.argtools import advanced
 from npc_server.training.lm_common import (
     add_data_args,
     corpus_dir,
@@ -28,11 +29,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server train sft", description=__doc__)
     add_data_args(parser)
     parser.add_argument("--init", type=Path, required=True, help="pretrained backbone bundle (…/model)")
-    parser.add_argument("--pretrain-mix", type=float, default=0.1,
-                        help="add this fraction (relative to the SFT set) of pretraining sequences against forgetting")
-    parser.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS),
-                        help="comma-separated tasks of those pretraining sequences (e.g. asr: keep learning to listen)")
     add_train_args(parser, steps=2000, lr=3e-4)
+    a = advanced(parser)
+    a.add_argument("--pretrain-mix", type=float, default=0.1,
+                   help="add this fraction (relative to the SFT set) of pretraining sequences against forgetting")
+    a.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS),
+                   help="comma-separated tasks of those pretraining sequences (e.g. asr: keep learning to listen)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from npc_server.argtools import advanced
 from npc_server.eval.metrics import ctc_phone_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.tokenizer.linguistic import LinguisticTokenizer
@@ -188,16 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "readout",
                    help="where to write the tokenizer with the new readout (encoders copied unchanged; default "
                         "runs/readout)")
-    p.add_argument("--rnn-layers", type=int, default=2, help="bidirectional GRU layers on top of the conv readout")
-    p.add_argument("--fresh-conv", action="store_true", help="do not warm-start the conv stack from the old readout")
     p.add_argument("--minutes", type=float, default=20.0, help="training budget (the LR schedule follows it)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     p.add_argument("--batch-tokens", type=int, default=2400, help="padded codes per batch")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--code-jitter", type=float, default=0.0,
-                   help="training augmentation: probability that each FSQ digit of a code moves one grid step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    a = advanced(p)
+    a.add_argument("--rnn-layers", type=int, default=2, help="bidirectional GRU layers on top of the conv readout")
+    a.add_argument("--fresh-conv", action="store_true", help="do not warm-start the conv stack from the old readout")
+    a.add_argument("--code-jitter", type=float, default=0.0,
+                   help="training augmentation: probability that each FSQ digit of a code moves one grid step")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

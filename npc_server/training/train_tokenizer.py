@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from npc_server.argtools import advanced, alias
 from npc_server.audio.io import AudioError, load_audio
 from npc_server.eval.metrics import ctc_phone_errors
 from npc_server.paths import REPO_ROOT, data_dir
@@ -264,23 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write model.safetensors + config.json (default runs/tokenizer/model)")
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "tokenizer", help="checkpoints, cache and logs")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget (the LR schedule follows it)")
-    p.add_argument("--preset", default="default", choices=["default", "tiny"])
     p.add_argument("--batch-seconds", type=float, default=48.0, help="padded audio seconds per batch")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=150, help="warm-up steps")
+    warmup = p.add_argument("--warmup-steps", dest="warmup", type=int, default=150, help="warm-up steps")
+    alias(p, warmup, "--warmup")
     p.add_argument("--max-hours", type=float, default=None, help="train on a random subset of this many hours")
-    p.add_argument("--max-seconds", type=float, default=15.0, help="skip longer training utterances")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="autocast dtype on CPU; auto (default) measures which is faster on this CPU")
+    precision = p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                               help="bf16 autocast or fp32; auto (default) measures which is faster on this CPU")
+    alias(p, precision, "--dtype")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes for the audio/F0 cache")
     p.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between resumable checkpoints")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --run-dir")
+    resume = p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --run-dir")
+    alias(p, resume, "--fresh")
     p.add_argument("--prepare-only", action="store_true", help="only build the audio/F0 cache (works on a growing corpus)")
-    p.add_argument("--freeze-norms", action="store_true",
-                   help="recalibrate the pre-quantiser FrameNorm statistics, then train with them fixed (fine-tuning)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     p.add_argument("--seed", type=int, default=0)
+    a = advanced(p)
+    a.add_argument("--preset", default="default", choices=["default", "tiny"])
+    a.add_argument("--max-seconds", type=float, default=15.0, help="skip longer training utterances")
+    a.add_argument("--freeze-norms", action="store_true",
+                   help="recalibrate the pre-quantiser FrameNorm statistics, then train with them fixed (fine-tuning)")
     return p
 
 
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = None if args.fresh or not ckpt_path.exists() else torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = None if args.no_resume or not ckpt_path.exists() else torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if ckpt is not None:
         from npc_server.tokenizer.tokenizer import AudioTokenizerConfig
 
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         _freeze_norms(model)
     from npc_server.training.precision import resolve
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve(args.dtype) == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve(args.precision) == "bf16")
     log = (run_dir / "train_log.jsonl").open("a" if ckpt is not None else "w")
     model.train()
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="train tokenizer", unit="s")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from npc_server.argtools import advanced
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.tokenizer.tokenizer import AudioTokenizer, interleave
 from npc_server.tokenizer.tokenizer_v2 import TokenizerV2Config, WhisperTokenizer
@@ -122,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer",
                    help="v1 tokenizer giving the semantic stream and phone inventory, or a v2 one to continue")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "tokenizer_v2")
-    p.add_argument("--max-vectors", type=int, default=200_000, help="features sampled for k-means")
-    p.add_argument("--kmeans-iters", type=int, default=25)
-    p.add_argument("--keep-codebook", action="store_true", help="with a v2 --init: keep its centroids (train the readout only)")
     p.add_argument("--readout-minutes", type=float, default=15.0)
     p.add_argument("--readout-steps", type=int, default=None, help="stop the readout after this many steps (tests)")
     p.add_argument("--batch-tokens", type=int, default=2400)
@@ -132,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    a = advanced(p)
+    a.add_argument("--max-vectors", type=int, default=200_000, help="features sampled for k-means")
+    a.add_argument("--kmeans-iters", type=int, default=25)
+    a.add_argument("--keep-codebook", action="store_true", help="with a v2 --init: keep its centroids (train the readout only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from npc_server.argtools import advanced, alias
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.training.corpus.manifest import read_manifest
 from npc_server.training.train_vocoder.common import load_or_new_vocoder
@@ -55,57 +56,60 @@ def main(argv: list[str]) -> int:
                         "judge (on the run's mel cache) that --phone-weight uses")
     p.add_argument("--minutes", type=float, default=50.0, help="total training time (split 50/50 with --stage all)")
     p.add_argument("--max-hours", type=float, default=2.0, help="hours of corpus audio to use per stage")
-    p.add_argument("--bootstrap", type=int, default=0,
-                   help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
-    p.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
-    p.add_argument("--flow-mels", action="store_true",
-                   help="generator: fine-tune on the flow's mels of the NPC training utterances (their cached tokens "
-                        "decoded in their own voice) against the recordings, the mels it hears when serving; needs a "
-                        "trained flow (--init) and <corpus>/tokens")
-    p.add_argument("--extend-mels", action="store_true",
-                   help="mels: add the utterances of a larger --max-hours pick to the run's existing mel cache "
-                        "(the cached ones, with their pitch-shifted copies, are kept as they are)")
-    p.add_argument("--voice-swap", type=float, default=0.0,
-                   help="mels: fraction of the utterances of derived voices (joe, joe_low, joe_high) that also get "
-                        "a copy re-rendered as a sibling voice (parallel timbre data); added to an existing cache too")
     p.add_argument("--rebuild-tokens", action="store_true",
                    help="re-encode the semantic tokens (after the tokenizer changed) instead of reusing the cache")
-    p.add_argument("--tokens-from-corpus", action="store_true",
-                   help="take the semantic tokens from <corpus>/tokens/*.npz (the backbone's audio-token cache, same "
-                        "tokenizer) instead of encoding the audio; rewrites the run's token cache")
-    p.add_argument("--cond-transformer-layers", type=int, default=None,
-                   help="flow: number of token-rate transformer blocks in the token encoder; blocks added to an "
-                        "--init/--out model start as identity (warm start)")
-    p.add_argument("--phone-judge", type=Path, default=REPO_ROOT / "runs" / "phone_judge",
-                   help="the mel phone judge: written by --stage judge, read by --phone-weight")
-    p.add_argument("--phone-weight", type=float, default=0.0,
-                   help="flow: weight of the phone judge's KL on the flow's clean-mel estimate (0 = off)")
-    p.add_argument("--pitch-reference", choices=("tokens", "voice"), default=None,
-                   help="flow: what pitch 0 means (default: keep the --init/--out model's). tokens: the level the "
-                        "tokens imply; voice: the voice's neutral F0 (measured on the data), so the voice sets the "
-                        "pitch level and an answer lands at that F0 times 2^(persona pitch + emotion shift)/12")
-    p.add_argument("--cond-dropout", type=float, default=None,
-                   help="flow: fraction of examples trained without the tokens, for classifier-free guidance (default: "
-                        "keep the --init/--out model's; 0.2 is common; sample with `eval vocoder --guidance W`, ship "
-                        "with flow.guidance in config.json)")
-    p.add_argument("--f0-weight", type=float, default=0.0,
-                   help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
-    p.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
-    p.add_argument("--token-utts", type=int, default=0,
-                   help="tokenize only the first N cached utterances (0 = all); encoding is the slow part")
-    p.add_argument("--proxy-tokens", action="store_true",
-                   help="warm up the flow decoder on stand-in mel-patch codes while the tokenizer is not trained yet")
     p.add_argument("--init", type=Path, default=None, help="start from an existing vocoder directory")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--gen-segment", type=float, default=0.8, help="generator training segment, seconds")
-    p.add_argument("--flow-segment-tokens", type=int, default=50)
-    p.add_argument("--pitch-aug", type=float, default=0.5, help="fraction of utterances also seen pitch-shifted")
+    batch = p.add_argument("--batch-size", dest="batch", type=int, default=8,
+                           help="examples per step (generator; the flow takes twice as many)")
+    alias(p, batch, "--batch")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast or fp32; auto (default) measures which is faster on this CPU")
-    p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
+    p.add_argument("--no-bf16", action="store_true", help=argparse.SUPPRESS)  # old: --precision fp32
     p.add_argument("--seed", type=int, default=0)
+    a = advanced(p)
+    a.add_argument("--bootstrap", type=int, default=0,
+                   help="synthesise this many piper/espeak utterances for the generator (no corpus needed)")
+    a.add_argument("--no-corpus", action="store_true", help="generator: train on bootstrap audio only")
+    a.add_argument("--flow-mels", action="store_true",
+                   help="generator: fine-tune on the flow's mels of the NPC training utterances (their cached tokens "
+                        "decoded in their own voice) against the recordings, the mels it hears when serving; needs a "
+                        "trained flow (--init) and <corpus>/tokens")
+    a.add_argument("--extend-mels", action="store_true",
+                   help="mels: add the utterances of a larger --max-hours pick to the run's existing mel cache "
+                        "(the cached ones, with their pitch-shifted copies, are kept as they are)")
+    a.add_argument("--voice-swap", type=float, default=0.0,
+                   help="mels: fraction of the utterances of derived voices (joe, joe_low, joe_high) that also get "
+                        "a copy re-rendered as a sibling voice (parallel timbre data); added to an existing cache too")
+    a.add_argument("--tokens-from-corpus", action="store_true",
+                   help="take the semantic tokens from <corpus>/tokens/*.npz (the backbone's audio-token cache, same "
+                        "tokenizer) instead of encoding the audio; rewrites the run's token cache")
+    a.add_argument("--cond-transformer-layers", type=int, default=None,
+                   help="flow: number of token-rate transformer blocks in the token encoder; blocks added to an "
+                        "--init/--out model start as identity (warm start)")
+    a.add_argument("--phone-judge", type=Path, default=REPO_ROOT / "runs" / "phone_judge",
+                   help="the mel phone judge: written by --stage judge, read by --phone-weight")
+    a.add_argument("--phone-weight", type=float, default=0.0,
+                   help="flow: weight of the phone judge's KL on the flow's clean-mel estimate (0 = off)")
+    a.add_argument("--pitch-reference", choices=("tokens", "voice"), default=None,
+                   help="flow: what pitch 0 means (default: keep the --init/--out model's). tokens: the level the "
+                        "tokens imply; voice: the voice's neutral F0 (measured on the data), so the voice sets the "
+                        "pitch level and an answer lands at that F0 times 2^(persona pitch + emotion shift)/12")
+    a.add_argument("--cond-dropout", type=float, default=None,
+                   help="flow: fraction of examples trained without the tokens, for classifier-free guidance (default: "
+                        "keep the --init/--out model's; 0.2 is common; sample with `eval vocoder --guidance W`, ship "
+                        "with flow.guidance in config.json)")
+    a.add_argument("--f0-weight", type=float, default=0.0,
+                   help="flow: weight of the F0 error (semitones, the generator's F0 predictor) on that estimate")
+    a.add_argument("--judge-heldout", type=int, default=200, help="judge: held-out NPC utterances to score it on")
+    a.add_argument("--token-utts", type=int, default=0,
+                   help="tokenize only the first N cached utterances (0 = all); encoding is the slow part")
+    a.add_argument("--proxy-tokens", action="store_true",
+                   help="warm up the flow decoder on stand-in mel-patch codes while the tokenizer is not trained yet")
+    a.add_argument("--gen-segment", type=float, default=0.8, help="generator training segment, seconds")
+    a.add_argument("--flow-segment-tokens", type=int, default=50)
+    a.add_argument("--pitch-aug", type=float, default=0.5, help="fraction of utterances also seen pitch-shifted")
     args = p.parse_args(argv)
     if args.cond_dropout is not None:
         try:
