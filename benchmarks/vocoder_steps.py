@@ -2,7 +2,7 @@
 
 Piper (joe) speaks fixed NPC-style sentences; the shipped tokenizer turns them into semantic tokens; the vocoder
 decodes them with each setting; Whisper tiny.en transcribes; WER against the sentence text. This is how the shipped
-`n_steps` was chosen (docs/vocoder_report.md).
+`n_steps` was chosen (docs/vocoder.md).
 
     python -m benchmarks.vocoder_steps --settings 6:0.667 4:0.667 3:0.667 --threads 2
 """

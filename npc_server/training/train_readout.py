@@ -90,7 +90,7 @@ def jitter_codes(codes: torch.Tensor, p: float, fsq: FiniteScalarQuantizer, gene
     """Move each FSQ digit of each code one grid step up or down with probability `p` (clamped to the grid).
 
     Unseen voices land on neighbouring grid points of the codes a training voice would get for the same phone
-    (docs/tokenizer_report.md), so the readout is trained to read those neighbours the same way."""
+    (docs/log/2026-11-30-tokenizer-gru-phone-readout.md), so the readout is trained to read those neighbours the same way."""
     if p <= 0:
         return codes
     digits = fsq.digits(codes)

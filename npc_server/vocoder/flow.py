@@ -52,7 +52,7 @@ class FlowConfig:
     guidance: float = 0.0
     guidance_steps: int = 0  # guide only the first N Euler steps (N extra passes instead of n_steps); 0 = all steps
     # with guidance_steps > 0: the later steps reuse the last guided step's guidance * (v_c - v_u) instead of
-    # dropping it, at no extra pass (measured in docs/vocoder_report.md, session 11)
+    # dropping it, at no extra pass (measured in docs/log/2026-12-01-vocoder-s11-judges-guidance-96.md)
     guidance_carry: bool = False
 
     def to_dict(self) -> dict:

@@ -38,7 +38,7 @@ class StreamConfig:
     # right context of the chunks after the second, from tokens already there (0 = off): such a chunk is still due once
     # it has `lookahead_tokens`, and is then shortened (to at least first_chunk_tokens) to keep up to this many as
     # right context. Closer to offline audio at the same latency (first audio, no chunk later, the audio out trails the
-    # tokens in by no more at its worst), for 5-11% more streaming compute at 6-8 tokens (docs/vocoder_report.md)
+    # tokens in by no more at its worst), for 5-11% more streaming compute at 6-8 tokens (docs/vocoder.md)
     buffered_lookahead_tokens: int = 0
     left_context_tokens: int = 12  # already-emitted tokens re-decoded as left context
     crossfade_samples: int = 480  # 20 ms at 24 kHz

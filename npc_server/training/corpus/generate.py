@@ -288,7 +288,7 @@ def make_report(manifest: list[dict], dialogues: list[dict]) -> dict:
 
 
 def report_markdown(report: dict) -> str:
-    """The report as markdown tables (for the README / docs/corpus_report.md)."""
+    """The report as markdown tables (for the README / docs/log/2026-11-25-corpus-report.md)."""
     lines = [f"Dialogues: **{report['dialogues']}**, utterances: **{report['utterances']}**, "
              f"audio: **{report['total_hours']:.2f} h** (player {report['hours_by']['role'].get('player', 0):.2f} h, "
              f"NPC {report['hours_by']['role'].get('npc', 0):.2f} h).", ""]
