@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="npc-server eval tokenizer-v2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer_v2")
     p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
     p.add_argument("--tokens", type=Path, default=None, help="v2 token cache (default <corpus>/tokens_v2)")
     p.add_argument("--split", default="heldout")

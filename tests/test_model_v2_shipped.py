@@ -1,0 +1,51 @@
+"""The shipped model v2 parts on their real base weights (Whisper base, Gemma 3 270M from the pretrained cache that
+`make setup` fills): tokenizer v2 streams real audio, backbone v2 hears the example questions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from npc_server.paths import DEFAULT_MODEL_DIR
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "questions"
+SPOKEN = {"room.wav": "How much is a room for the night?", "well.wav": "How do I get to the town well?",
+          "work.wav": "Is there any work around here?"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from npc_server.tokenizer.tokenizer_v2 import load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL_DIR / "tokenizer_v2")
+
+
+def test_shipped_tokenizer_v2_streams_a_real_question(tokenizer):
+    wav, sr = sf.read(str(EXAMPLES / "room.wav"), dtype="float32")
+    toks = tokenizer.encode(wav, sr)
+    assert tokenizer.version == 2 and toks.linguistic.numel() == 2 * toks.n_groups
+    s = tokenizer.stream(sr)
+    parts = [s.push(wav[i : i + 1600]) for i in range(0, len(wav), 1600)] + [s.flush()]
+    assert torch.equal(torch.cat([p.linguistic for p in parts]), toks.linguistic)
+    assert len(set(toks.linguistic.tolist())) > 5  # speech, not one code
+
+
+def test_shipped_backbone_v2_hears_the_example_questions(tokenizer):
+    from npc_server.backbone.audio_lm import AudioLM, load_text_tokenizer
+    from npc_server.backbone.template_v2 import HearingFormat
+    from npc_server.eval.listen_v2 import transcribe
+    from npc_server.eval.metrics import normalize_text, word_errors
+
+    torch.set_num_threads(2)
+    model = AudioLM.from_pretrained(DEFAULT_MODEL_DIR / "backbone_v2")
+    fmt = HearingFormat(model.cfg.layout, load_text_tokenizer(model.cfg.base), model.cfg.audio_input)
+    errors = words = 0
+    for name, text in SPOKEN.items():
+        wav, sr = sf.read(str(EXAMPLES / name), dtype="float32")
+        heard = transcribe(model, fmt, fmt.audio(tokenizer.encode(wav, sr).linguistic.numpy()))
+        ref = normalize_text(text)
+        errors, words = errors + word_errors(ref, normalize_text(heard)), words + len(ref)
+    assert errors / words < 0.34, f"{errors} word errors in {words} words"
