@@ -1,9 +1,9 @@
 """Lean CPU forward of backbone v2 for serving: Gemma 3's decoder written out, LoRA merged, int8 weights.
 
 `LeanLM.from_audio_lm(model)` copies an `AudioLM` (transformers body + LoRA + new rows) into plain tensors:
-every projection is W + (alpha / r) B A, then (by default) int8 per output channel with dynamic per-tensor activation quantisation
-(torch's quantised dynamic Linear, fbgemm); norms, RoPE and attention stay fp32. The output head is the model's
-cut head (`head_ids`), also int8. The result is tested against the transformers forward (`tests/test_audio_lm.py`).
+every projection is W + (alpha / r) B A, then (by default) int8 weights per output channel (`Int8Linear`,
+weight-only: activations are rounded to bf16 for the product, not quantised); norms, RoPE and attention stay fp32.
+The output head is the model's cut head (`head_ids`), also int8. The result is tested against the transformers forward (`tests/test_audio_lm.py`).
 
 The KV cache is preallocated per batch row (`LeanCache`): `prefill(row, ids)` appends a conversation's tokens to
 its row, `decode(ids, rows)` advances several rows by one token in one batched pass (the thinker is memory-bound
@@ -30,19 +30,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored int8 per output channel (scale = max |row| / 127); x is rounded to bf16 for the
+    product (`torch._weight_int8pack_mm`), the result is fp32. Weight-only: activations are not quantised."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        return torch._weight_int8pack_mm(flat, self.weight, self.scale).float().reshape(*x.shape[:-1], -1)
+
+
 def _linear(weight: torch.Tensor, quantize: bool) -> nn.Module:
+    if quantize:
+        return Int8Linear(weight)
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     lin.weight.data.copy_(weight.float())
     lin.weight.requires_grad_(False)
-    if not quantize:
-        return lin
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao's eager quantisation warns that it moves to torchao
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(nn.Sequential(lin), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
+    return lin
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -178,7 +189,8 @@ class LeanLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+        """[..., hidden] -> [..., output rows] (the quantised head takes 2-d input)."""
+        return self.head(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
 
     def prefill(self, cache: LeanCache, row: int, ids: list[int]) -> torch.Tensor:
         """Append one conversation's tokens -> logits after the last one [n_head]."""
