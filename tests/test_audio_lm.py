@@ -262,3 +262,15 @@ def test_head_grows_without_new_parameters():
     torch.testing.assert_close(after[:, model.head_index[250]], h @ model.body.embed_tokens.weight[250])
     with pytest.raises(ValueError):
         model.set_head(torch.tensor([N_TEXT + 5]))
+
+
+def test_continuing_a_backbone_adds_the_new_texts_ids_to_its_head(tmp_path):
+    from npc_server.training.lm_v2 import start_model
+
+    cfg = AudioLMConfig(base="tiny", n_text=N_TEXT, hidden=32, lora_rank=4)
+    AudioLM(cfg, tiny_body(), head_text_ids=torch.arange(0, 20)).save_pretrained(tmp_path / "bb", dtype=torch.float32)
+    tok = TinyTextTokenizer()
+    again = start_model(tmp_path / "bb", cfg, ["ab"], tok, body=tiny_body())
+    new_ids = tok.encode("ab")
+    assert min(new_ids) >= 20 and all(int(again.head_index[i]) >= 0 for i in new_ids)
+    assert set(range(20)) <= set(again.head_text_ids().tolist())

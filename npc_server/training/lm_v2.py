@@ -62,8 +62,9 @@ def start_model(init: Path | None, cfg: AudioLMConfig, texts: list[str], text_to
     if init is not None and is_v2_backbone(init):
         model = AudioLM.from_pretrained(init, body=body)
         missing = set(head_text_ids(text_tokenizer, texts).tolist()) - set(model.head_ids.tolist())
-        if missing:
-            print(f"note: {len(missing)} text ids of the data are not output rows of {init}; their targets are skipped")
+        if missing:  # the head is tied to the embeddings: new text rows cost no new parameters
+            model.set_head(torch.cat([model.head_text_ids(), torch.tensor(sorted(missing), dtype=torch.long)]))
+            print(f"{len(missing)} text ids of the data added to the output rows of {init}")
         return model
     body = body if body is not None else load_body(cfg.base)
     return AudioLM(cfg, body, head_text_ids(text_tokenizer, texts))
