@@ -35,6 +35,18 @@ def transcribe(generator: Generator, audio_ids, row: dict, max_new_tokens: int) 
     return end.text
 
 
+def question_rows(args) -> tuple[Path, list[dict]]:
+    """(corpus, a seeded sample of `--limit` English utterances of `--split` / `--role` with audio)."""
+    corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
+    rows = [r for r in read_manifest(corpus)
+            if r["split"] == args.split and r.get("language") == "en" and (args.role == "any" or r["role"] == args.role)
+            and (corpus / r["audio"]).is_file()]
+    if not rows:
+        raise SystemExit(f"no English {args.role} utterances of split {args.split!r} with audio in {corpus}")
+    random.Random(args.seed).shuffle(rows)
+    return corpus, rows[: args.limit]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="npc-server eval listen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,14 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from npc_server.tokenizer import AudioTokenizer
 
-    corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
-    rows = [r for r in read_manifest(corpus)
-            if r["split"] == args.split and r.get("language") == "en" and (args.role == "any" or r["role"] == args.role)
-            and (corpus / r["audio"]).is_file()]
-    if not rows:
-        raise SystemExit(f"no English {args.role} utterances of split {args.split!r} with audio in {corpus}")
-    random.Random(args.seed).shuffle(rows)
-    rows = rows[: args.limit]
+    corpus, rows = question_rows(args)
     tokenizer = AudioTokenizer.from_pretrained(args.audio_tokenizer)
     audio = {}
     for r in rows:

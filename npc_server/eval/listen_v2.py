@@ -16,7 +16,6 @@ from npc_server.backbone.audio_lm import AudioLM
 from npc_server.backbone.template_v2 import HearingFormat
 from npc_server.backbone.thinker import DecodeOptions, ThinkerSession, decode
 from npc_server.eval.metrics import normalize_text, word_errors
-from npc_server.paths import data_dir, require_corpus
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 
@@ -74,7 +73,6 @@ def real_recordings() -> list[dict]:
 def run(args, models: dict[str, str]) -> int:
     """`npc-server eval listen` for v2 backbones: question audio encoded by the v2 tokenizer as served."""
     import json
-    import random
 
     from npc_server.audio.io import load_audio
     from npc_server.backbone.audio_lm import load_text_tokenizer
@@ -87,13 +85,9 @@ def run(args, models: dict[str, str]) -> int:
         rows, where = real_recordings(), "real human recordings (pocketsphinx-testdata)"
         sounds = {r["id"]: (r["audio"], r["sr"]) for r in rows}
     else:
-        from npc_server.training.corpus.manifest import read_manifest
+        from npc_server.eval.listen_eval import question_rows
 
-        corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval listen")
-        rows = [r for r in read_manifest(corpus) if r["split"] == args.split and r.get("language") == "en"
-                and (args.role == "any" or r["role"] == args.role) and (corpus / r["audio"]).is_file()]
-        random.Random(args.seed).shuffle(rows)
-        rows = rows[: args.limit]
+        corpus, rows = question_rows(args)
         where = f"{args.split} {args.role} utterances of {corpus}"
         sounds = {r["id"]: load_audio(corpus / r["audio"]) for r in rows}
     for r in rows:

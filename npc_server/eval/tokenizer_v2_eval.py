@@ -20,15 +20,14 @@ import numpy as np
 import torch
 
 from npc_server.paths import DEFAULT_MODEL_DIR, data_dir
-from npc_server.tokenizer.phones import ctc_greedy, edit_distance
+from npc_server.eval.metrics import ctc_phone_errors
 
 
 def per_of(model, items: list[tuple[np.ndarray, list[int]]]) -> float:
     errs = total = 0
     with torch.inference_mode():
         for codes, ref in items:
-            logits = model.linguistic.phone_logits(torch.as_tensor(codes, dtype=torch.long)[None])
-            errs += edit_distance(ctc_greedy(logits[0].argmax(-1).tolist()), ref)
+            errs += ctc_phone_errors(model.linguistic.phone_logits(torch.as_tensor(codes, dtype=torch.long)[None])[0], ref)
             total += len(ref)
     return errs / max(1, total)
 

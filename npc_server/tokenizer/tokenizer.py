@@ -152,6 +152,23 @@ def _from_dict(cls, d):
     return cls(**kwargs)
 
 
+def save_weights(state: dict[str, torch.Tensor], config: dict, directory: str | Path, dtype: torch.dtype) -> None:
+    """A tokenizer checkpoint: model.safetensors (floating tensors in `dtype`, but codebooks and the log-mel
+    statistics kept fp32) + config.json."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and not name.endswith(("codebook", "mel.mean", "mel.std")):
+            t = t.to(dtype)
+        tensors[name] = t.contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def preset(name: str, phones: list[str] | None = None) -> AudioTokenizerConfig:
     """Named sizes: `default` (~4M parameters) and `tiny` (for tests)."""
     phones = list(phones or [])
@@ -188,21 +205,8 @@ class AudioTokenizer(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
         """Write model.safetensors (floating weights in `dtype`; codebooks kept fp32) + config.json."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, t in self.state_dict().items():
-            if name.endswith(("ema_count", "ema_sum")):
-                continue  # training-only statistics
-            t = t.detach().cpu()
-            keep_fp32 = name.endswith(("codebook", "mel.mean", "mel.std"))
-            if t.is_floating_point() and not keep_fp32:
-                t = t.to(dtype)
-            tensors[name] = t.contiguous()
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        state = {k: v for k, v in self.state_dict().items() if not k.endswith(("ema_count", "ema_sum"))}
+        save_weights(state, self.cfg.to_dict(), directory, dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> AudioTokenizer:

@@ -33,7 +33,7 @@ from npc_server.tokenizer.modules import ConvReadout
 from npc_server.tokenizer.phones import PhoneInventory
 from npc_server.tokenizer.semantic import SemanticConfig, SemanticTokenizer
 from npc_server.tokenizer.tokenizer import (GROUP_SEMANTIC, LINGUISTIC_CODES, AudioTokens, BlockTiming, TokenizerStream,
-                                            _as_float_audio, make_tokens)
+                                            _as_float_audio, make_tokens, save_weights)
 from npc_server.tokenizer.tokenizer import preset as v1_preset
 from npc_server.tokenizer.whisper import EncoderState, WhisperEncoder, WhisperEncoderConfig
 
@@ -148,18 +148,7 @@ class WhisperTokenizer(nn.Module):
                 if not k.startswith("encoder.") and not k.endswith(("ema_count", "ema_sum"))}
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, t in self.trained_state().items():
-            t = t.detach().cpu()
-            if t.is_floating_point() and not name.endswith(("codebook", "mel.mean", "mel.std")):
-                t = t.to(dtype)
-            tensors[name] = t.contiguous()
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        save_weights(self.trained_state(), self.cfg.to_dict(), directory, dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, encoder: WhisperEncoder | None = None,
