@@ -19,6 +19,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                                 "tokenizer v2: linguistic codebook on the frozen Whisper encoder + phone readout"),
     ("train", "hearing"): ("npc_server.training.hearing:main",
                            "backbone v2 stage 1: hear the audio tokens (transcribe, continue) on the pretrained LM"),
+    ("train", "answer"): ("npc_server.training.answer:main",
+                          "backbone v2 stage 2 (SFT): answer the player in character, hearing kept"),
     ("train", "readout"): ("npc_server.training.train_readout:main",
                            "retrain the linguistic codes' CTC phone readout (the PER probe) on frozen codes"),
     ("train", "vocoder"): ("npc_server.training.train_vocoder:main", "train the flow-matching vocoder"),

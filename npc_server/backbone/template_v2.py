@@ -65,3 +65,43 @@ class HearingFormat:
         rest = audio[cut:] + [self.audio_end, self.end]
         ids = prompt + rest
         return Example(ids, [IGNORE] * (len(prompt) - 1) + rest + [IGNORE])
+
+
+class DialogueFormat(HearingFormat):
+    """An NPC answer turn (SFT on backbone v2): the persona's system turn, earlier turns as text, the player's
+    question as audio (or typed), and the answer text:
+
+        <bos> <|system|> persona text <|lang:xx|> <|end|> [<|user|> q <|end|> <|assistant|> <|mode:text|> a <|text_end|> <|end|>]*
+        <|user|> (<|audio_start|> A* <|audio_end|> | question text) <|end|> <|assistant|> <|mode:text|> answer <|text_end|> <|end|>
+
+    The system turn is what the engine builds from the persona YAML (`Persona.prompt_text()`) plus the persona's
+    language; the loss is on the answer only.
+    """
+
+    def system_ids(self, persona_text: str, language: str) -> list[int]:
+        from npc_server.backbone.vocab import language_token
+
+        return [self.bos, self.system, *self.text_ids(persona_text.strip()), self.layout.special(language_token(language)),
+                self.end]
+
+    def history_ids(self, history: list[dict]) -> list[int]:
+        out: list[int] = []
+        for turn in history:
+            out += [self.user, *self.text_ids(turn["question"]), self.end, self.assistant, self.mode_text,
+                    *self.text_ids(turn["answer"]), self.text_end, self.end]
+        return out
+
+    def question_ids(self, audio: list[int] | None = None, text: str | None = None) -> list[int]:
+        """The player's turn up to the answer: spoken (audio ids) or typed."""
+        if (audio is None) == (text is None):
+            raise ValueError("a question is either audio ids or typed text")
+        body = [self.audio_start, *audio, self.audio_end] if audio is not None else self.text_ids(text)
+        return [self.user, *body, self.end, self.assistant, self.mode_text]
+
+    def answer_prompt(self, persona_text: str, language: str, history: list[dict], audio: list[int] | None = None,
+                      text: str | None = None) -> list[int]:
+        return self.system_ids(persona_text, language) + self.history_ids(history) + self.question_ids(audio, text)
+
+    def answer_example(self, prompt: list[int], answer: str) -> Example:
+        target = self.text_ids(answer) + [self.text_end, self.end]
+        return Example(prompt + target, [IGNORE] * (len(prompt) - 1) + target + [IGNORE])

@@ -215,7 +215,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="npc-server eval npc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backbone_argument(parser)
-    parser.add_argument("--audio-tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer")
+    parser.add_argument("--audio-tokenizer", type=Path, default=None,
+                        help="default: models/default/tokenizer (v1 backbones) or tokenizer_v2 (v2 backbones)")
     parser.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
     parser.add_argument("--corpus", type=Path, default=None, help="default: <data dir>/corpus/default")
     parser.add_argument("--split", default="heldout")
@@ -233,6 +234,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write results JSON (+ .md table) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    models = backbone_dirs(args.backbone)
+    from npc_server.training.lm_v2 import is_v2_backbone
+
+    if any(is_v2_backbone(Path(d)) for d in models.values()):
+        if not all(is_v2_backbone(Path(d)) for d in models.values()):
+            parser.error("compare v1 and v2 backbones in separate runs")
+        if args.judge == "audio":
+            print("v2 backbones are judged on their subtitles (the talker that speaks them is issue 24)")
+        from npc_server.eval.answer_v2 import run
+
+        args.audio_tokenizer = args.audio_tokenizer or DEFAULT_MODEL_DIR / "tokenizer_v2"
+        return run(args, models)
+    args.audio_tokenizer = args.audio_tokenizer or DEFAULT_MODEL_DIR / "tokenizer"
 
     corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval npc",
                             needs=("manifest.jsonl", "dialogues.jsonl"))
@@ -263,7 +277,6 @@ def main(argv: list[str]) -> int:
         listener = Listener(threads=args.threads)
         refs = voice_references(corpus, manifest)
 
-    models = backbone_dirs(args.backbone)
     sampling = SamplingConfig(temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens)
     all_results, summaries = {}, {}
     for name, path in models.items():

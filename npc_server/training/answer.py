@@ -1,0 +1,149 @@
+"""`npc-server train answer`: backbone v2's SFT stage: answer the player in character.
+
+Each train dialogue of the corpus becomes one example: the persona's system turn (its YAML text, as the engine
+builds it, + its language), earlier turns as text, the player's question (spoken: its v2 audio tokens; a share
+typed), and the answer text as the target. The hearing stage's ASR examples are mixed in (`--hearing-mix`) so that
+hearing is not forgotten. The run continues `--init` (default: the shipped v2 backbone) and ends with the answer
+figure on held-out spoken questions by unseen voices, logged per run in <out>/training.json.
+
+  npc-server train answer --corpus ~/.cache/npc-voice/corpus/v2 --minutes 60 --out runs/answer_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from npc_server.argtools import advanced
+from npc_server.backbone.audio_lm import AudioLMConfig, load_text_tokenizer
+from npc_server.backbone.template_v2 import DialogueFormat
+from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, REPO_ROOT, data_dir
+from npc_server.training.lm_v2 import append_run_log, bucket_length, is_v2_backbone, start_model, train_loop
+from npc_server.training.loop import setup_distributed, teardown_distributed
+from npc_server.training.precision import PRECISIONS, resolve
+
+MAX_LENGTH = 384
+
+
+def answer_examples(fmt: DialogueFormat, rows: list[dict], persona_texts: dict[str, str], typed_share: float,
+                    rng: random.Random) -> list:
+    """One example per dialogue row (rows carry `linguistic` codes and `persona_language`); too long ones dropped."""
+    out = []
+    for r in rows:
+        system = persona_texts.get(r["persona"], "")
+        if rng.random() < typed_share:
+            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []), text=r["question_text"])
+        else:
+            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []),
+                                       audio=fmt.audio(r["linguistic"], r.get("interleaved")))
+        ex = fmt.answer_example(prompt, r["answer_text"])
+        if len(ex.ids) <= MAX_LENGTH:
+            out.append(ex)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from npc_server.eval.answer_v2 import answer_rows, heldout_dialogues, summarise
+    from npc_server.training.hearing import build_examples, load_rows
+    from npc_server.training.lm_data import persona_texts as load_persona_texts
+
+    p = argparse.ArgumentParser(prog="npc-server train answer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    p.add_argument("--tokens", type=Path, default=None, help="v2 token cache (default <corpus>/tokens_v2)")
+    p.add_argument("--init", type=Path, default=DEFAULT_MODEL_DIR / "backbone_v2",
+                   help="v2 backbone to continue (default: the shipped one); `none` starts from the base model")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "answer_v2")
+    p.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget (the LR schedule follows it)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-tokens", type=int, default=1536, help="padded tokens per step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-n", type=int, default=120, help="held-out spoken questions for the answer figure (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    a = advanced(p)
+    a.add_argument("--base", default="gemma3-270m", help="base model of a fresh backbone (--init none)")
+    a.add_argument("--lora-rank", type=int, default=16)
+    a.add_argument("--typed-share", type=float, default=0.25, help="share of questions given typed, not spoken")
+    a.add_argument("--hearing-mix", type=float, default=0.3,
+                   help="ASR examples of train utterances, as a share of the answer examples (against forgetting)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    corpus = args.corpus.expanduser()
+    tokens = (args.tokens or corpus / "tokens_v2").expanduser()
+    if not tokens.is_dir():
+        raise SystemExit(f"npc-server train answer: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
+                         f"--corpus {corpus}` first")
+    init = None if str(args.init) == "none" else args.init
+    if init is not None and not is_v2_backbone(init):
+        raise SystemExit(f"npc-server train answer: {init} holds no v2 backbone (pass --init none to start from "
+                         f"{args.base})")
+    rank, _ = setup_distributed()
+    precision = resolve(args.precision)
+    text_tok = load_text_tokenizer(args.base)
+    texts = load_persona_texts(args.personas)
+    rows = heldout_dialogues(corpus, "train", 10**9, args.seed, tokens)
+    if not rows:
+        raise SystemExit(f"npc-server train answer: no train dialogues with question tokens in {tokens}")
+    utterances = load_rows(corpus, tokens, "train")
+    valid_texts = [r["answer_text"] for r in heldout_dialogues(corpus, "valid", 10**9, 0)]
+    model = start_model(init, AudioLMConfig(base=args.base, lora_rank=args.lora_rank),
+                        [r["answer_text"] for r in rows] + [r["text"] for r in utterances] + valid_texts
+                        + [t for r in rows for turn in r.get("history", []) for t in (turn["answer"],)],
+                        text_tok)
+    fmt = DialogueFormat(model.cfg.layout, text_tok, model.cfg.audio_input)
+    rng = random.Random(args.seed)
+    examples = answer_examples(fmt, rows, texts, args.typed_share, rng)
+    n_answer = len(examples)
+    hearing = build_examples(fmt, utterances, 0.0, rng)
+    rng.shuffle(hearing)
+    examples += hearing[: int(args.hearing_mix * n_answer)]
+    print(f"answer: {n_answer} answer examples from {len(rows)} dialogues + {len(examples) - n_answer} hearing "
+          f"examples, {model.head_ids.numel()} output rows, precision {precision}, buckets "
+          f"{sorted({bucket_length(len(e.ids)) for e in examples})}", flush=True)
+    if rank == 0 and init is not None and (init / "training.json").exists() and init.resolve() != args.out.resolve():
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(init / "training.json", args.out / "training.json")
+
+    def save():
+        model.save_pretrained(args.out)
+
+    result = train_loop(model, examples, args.minutes, args.batch_tokens, args.lr, precision, text_tok.pad_token_id,
+                        args.seed, args.max_steps, save, progress=not args.no_progress)
+    if rank != 0:
+        teardown_distributed()
+        return 0
+    record = {
+        "stage": "answer (SFT)", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "init": str(init) if init else f"base {args.base}", "examples": len(examples), "answer_examples": n_answer,
+        "steps": result.steps, "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
+        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9)),
+        "loss_first": round(float(np.mean(result.losses[:20])), 4) if result.losses else None,
+        "loss_last": round(float(np.mean(result.losses[-20:])), 4) if result.losses else None,
+        "precision": precision, "threads": args.threads,
+        "command": "npc-server train answer " + " ".join(sys.argv[3:] if argv is None else argv),
+    }
+    if args.eval_n > 0:
+        held = heldout_dialogues(corpus, "heldout", args.eval_n, 0, tokens)
+        summary = summarise(answer_rows(model, fmt, held, texts, "audio"))
+        record["answer_correct_heldout_spoken"] = summary["correct"]
+        record["answer_eval_n"] = summary["n_with_facts"]
+        record["answer_in_language"] = summary["in_language"]
+        print(f"held-out spoken questions: expected fact in the answer {summary['correct']:.1%} of "
+              f"{summary['n_with_facts']}, in language {summary['in_language']:.1%}")
+    append_run_log(args.out, record)
+    print(json.dumps(record, indent=2))
+    teardown_distributed()
+    return 0
