@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                            "backbone v2 stage 1: hear the audio tokens (transcribe, continue) on the pretrained LM"),
     ("train", "answer"): ("npc_server.training.answer:main",
                           "backbone v2 stage 2 (SFT): answer the player in character, hearing kept"),
+    ("train", "dialogues"): ("npc_server.training.dialogues:main",
+                             "NPC answers written offline by a pretrained instruct model (teacher data), checked"),
     ("train", "readout"): ("npc_server.training.train_readout:main",
                            "retrain the linguistic codes' CTC phone readout (the PER probe) on frozen codes"),
     ("train", "vocoder"): ("npc_server.training.train_vocoder:main", "train the flow-matching vocoder"),

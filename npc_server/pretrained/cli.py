@@ -14,7 +14,9 @@ from npc_server.pretrained.cache import cache_root
 from npc_server.pretrained.packages import MissingPackageError
 
 PREPARERS = {"whisper-base": "npc_server.pretrained.whisper:load_encoder",
-             "gemma3-270m": "npc_server.pretrained.gguf:base_folder"}
+             "gemma3-270m": "npc_server.pretrained.gguf:base_folder",
+             "qwen2.5-coder-0.5b-instruct": "npc_server.pretrained.gguf:base_folder"}
+DEFAULT = ("gemma3-270m", "whisper-base")  # what serving and training need; the teacher only for `train dialogues`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="npc-server pretrained prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("assets", nargs="*", default=sorted(PREPARERS), help=f"what to prepare (default: {', '.join(sorted(PREPARERS))})")
+    p.add_argument("assets", nargs="*", default=list(DEFAULT),
+                   help=f"what to prepare (default: {', '.join(DEFAULT)}; known: {', '.join(sorted(PREPARERS))})")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     unknown = [a for a in args.assets if a not in PREPARERS]

