@@ -49,3 +49,19 @@ def test_shipped_backbone_v2_hears_the_example_questions(tokenizer):
         ref = normalize_text(text)
         errors, words = errors + word_errors(ref, normalize_text(heard)), words + len(ref)
     assert errors / words < 0.34, f"{errors} word errors in {words} words"
+
+
+def test_eval_npc_runs_the_v2_backbone_on_the_shipped_eval_set(tmp_path, capsys):
+    """A fresh clone (no corpus) can measure the v2 answers: the eval set ships in data/eval/npc."""
+    import json
+
+    from npc_server.eval.eval_set import SHIPPED_SET
+    from npc_server.eval.npc_eval import main
+
+    out = tmp_path / "npc.json"
+    assert main(["--backbone", str(DEFAULT_MODEL_DIR / "backbone_v2"), "--corpus", str(SHIPPED_SET), "--limit", "2",
+                 "--out", str(out)]) == 0
+    assert "expected fact in the subtitle" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (model,) = report["models"].values()
+    assert model["summary"]["n"] == 2 and all(isinstance(r["answer"], str) for r in model["results"])

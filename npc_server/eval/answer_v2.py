@@ -152,8 +152,13 @@ def run(args, models: dict[str, str]) -> int:
     from npc_server.training.corpus.manifest import read_manifest
     from npc_server.training.lm_data import persona_texts
 
-    corpus = require_corpus(args.corpus or data_dir() / "corpus" / "default", "eval npc",
-                            needs=("manifest.jsonl", "dialogues.jsonl"))
+    from npc_server.eval.eval_set import SHIPPED_SET
+
+    corpus = args.corpus
+    if corpus is None:  # the generated corpus when there is one, else the eval set shipped with the repo
+        default = data_dir() / "corpus" / "default"
+        corpus = default if (default / "dialogues.jsonl").is_file() else SHIPPED_SET
+    corpus = require_corpus(corpus, "eval npc", needs=("manifest.jsonl", "dialogues.jsonl"))
     rows = heldout_dialogues(corpus, args.split, args.limit, args.seed)
     if args.question == "audio":
         tokenizer = load_tokenizer(args.audio_tokenizer)

@@ -218,7 +218,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--audio-tokenizer", type=Path, default=None,
                         help="default: models/default/tokenizer (v1 backbones) or tokenizer_v2 (v2 backbones)")
     parser.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
-    parser.add_argument("--corpus", type=Path, default=None, help="default: <data dir>/corpus/default")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="default: <data dir>/corpus/default; for v2 backbones, when that is missing, the eval set "
+                             "shipped in data/eval/npc")
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--limit", type=int, default=200, help="dialogues to evaluate (a seeded sample)")
     parser.add_argument("--judge", choices=("audio", "text"), default="audio",
