@@ -119,22 +119,42 @@ class RunResult:
 
 
 class _LossOf(torch.nn.Module):
-    """The loss as one module's forward, so that DistributedDataParallel sees every use of the parameters."""
+    """A batch's loss as one module's forward, so that DistributedDataParallel sees every use of the parameters."""
 
-    def __init__(self, model: AudioLM):
+    def __init__(self, model: AudioLM, loss: Callable[..., torch.Tensor]):
         super().__init__()
         self.model = model
+        self.loss = loss
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.model, ids, targets)[0]
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model, *tensors)
 
 
-def train_loop(model: AudioLM, examples: list[Example], minutes: float, batch_tokens: int, lr: float,
+def _lm_batch_loss(model: AudioLM, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return lm_loss(model, ids, targets)[0]
+
+
+def sequence_logps(model: AudioLM, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its target tokens (over the output rows), and their count."""
+    hidden, _ = model(ids)
+    rows = model.head_index[targets.clamp_min(0)]
+    keep = (targets != IGNORE) & (rows >= 0)
+    logp = torch.log_softmax(model.logits(hidden[keep]).float(), -1).gather(1, rows[keep][:, None])[:, 0]
+    seq = torch.zeros(ids.shape[0], dtype=logp.dtype).index_add(0, keep.nonzero()[:, 0], logp)
+    return seq, keep.sum(1)
+
+
+def train_loop(model: AudioLM, examples: list, minutes: float, batch_tokens: int, lr: float,
                precision: str, pad_id: int, seed: int = 0, max_steps: int | None = None,
                save: Callable[[], None] | None = None, save_every_minutes: float = 15.0,
-               progress: bool = True) -> RunResult:
+               progress: bool = True, batch_loss: Callable[..., torch.Tensor] = _lm_batch_loss,
+               make_batch: Callable[..., tuple] = collate) -> RunResult:
     """AdamW on the trainable parameters (LoRA at `lr`, new embedding rows at 4x), warm-up then cosine to 10% over
     the time budget; `save()` every `save_every_minutes` and at the end (rank 0).
+
+    By default the loss is the LM loss on `Example`s; a stage with other examples (DPO pairs) passes
+    `make_batch(examples, idx, length, pad_id) -> tensors` and `batch_loss(model, *tensors) -> loss` (examples need
+    an `ids` list for the length buckets).
 
     Under torchrun (WORLD_SIZE > 1) each rank takes its share of every epoch's batches, gradients are averaged by
     DistributedDataParallel, and the ranks agree each step on whether the time budget is spent."""
@@ -149,7 +169,7 @@ def train_loop(model: AudioLM, examples: list[Example], minutes: float, batch_to
     rows = [model.new_embed.weight]
     for p in lora + rows:
         p.requires_grad_(True)
-    loss_of = _LossOf(model)
+    loss_of = _LossOf(model, batch_loss)
     wrapped = DistributedDataParallel(loss_of) if world > 1 else loss_of
     opt = torch.optim.AdamW([{"params": lora, "lr": lr, "base": lr}, {"params": rows, "lr": 4 * lr, "base": 4 * lr}],
                             weight_decay=0.0, betas=(0.9, 0.98))
@@ -167,15 +187,15 @@ def train_loop(model: AudioLM, examples: list[Example], minutes: float, batch_to
             frac = min(1.0, (time.perf_counter() - t0) / budget)
             for g in opt.param_groups:
                 g["lr"] = g["base"] * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            ids, tgt = collate(examples, idx, length, pad_id)
+            tensors = make_batch(examples, idx, length, pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = wrapped(ids, tgt)
+                loss = wrapped(*tensors)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lora + rows, 1.0)
             opt.step()
             step += 1
-            tokens += int((ids != pad_id).sum()) * world
+            tokens += int((tensors[0] != pad_id).sum()) * world
             losses.append(float(loss.detach()))
             elapsed = time.perf_counter() - t0
             bar.n = min(int(budget), int(elapsed))
