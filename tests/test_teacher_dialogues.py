@@ -33,6 +33,11 @@ def test_checks_keep_good_answers_and_say_why_others_are_rejected():
     assert check(row, "As an AI language model, I think five gold.", 30) == "out of character"
     assert check(row, "I'm Angus, and it is five gold.", 30) == "claims to be guard"
     assert check(row, "", 30) == "empty"
+    assert check(row, "Five gold, or twenty for a week.", 30) == "number not in the facts: twenty"
+    sums = _row(question_text="What is forty-eight minus fourteen?", answer_text="That's thirty-four.",
+                expected=["thirty-four"])
+    assert check(sums, "Forty-eight minus fourteen is thirty-four.", 30) is None
+    assert check(sums, "Thirty-four minus fourteen is twenty-four.", 30).startswith("number not in the facts")
     ja = _row(language="ja", expected=["よんゴールド"], persona="tea_seller")
     assert check(ja, "おちゃは よんゴールド です。", 30) is None
 
@@ -46,4 +51,7 @@ def test_kept_answers_are_read_back_only_for_the_same_question(tmp_path):
     dialogues = [_row(), _row(id="d000002", question_text="Where is the smithy?"),
                  _row(id="d000003", question_text="A new question")]
     assert load_teacher_answers(path, dialogues) == {"d000001": "Five gold."}
+    lines[0]["answer"] = "Six gold."  # written under older checks: checked again on reading
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert load_teacher_answers(path, dialogues) == {}
     assert set(load_teacher_answers(path)) == {"d000001", "d000003"}

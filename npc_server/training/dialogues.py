@@ -33,6 +33,9 @@ from npc_server.paths import DEFAULT_PERSONAS_DIR, REPO_ROOT, data_dir
 TEACHER = "qwen2.5-coder-0.5b-instruct"
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese (in kana)", "yue": "Cantonese (in Chinese characters)",
                   "cmn": "Mandarin (in pinyin with tone numbers)"}
+NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty",
+                "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand"}
 DISCLAIMER = re.compile(r"\b(as an ai|language model|i am an assistant|i'm an assistant|assistant:)", re.IGNORECASE)
 
 
@@ -54,6 +57,13 @@ def word_count(text: str, language: str) -> int:
     return len(text.split())
 
 
+def numbers(text: str) -> set[str]:
+    """The number words and digit strings of a text (digits spelled out for English)."""
+    from npc_server.eval.metrics import normalize_text
+
+    return {w for w in normalize_text(text) if w in NUMBER_WORDS} | set(re.findall(r"\d+", text))
+
+
 def check(row: dict, answer: str, max_words: int) -> str | None:
     """None when the teacher's answer is kept, else why not."""
     from npc_server.eval.answer_v2 import in_language
@@ -66,6 +76,9 @@ def check(row: dict, answer: str, max_words: int) -> str | None:
         return f"fact missing: {missing[0]}"
     if not in_language(answer, row["language"]):
         return "language"
+    invented = numbers(answer) - numbers(row["answer_text"]) - numbers(row["question_text"])
+    if invented:
+        return f"number not in the facts: {sorted(invented)[0]}"
     if word_count(answer, row["language"]) > max_words:
         return "too long"
     if DISCLAIMER.search(answer):
@@ -102,16 +115,22 @@ class Teacher:
         return [clean(self.tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
 
 
-def load_teacher_answers(path: Path, dialogues: list[dict] | None = None) -> dict[str, str]:
-    """id -> kept teacher answer; entries whose question no longer matches the dialogue of that id are ignored."""
-    questions = {d["id"]: d["question_text"] for d in dialogues} if dialogues is not None else None
+def load_teacher_answers(path: Path, dialogues: list[dict] | None = None, max_words: int = 30) -> dict[str, str]:
+    """id -> kept teacher answer. With the dialogues, entries whose question no longer matches the dialogue of that
+    id are ignored and the checks run again (a file written under older checks obeys the current ones)."""
+    by_id = {d["id"]: d for d in dialogues} if dialogues is not None else None
     out = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
-        if r.get("rejected") is None and (questions is None or questions.get(r["id"]) == r["question_text"]):
-            out[r["id"]] = r["answer"]
+        if r.get("rejected") is not None:
+            continue
+        if by_id is not None:
+            d = by_id.get(r["id"])
+            if d is None or d["question_text"] != r["question_text"] or check(d, r["answer"], max_words) is not None:
+                continue
+        out[r["id"]] = r["answer"]
     return out
 
 
