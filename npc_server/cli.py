@@ -40,6 +40,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                          "how well the backbone hears: WER of its ASR-task transcripts of held-out questions"),
     ("eval", "vocoder"): ("npc_server.eval.vocoder_eval:main", "evaluate the vocoder"),
     ("eval", "npc"): ("npc_server.eval.npc_eval:main", "NPC-Eval: held-out spoken-answer evaluation"),
+    ("eval", "off-script"): ("npc_server.eval.off_script:main",
+                             "v2: questions outside every persona's knowledge: language, persona, teacher judge"),
     ("eval", "make-set"): ("npc_server.eval.eval_set:main",
                            "pack a corpus's held-out questions into the small eval set shipped in data/eval/npc"),
     ("pretrained", "prepare"): ("npc_server.pretrained.cli:main",

@@ -65,3 +65,18 @@ def test_eval_npc_runs_the_v2_backbone_on_the_shipped_eval_set(tmp_path, capsys)
     report = json.loads(out.read_text())
     (model,) = report["models"].values()
     assert model["summary"]["n"] == 2 and all(isinstance(r["answer"], str) for r in model["results"])
+
+
+def test_eval_off_script_asks_every_persona(tmp_path):
+    import json
+
+    from npc_server.eval.off_script import main
+
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({"questions": ["What is the capital of France?"]}))
+    out = tmp_path / "off.json"
+    assert main(["--backbone", str(DEFAULT_MODEL_DIR / "backbone_v2"), "--questions", str(questions),
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["answers"] == report["summary"]["personas"] == 6
+    assert {r["persona"] for r in report["results"]} >= {"innkeeper", "tea_seller"}

@@ -43,8 +43,8 @@ def teacher_messages(row: dict, persona_text: str) -> list[dict]:
     """The chat the teacher answers: persona and facts in the system turn, history, the player's question."""
     language = LANGUAGE_NAMES.get(row["language"], row["language"])
     system = (f"{persona_text.strip()}\nYou are this character in a fantasy game, talking to a traveller. Stay in "
-              f"character. Answer in {language}, in one or two short sentences, and never say you are an AI. "
-              f"What you say must contain this information: \"{row['answer_text']}\"")
+              f"character and never say you are an AI. Answer in {language}, in one or two short sentences, in your "
+              f"own words and manner. The facts your answer must get across: \"{row['answer_text']}\"")
     messages = [{"role": "system", "content": system}]
     for turn in row.get("history", []):
         messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["answer"]}]
@@ -107,11 +107,15 @@ class Teacher:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @torch.inference_mode()
-    def answer(self, chats: list[list[dict]], max_new_tokens: int = 60) -> list[str]:
+    def answer(self, chats: list[list[dict]], max_new_tokens: int = 60, temperature: float = 0.0,
+               seed: int = 0) -> list[str]:
+        """Greedy (temperature 0) or sampled answers, one per chat."""
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+        torch.manual_seed(seed)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                  **sampling)
         return [clean(self.tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
 
 
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="at most this many dialogues (in corpus order)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-words", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy; greedy mostly "
+                                                                     "repeats the reference answer word for word)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -158,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         done = {json.loads(line)["id"] for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()}
     todo = [r for r in rows if r["id"] not in done and r["persona"] in texts]
+    skipped = sum(r["persona"] not in texts for r in rows)
+    if skipped:
+        print(f"{skipped} dialogues of personas without a YAML in {args.personas} skipped (the teacher needs the "
+              f"persona's text)")
     print(f"dialogues: {len(rows)} {args.split} dialogues of {corpus}, {len(done)} already answered, {len(todo)} to "
           f"go -> {args.out}", flush=True)
     if not todo:
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     with args.out.open("a", encoding="utf-8") as f:
         for k in range(0, len(todo), args.batch):
             chunk = todo[k : k + args.batch]
-            answers = teacher.answer([teacher_messages(r, texts[r["persona"]]) for r in chunk])
+            answers = teacher.answer([teacher_messages(r, texts[r["persona"]]) for r in chunk], max_new_tokens=48,
+                                     temperature=args.temperature, seed=k)
             for r, a in zip(chunk, answers):
                 why = check(r, a, args.max_words)
                 kept, total = kept + (why is None), total + 1
