@@ -55,3 +55,22 @@ def test_kept_answers_are_read_back_only_for_the_same_question(tmp_path):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert load_teacher_answers(path, dialogues) == {}
     assert set(load_teacher_answers(path)) == {"d000001", "d000003"}
+
+
+def test_off_script_rows_are_checked_against_the_persona_text_and_read_back(tmp_path):
+    from npc_server.personas import load_folder
+    from npc_server.paths import DEFAULT_PERSONAS_DIR
+    from npc_server.training.dialogues import load_off_script, off_script_messages, off_script_rows
+
+    personas = [p for p in load_folder(DEFAULT_PERSONAS_DIR)[0].values() if p.id == "innkeeper"]
+    (row,) = off_script_rows(["Can you fly?"], personas)
+    assert row["persona"] == "innkeeper" and row["category"] == "off_script" and row["expected"] == []
+    assert "do not know" in off_script_messages(row["answer_text"], "en", "Can you fly?")[0]["content"]
+    assert check(row, "Fly? Not me, love. I keep my feet by the fire.", 30) is None
+    assert check(row, "A room is five gold.", 30) is None  # the persona's own facts are fine
+    assert check(row, "Yes, for ninety gold.", 30).startswith("number not in the facts")
+    path = tmp_path / "os.jsonl"
+    path.write_text(json.dumps({"id": row["id"], "persona": "innkeeper", "category": "off_script", "language": "en",
+                                "question_text": "Can you fly?", "answer": "Not me, love.", "rejected": None}) + "\n")
+    (back,) = load_off_script(path)
+    assert back["answer_text"] == "Not me, love." and back["persona_language"] == "en" and back["history"] == []

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="v2 backbone to continue (default: the shipped one); `none` starts from the base model")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "answer_v2")
     p.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
-    p.add_argument("--teacher", type=Path, default=None,
-                   help="teacher answers (`npc-server train dialogues` output): the kept ones replace the templated "
-                        "answers of their dialogues")
+    p.add_argument("--teacher", type=Path, nargs="+", default=[],
+                   help="teacher files (`npc-server train dialogues` output): kept answers replace the templated answers "
+                        "of their dialogues; kept off-script answers are added as typed dialogues")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget (the LR schedule follows it)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=1536, help="padded tokens per step")
@@ -100,21 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = heldout_dialogues(corpus, "train", 10**9, args.seed, tokens)
     if not rows:
         raise SystemExit(f"npc-server train answer: no train dialogues with question tokens in {tokens}")
-    if args.teacher is not None:
-        from npc_server.training.dialogues import load_teacher_answers
+    off_script: list[dict] = []
+    for path in args.teacher:
+        from npc_server.training.dialogues import load_off_script, load_teacher_answers
 
-        taught = load_teacher_answers(args.teacher, rows)
+        taught = load_teacher_answers(path, rows)
         rows = [dict(r, answer_text=taught.get(r["id"], r["answer_text"])) for r in rows]
-        print(f"teacher answers for {len(taught)} of {len(rows)} dialogues from {args.teacher}")
+        off_script += load_off_script(path)
+        print(f"{path}: teacher answers for {len(taught)} of {len(rows)} dialogues, {len(off_script)} off-script")
     utterances = load_rows(corpus, tokens, "train")
     valid_texts = [r["answer_text"] for r in heldout_dialogues(corpus, "valid", 10**9, 0)]
     model = start_model(init, AudioLMConfig(base=args.base, lora_rank=args.lora_rank),
-                        [r["answer_text"] for r in rows] + [r["text"] for r in utterances] + valid_texts
+                        [r["answer_text"] for r in rows + off_script] + [r["text"] for r in utterances] + valid_texts
                         + [t for r in rows for turn in r.get("history", []) for t in (turn["answer"],)],
                         text_tok)
     fmt = DialogueFormat(model.cfg.layout, text_tok, model.cfg.audio_input)
     rng = random.Random(args.seed)
     examples = answer_examples(fmt, rows, texts, args.typed_share, rng)
+    examples += answer_examples(fmt, off_script, texts, 1.0, rng)  # typed: they have no recorded audio
     n_answer = len(examples)
     hearing = build_examples(fmt, utterances, 0.0, rng)
     rng.shuffle(hearing)

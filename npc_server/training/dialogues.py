@@ -51,6 +51,27 @@ def teacher_messages(row: dict, persona_text: str) -> list[dict]:
     return messages + [{"role": "user", "content": row["question_text"]}]
 
 
+def off_script_messages(persona_text: str, language: str, question: str) -> list[dict]:
+    """The chat for a question outside the persona's knowledge: answer in character, refuse rather than invent."""
+    system = (f"{persona_text.strip()}\nYou are this character in a fantasy game, talking to a traveller. Stay in "
+              f"character and never say you are an AI. Answer in {LANGUAGE_NAMES.get(language, language)}, in one or "
+              f"two short sentences. You only know what your description says: when the traveller asks about "
+              f"anything else, say in your own manner that you do not know, and never invent names, places, "
+              f"numbers or prices.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def off_script_rows(questions: list[str], personas) -> list[dict]:
+    """One row per (persona, question): the fields `check` reads, with the persona's text as its facts."""
+    rows = []
+    for persona in personas:
+        for k, q in enumerate(questions):
+            rows.append({"id": f"os-{persona.id}-{k:03d}", "persona": persona.role, "category": "off_script",
+                         "language": persona.language, "question_text": q, "answer_text": persona.prompt_text(),
+                         "expected": [], "history": []})
+    return rows
+
+
 def word_count(text: str, language: str) -> int:
     if language in ("ja", "yue"):
         return len(re.sub(r"\s", "", text)) // 2
@@ -119,6 +140,21 @@ class Teacher:
         return [clean(self.tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
 
 
+def load_off_script(path: Path, max_words: int = 30) -> list[dict]:
+    """The kept off-script answers of a teacher file as dialogue rows (typed questions; no corpus audio)."""
+    from npc_server.training.corpus.world import PERSONAS
+
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if r.get("category") == "off_script" and r.get("rejected") is None:
+            language = PERSONAS[r["persona"]].language if r["persona"] in PERSONAS else r["language"]
+            rows.append({"id": r["id"], "persona": r["persona"], "category": "off_script", "language": r["language"],
+                         "persona_language": language, "question_text": r["question_text"],
+                         "answer_text": r["answer"], "expected": [], "history": []})
+    return rows
+
+
 def load_teacher_answers(path: Path, dialogues: list[dict] | None = None, max_words: int = 30) -> dict[str, str]:
     """id -> kept teacher answer. With the dialogues, entries whose question no longer matches the dialogue of that
     id are ignored and the checks run again (a file written under older checks obeys the current ones)."""
@@ -150,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "teacher" / "dialogues.jsonl")
     p.add_argument("--personas", type=Path, default=DEFAULT_PERSONAS_DIR)
     p.add_argument("--limit", type=int, default=None, help="at most this many dialogues (in corpus order)")
+    p.add_argument("--off-script", type=Path, default=None, metavar="QUESTIONS_JSON",
+                   help="instead of the corpus: these questions (e.g. data/teacher/off_script_questions.json) asked of "
+                        "every persona, answered in character with refusals where the persona cannot know")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-words", type=int, default=30)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy; greedy mostly "
@@ -157,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    corpus = require_corpus(args.corpus, "train dialogues", needs=("dialogues.jsonl",))
-    rows = load_dialogues(corpus, args.split)[: args.limit]
     texts = persona_texts(args.personas)
+    if args.off_script is not None:
+        from npc_server.personas import load_folder
+
+        questions = json.loads(args.off_script.read_text(encoding="utf-8"))["questions"]
+        rows = off_script_rows(questions, load_folder(args.personas)[0].values())[: args.limit]
+        corpus = args.off_script
+    else:
+        corpus = require_corpus(args.corpus, "train dialogues", needs=("dialogues.jsonl",))
+        rows = load_dialogues(corpus, args.split)[: args.limit]
     done = set()
     if args.out.exists():
         done = {json.loads(line)["id"] for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()}
@@ -168,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"{skipped} dialogues of personas without a YAML in {args.personas} skipped (the teacher needs the "
               f"persona's text)")
-    print(f"dialogues: {len(rows)} {args.split} dialogues of {corpus}, {len(done)} already answered, {len(todo)} to "
+    print(f"dialogues: {len(rows)} {'off-script questions x personas' if args.off_script else args.split + ' dialogues'} of {corpus}, {len(done)} already answered, {len(todo)} to "
           f"go -> {args.out}", flush=True)
     if not todo:
         return 0
@@ -184,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     with args.out.open("a", encoding="utf-8") as f:
         for k in range(0, len(todo), args.batch):
             chunk = todo[k : k + args.batch]
-            answers = teacher.answer([teacher_messages(r, texts[r["persona"]]) for r in chunk], max_new_tokens=48,
-                                     temperature=args.temperature, seed=k)
+            chats = [off_script_messages(texts[r["persona"]], r["language"], r["question_text"])
+                     if r["category"] == "off_script" else teacher_messages(r, texts[r["persona"]]) for r in chunk]
+            answers = teacher.answer(chats, max_new_tokens=48, temperature=args.temperature, seed=k)
             for r, a in zip(chunk, answers):
                 why = check(r, a, args.max_words)
                 kept, total = kept + (why is None), total + 1
