@@ -58,7 +58,12 @@ def off_script_messages(persona_text: str, language: str, question: str) -> list
               f"two short sentences. You only know what your description says: when the traveller asks about "
               f"anything else, say in your own manner that you do not know, and never invent names, places, "
               f"numbers or prices.")
-    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    shots = [("Who invented the printing press?", "A printing press? Never heard of such a thing, traveller."),
+             ("What is the capital of the eastern empire?", "I've never been beyond this valley, so I couldn't tell you.")]
+    if language != "en":  # the examples are English; other languages get the instruction alone
+        shots = []
+    turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return [{"role": "system", "content": system}, *turns, {"role": "user", "content": question}]
 
 
 def off_script_rows(questions: list[str], personas) -> list[dict]:
