@@ -31,6 +31,7 @@ def test_checks_keep_good_answers_and_say_why_others_are_rejected():
     assert check(row, "部屋は five gold です", 30) == "language"
     assert check(row, "It is five gold " + "and so on " * 20, 30) == "too long"
     assert check(row, "As an AI language model, I think five gold.", 30) == "out of character"
+    assert check(row, "I'm not an AI, so five gold it is.", 30) == "out of character"
     assert check(row, "I'm Angus, and it is five gold.", 30) == "claims to be guard"
     assert check(row, "", 30) == "empty"
     assert check(row, "Five gold, or twenty for a week.", 30) == "number not in the facts: twenty"
@@ -74,3 +75,7 @@ def test_off_script_rows_are_checked_against_the_persona_text_and_read_back(tmp_
                                 "question_text": "Can you fly?", "answer": "Not me, love.", "rejected": None}) + "\n")
     (back,) = load_off_script(path)
     assert back["answer_text"] == "Not me, love." and back["persona_language"] == "en" and back["history"] == []
+    texts = {"innkeeper": row["answer_text"]}
+    assert len(load_off_script(path, texts)) == 1
+    path.write_text(path.read_text().replace("Not me, love.", "Not me, I am an AI."))
+    assert load_off_script(path, texts) == []  # checked again under the current checks

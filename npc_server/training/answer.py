@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
         taught = load_teacher_answers(path, rows)
         rows = [dict(r, answer_text=taught.get(r["id"], r["answer_text"])) for r in rows]
-        off_script += load_off_script(path)
+        off_script += load_off_script(path, texts)
         print(f"{path}: teacher answers for {len(taught)} of {len(rows)} dialogues, {len(off_script)} off-script")
     utterances = load_rows(corpus, tokens, "train")
     valid_texts = [r["answer_text"] for r in heldout_dialogues(corpus, "valid", 10**9, 0)]

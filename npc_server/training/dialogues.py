@@ -36,7 +36,7 @@ LANGUAGE_NAMES = {"en": "English", "ja": "Japanese (in kana)", "yue": "Cantonese
 NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
                 "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty",
                 "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand"}
-DISCLAIMER = re.compile(r"\b(as an ai|language model|i am an assistant|i'm an assistant|assistant:)", re.IGNORECASE)
+DISCLAIMER = re.compile(r"\b(ai|a\.i\.|language model|assistant|chatbot)\b", re.IGNORECASE)
 
 
 def teacher_messages(row: dict, persona_text: str) -> list[dict]:
@@ -145,14 +145,20 @@ class Teacher:
         return [clean(self.tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
 
 
-def load_off_script(path: Path, max_words: int = 30) -> list[dict]:
-    """The kept off-script answers of a teacher file as dialogue rows (typed questions; no corpus audio)."""
+def load_off_script(path: Path, persona_texts: dict[str, str] | None = None, max_words: int = 30) -> list[dict]:
+    """The kept off-script answers of a teacher file as dialogue rows (typed questions; no corpus audio). With the
+    persona texts the checks run again (a file written under older checks obeys the current ones)."""
     from npc_server.training.corpus.world import PERSONAS
 
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         r = json.loads(line) if line.strip() else {}
         if r.get("category") == "off_script" and r.get("rejected") is None:
+            if persona_texts is not None:
+                facts = {"persona": r["persona"], "language": r["language"], "question_text": r["question_text"],
+                         "answer_text": persona_texts.get(r["persona"], ""), "expected": []}
+                if check(facts, r["answer"], max_words) is not None:
+                    continue
             language = PERSONAS[r["persona"]].language if r["persona"] in PERSONAS else r["language"]
             rows.append({"id": r["id"], "persona": r["persona"], "category": "off_script", "language": r["language"],
                          "persona_language": language, "question_text": r["question_text"],
