@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--base", default="gemma3-270m", help="base model of a fresh backbone (--init none)")
     a.add_argument("--lora-rank", type=int, default=16)
     a.add_argument("--typed-share", type=float, default=0.25, help="share of questions given typed, not spoken")
+    a.add_argument("--off-script-repeat", type=int, default=1,
+                   help="how many times each kept off-script teacher answer is used per epoch (they are few)")
     a.add_argument("--hearing-mix", type=float, default=0.3,
                    help="ASR examples of train utterances, as a share of the answer examples (against forgetting)")
     args = p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = DialogueFormat(model.cfg.layout, text_tok, model.cfg.audio_input)
     rng = random.Random(args.seed)
     examples = answer_examples(fmt, rows, texts, args.typed_share, rng)
-    examples += answer_examples(fmt, off_script, texts, 1.0, rng)  # typed: they have no recorded audio
+    examples += answer_examples(fmt, off_script * args.off_script_repeat, texts, 1.0, rng)  # typed: no recorded audio
     n_answer = len(examples)
     hearing = build_examples(fmt, utterances, 0.0, rng)
     rng.shuffle(hearing)
