@@ -1,4 +1,4 @@
-"""Training precision: `auto` picks bf16 autocast only where it measured faster on this CPU."""
+"""Training precision: `auto` picks bf16 autocast where the CPU has native bf16 (flags, else a timing)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def test_the_measurement_runs_and_is_cached():
 def test_unknown_precision_is_an_error():
     with pytest.raises(ValueError, match="precision must be one of"):
         precision.resolve("fp8")
+
+
+def test_cpu_flags_decide_before_any_timing(tmp_path):
+    native = tmp_path / "native"
+    native.write_text("processor : 0\nflags : fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert precision.native_bf16(str(native)) is True
+    assert precision.native_bf16(str(avx2)) is False
+    assert precision.native_bf16(str(tmp_path / "missing")) is None
+    (tmp_path / "noflags").write_text("model name : something\n")
+    assert precision.native_bf16(str(tmp_path / "noflags")) is None
