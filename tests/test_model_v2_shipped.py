@@ -80,3 +80,25 @@ def test_eval_off_script_asks_every_persona(tmp_path):
     report = json.loads(out.read_text())
     assert report["summary"]["answers"] == report["summary"]["personas"] == 6
     assert {r["persona"] for r in report["results"]} >= {"innkeeper", "tea_seller"}
+
+
+def test_shipped_backbone_v2_answers_the_example_questions_in_character(tokenizer):
+    """Spoken example questions under their persona's system turn: the answer carries the persona's fact."""
+    from npc_server.backbone.audio_lm import AudioLM, load_text_tokenizer
+    from npc_server.backbone.template_v2 import DialogueFormat
+    from npc_server.eval.answer_v2 import answer
+    from npc_server.eval.npc_eval import contains
+    from npc_server.paths import DEFAULT_PERSONAS_DIR
+    from npc_server.training.lm_data import persona_texts
+
+    torch.set_num_threads(2)
+    model = AudioLM.from_pretrained(DEFAULT_MODEL_DIR / "backbone_v2")
+    fmt = DialogueFormat(model.cfg.layout, load_text_tokenizer(model.cfg.base), model.cfg.audio_input)
+    texts = persona_texts(DEFAULT_PERSONAS_DIR)
+    asked = {"room.wav": ("innkeeper", "five gold"), "well.wav": ("innkeeper", "west corner"),
+             "work.wav": ("quest_giver", "silver ring")}
+    for name, (persona, fact) in asked.items():
+        wav, sr = sf.read(str(EXAMPLES / name), dtype="float32")
+        audio = fmt.audio(tokenizer.encode(wav, sr).linguistic.numpy())
+        text, ended = answer(model, fmt, fmt.answer_prompt(texts[persona], "en", [], audio=audio), 48)
+        assert ended and contains(fact, text, "en"), (name, text)
