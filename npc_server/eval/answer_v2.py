@@ -28,8 +28,7 @@ from npc_server.backbone.thinker import DecodeOptions, ThinkerSession, decode
 
 TOKENS_PER_SECOND = 4.0  # answer text tokens per second of speech (an English speaker: ~2.5 words/s, ~1.3 tokens/word)
 
-CJK = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-KANA_OR_HAN = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+CJK = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # kana and han
 HAN = re.compile(r"[\u4e00-\u9fff]")
 PINYIN = re.compile(r"\b[a-z]+[1-5]\b")
 
@@ -39,7 +38,7 @@ def in_language(text: str, language: str) -> bool:
     if language == "en":
         return not CJK.search(text) and not PINYIN.search(text.lower())
     if language == "ja":
-        return bool(KANA_OR_HAN.search(text))
+        return bool(CJK.search(text))
     if language == "yue":
         return bool(HAN.search(text))
     if language == "cmn":
@@ -120,8 +119,8 @@ def to_markdown(name: str, summary: dict, question: str) -> str:
     return "\n".join(lines)
 
 
-def heldout_dialogues(corpus: Path, split: str, limit: int, seed: int, token_dir: Path | None = None) -> list[dict]:
-    """A seeded sample of the split's dialogues with the persona's own language on each row; with `token_dir`,
+def dialogue_rows(corpus: Path, split: str, limit: int, seed: int, token_dir: Path | None = None) -> list[dict]:
+    """A seeded sample of a split's dialogues with the persona's own language on each row; with `token_dir`,
     only those whose question has tokens there (loaded onto the row)."""
     from npc_server.training.corpus.world import PERSONAS
     from npc_server.training.lm_data import load_dialogues
@@ -159,7 +158,7 @@ def run(args, models: dict[str, str]) -> int:
         default = data_dir() / "corpus" / "default"
         corpus = default if (default / "dialogues.jsonl").is_file() else SHIPPED_SET
     corpus = require_corpus(corpus, "eval npc", needs=("manifest.jsonl", "dialogues.jsonl"))
-    rows = heldout_dialogues(corpus, args.split, args.limit, args.seed)
+    rows = dialogue_rows(corpus, args.split, args.limit, args.seed)
     if args.question == "audio":
         tokenizer = load_tokenizer(args.audio_tokenizer)
         if getattr(tokenizer, "version", 1) != 2:

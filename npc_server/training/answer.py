@@ -51,7 +51,7 @@ def answer_examples(fmt: DialogueFormat, rows: list[dict], persona_texts: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npc_server.eval.answer_v2 import answer_rows, heldout_dialogues, summarise
+    from npc_server.eval.answer_v2 import answer_rows, dialogue_rows, summarise
     from npc_server.training.hearing import build_examples, load_rows
     from npc_server.training.lm_data import persona_texts as load_persona_texts
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve(args.precision)
     text_tok = load_text_tokenizer(args.base)
     texts = load_persona_texts(args.personas)
-    rows = heldout_dialogues(corpus, "train", 10**9, args.seed, tokens)
+    rows = dialogue_rows(corpus, "train", 10**9, args.seed, tokens)
     if not rows:
         raise SystemExit(f"npc-server train answer: no train dialogues with question tokens in {tokens}")
     off_script: list[dict] = []
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         off_script += load_off_script(path, texts)
         print(f"{path}: teacher answers for {len(taught)} of {len(rows)} dialogues, {len(off_script)} off-script")
     utterances = load_rows(corpus, tokens, "train")
-    valid_texts = [r["answer_text"] for r in heldout_dialogues(corpus, "valid", 10**9, 0)]
+    valid_texts = [r["answer_text"] for r in dialogue_rows(corpus, "valid", 10**9, 0)]
     model = start_model(init, AudioLMConfig(base=args.base, lora_rank=args.lora_rank),
                         [r["answer_text"] for r in rows + off_script] + [r["text"] for r in utterances] + valid_texts
                         + [t for r in rows for turn in r.get("history", []) for t in (turn["answer"],)],
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "npc-server train answer " + " ".join(sys.argv[3:] if argv is None else argv),
     }
     if args.eval_n > 0:
-        held = heldout_dialogues(corpus, "heldout", args.eval_n, 0, tokens)
+        held = dialogue_rows(corpus, "heldout", args.eval_n, 0, tokens)
         summary = summarise(answer_rows(model, fmt, held, texts, "audio"))
         record["answer_correct_heldout_spoken"] = summary["correct"]
         record["answer_eval_n"] = summary["n_with_facts"]

@@ -134,7 +134,7 @@ def preference_accuracy(model: AudioLM, pairs: list[Pair], pad_id: int) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npc_server.eval.answer_v2 import answer_rows, heldout_dialogues, summarise
+    from npc_server.eval.answer_v2 import answer_rows, dialogue_rows, summarise
     from npc_server.training.lm_data import persona_texts as load_persona_texts
 
     p = argparse.ArgumentParser(prog="npc-server train prefer", description=__doc__,
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     text_tok = load_text_tokenizer(model.cfg.base)
     fmt = DialogueFormat(model.cfg.layout, text_tok, model.cfg.audio_input)
     texts = load_persona_texts(args.personas)
-    rows = heldout_dialogues(corpus, "train", 10**9, args.seed, tokens)
+    rows = dialogue_rows(corpus, "train", 10**9, args.seed, tokens)
     if args.teacher is not None:
         from npc_server.training.dialogues import load_teacher_answers
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"preference accuracy on {len(valid)} held-back pairs: {acc_before:.1%} -> {acc_after:.1%}")
     if args.eval_n > 0:
-        held = heldout_dialogues(corpus, "heldout", args.eval_n, 0, tokens)
+        held = dialogue_rows(corpus, "heldout", args.eval_n, 0, tokens)
         summary = summarise(answer_rows(model, fmt, held, texts, "audio"))
         record["answer_correct_heldout_spoken"] = summary["correct"]
         record["answer_eval_n"] = summary["n_with_facts"]
