@@ -92,3 +92,25 @@ def test_judges():
     assert in_language("歡迎光臨", "yue") and in_language("huan1 ying2 guang1 lin2", "cmn")
     assert not in_language("huan1 ying2", "en") and not in_language("Welcome", "cmn")
     assert max_answer_tokens(12) == 48 and max_answer_tokens(0.5) == 8
+
+
+def test_stage_plumbing_token_cache_run_log_and_record(tmp_path):
+    import json
+
+    import pytest
+
+    from npc_server.training.lm_v2 import RunResult, append_run_log, continue_run_log, run_record, token_cache
+
+    with pytest.raises(SystemExit, match="no v2 token cache at .*train tokenizer-v2"):
+        token_cache(tmp_path / "corpus", None, "train answer")
+    (tmp_path / "corpus" / "tokens_v2").mkdir(parents=True)
+    assert token_cache(tmp_path / "corpus", None, "train answer")[1] == tmp_path / "corpus" / "tokens_v2"
+    record = run_record("answer (SFT)", "base", RunResult(10, 5000, 50.0, [2.0] * 20 + [1.0] * 20), "bf16", 2, "cmd",
+                        pairs=3)
+    assert (record["tokens_per_s"], record["loss_first"], record["loss_last"], record["pairs"]) == (100, 2.0, 1.0, 3)
+    (tmp_path / "a").mkdir()  # a run folder (the stage saves its weights there first)
+    append_run_log(tmp_path / "a", record)
+    continue_run_log(tmp_path / "a", tmp_path / "b")  # a run continuing a starts from a's curve
+    append_run_log(tmp_path / "b", dict(record, stage="prefer (DPO)"))
+    runs = json.loads((tmp_path / "b" / "training.json").read_text())["runs"]
+    assert [r["stage"] for r in runs] == ["answer (SFT)", "prefer (DPO)"]

@@ -102,6 +102,14 @@ class DialogueFormat(HearingFormat):
                       text: str | None = None) -> list[int]:
         return self.system_ids(persona_text, language) + self.history_ids(history) + self.question_ids(audio, text)
 
+    def row_prompt(self, row: dict, persona_text: str, typed: bool) -> list[int]:
+        """The answer prompt of a corpus dialogue row: its question typed, or spoken (the row's `linguistic` codes)."""
+        language, history = row.get("persona_language", row["language"]), row.get("history", [])
+        if typed:
+            return self.answer_prompt(persona_text, language, history, text=row["question_text"])
+        return self.answer_prompt(persona_text, language, history,
+                                  audio=self.audio(row["linguistic"], row.get("interleaved")))
+
     def answer_example(self, prompt: list[int], answer: str) -> Example:
         target = self.text_ids(answer) + [self.text_end, self.end]
         return Example(prompt + target, [IGNORE] * (len(prompt) - 1) + target + [IGNORE])

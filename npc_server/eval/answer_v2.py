@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from npc_server.backbone.audio_lm import AudioLM
@@ -69,14 +68,7 @@ def answer_rows(model: AudioLM, fmt: DialogueFormat, rows: list[dict], persona_t
     bound = max_answer_tokens(max_answer_seconds)
     results = []
     for row in tqdm(rows, desc="answer", unit="q", disable=not progress):
-        persona_language = row.get("persona_language", row["language"])
-        if question == "audio":
-            audio = fmt.audio(row["linguistic"], row.get("interleaved"))
-            prompt = fmt.answer_prompt(persona_texts.get(row["persona"], ""), persona_language, row.get("history", []),
-                                       audio=audio)
-        else:
-            prompt = fmt.answer_prompt(persona_texts.get(row["persona"], ""), persona_language, row.get("history", []),
-                                       text=row["question_text"])
+        prompt = fmt.row_prompt(row, persona_texts.get(row["persona"], ""), typed=question != "audio")
         text, ended = answer(model, fmt, prompt, bound)
         expected = row.get("expected", [])
         results.append({
@@ -87,6 +79,16 @@ def answer_rows(model: AudioLM, fmt: DialogueFormat, rows: list[dict], persona_t
             "other_persona": persona_violation(text, row["persona"], names),
         })
     return results
+
+
+def answer_figure(model: AudioLM, fmt: DialogueFormat, corpus: Path, tokens: Path, n: int,
+                  persona_texts: dict[str, str]) -> dict:
+    """The figure a v2 training stage logs per run: n held-out spoken questions (token cache), fact in the answer."""
+    summary = summarise(answer_rows(model, fmt, dialogue_rows(corpus, "heldout", n, 0, tokens), persona_texts, "audio"))
+    print(f"held-out spoken questions: expected fact in the answer {summary['correct']:.1%} of "
+          f"{summary['n_with_facts']}, in language {summary['in_language']:.1%}")
+    return {"answer_correct_heldout_spoken": summary["correct"], "answer_eval_n": summary["n_with_facts"],
+            "answer_in_language": summary["in_language"]}
 
 
 def summarise(results: list[dict]) -> dict:

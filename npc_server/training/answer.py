@@ -14,19 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from npc_server.argtools import advanced
 from npc_server.backbone.audio_lm import AudioLMConfig, load_text_tokenizer
 from npc_server.backbone.template_v2 import DialogueFormat
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR, REPO_ROOT, data_dir
-from npc_server.training.lm_v2 import append_run_log, bucket_length, is_v2_backbone, start_model, train_loop
+from npc_server.training.lm_v2 import (
+    append_run_log,
+    bucket_length,
+    continue_run_log,
+    is_v2_backbone,
+    run_record,
+    start_model,
+    token_cache,
+    train_loop,
+)
 from npc_server.training.loop import setup_distributed, teardown_distributed
 from npc_server.training.precision import PRECISIONS, resolve
 
@@ -38,12 +44,7 @@ def answer_examples(fmt: DialogueFormat, rows: list[dict], persona_texts: dict[s
     """One example per dialogue row (rows carry `linguistic` codes and `persona_language`); too long ones dropped."""
     out = []
     for r in rows:
-        system = persona_texts.get(r["persona"], "")
-        if rng.random() < typed_share:
-            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []), text=r["question_text"])
-        else:
-            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []),
-                                       audio=fmt.audio(r["linguistic"], r.get("interleaved")))
+        prompt = fmt.row_prompt(r, persona_texts.get(r["persona"], ""), typed=rng.random() < typed_share)
         ex = fmt.answer_example(prompt, r["answer_text"])
         if len(ex.ids) <= MAX_LENGTH:
             out.append(ex)
@@ -51,7 +52,7 @@ def answer_examples(fmt: DialogueFormat, rows: list[dict], persona_texts: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npc_server.eval.answer_v2 import answer_rows, dialogue_rows, summarise
+    from npc_server.eval.answer_v2 import answer_figure, dialogue_rows
     from npc_server.training.hearing import build_examples, load_rows
     from npc_server.training.lm_data import persona_texts as load_persona_texts
 
@@ -86,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    corpus = args.corpus.expanduser()
-    tokens = (args.tokens or corpus / "tokens_v2").expanduser()
-    if not tokens.is_dir():
-        raise SystemExit(f"npc-server train answer: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
-                         f"--corpus {corpus}` first")
+    corpus, tokens = token_cache(args.corpus, args.tokens, "train answer")
     init = None if str(args.init) == "none" else args.init
     if init is not None and not is_v2_backbone(init):
         raise SystemExit(f"npc-server train answer: {init} holds no v2 backbone (pass --init none to start from "
@@ -127,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"answer: {n_answer} answer examples from {len(rows)} dialogues + {len(examples) - n_answer} hearing "
           f"examples, {model.head_ids.numel()} output rows, precision {precision}, buckets "
           f"{sorted({bucket_length(len(e.ids)) for e in examples})}", flush=True)
-    if rank == 0 and init is not None and (init / "training.json").exists() and init.resolve() != args.out.resolve():
-        args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(init / "training.json", args.out / "training.json")
+    if rank == 0:
+        continue_run_log(init, args.out)
 
     def save():
         model.save_pretrained(args.out)
@@ -139,24 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         teardown_distributed()
         return 0
-    record = {
-        "stage": "answer (SFT)", "date": time.strftime("%Y-%m-%d %H:%M"),
-        "init": str(init) if init else f"base {args.base}", "examples": len(examples), "answer_examples": n_answer,
-        "steps": result.steps, "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
-        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9)),
-        "loss_first": round(float(np.mean(result.losses[:20])), 4) if result.losses else None,
-        "loss_last": round(float(np.mean(result.losses[-20:])), 4) if result.losses else None,
-        "precision": precision, "threads": args.threads,
-        "command": "npc-server train answer " + " ".join(sys.argv[3:] if argv is None else argv),
-    }
+    record = run_record("answer (SFT)", str(init) if init else f"base {args.base}", result, precision, args.threads,
+                        "npc-server train answer " + " ".join(sys.argv[3:] if argv is None else argv),
+                        examples=len(examples), answer_examples=n_answer)
     if args.eval_n > 0:
-        held = dialogue_rows(corpus, "heldout", args.eval_n, 0, tokens)
-        summary = summarise(answer_rows(model, fmt, held, texts, "audio"))
-        record["answer_correct_heldout_spoken"] = summary["correct"]
-        record["answer_eval_n"] = summary["n_with_facts"]
-        record["answer_in_language"] = summary["in_language"]
-        print(f"held-out spoken questions: expected fact in the answer {summary['correct']:.1%} of "
-              f"{summary['n_with_facts']}, in language {summary['in_language']:.1%}")
+        record.update(answer_figure(model, fmt, corpus, tokens, args.eval_n, texts))
     append_run_log(args.out, record)
     print(json.dumps(record, indent=2))
     teardown_distributed()

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,11 @@ from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.training.lm_v2 import (
     append_run_log,
     bucket_length,
+    continue_run_log,
     is_v2_backbone,
+    run_record,
     start_model,
+    token_cache,
     train_loop,
 )
 from npc_server.training.loop import setup_distributed, teardown_distributed
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    corpus = args.corpus.expanduser()
-    tokens = (args.tokens or corpus / "tokens_v2").expanduser()
-    if not tokens.is_dir():
-        raise SystemExit(f"npc-server train hearing: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
-                         f"--corpus {corpus}` first")
+    corpus, tokens = token_cache(args.corpus, args.tokens, "train hearing")
     rank, _ = setup_distributed()  # under torchrun: one process per rank, rank 0 writes
     precision = resolve(args.precision)
     text_tok = load_text_tokenizer(args.base)
@@ -116,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hearing: {len(examples)} examples from {len(train_rows)} utterances, {n_train / 1e6:.1f}M trained "
           f"parameters, {model.head_ids.numel()} output rows, precision {precision}, buckets "
           f"{sorted({bucket_length(len(e.ids)) for e in examples})}", flush=True)
-    if rank == 0 and init is not None and (init / "training.json").exists() and init.resolve() != args.out.resolve():
-        args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(init / "training.json", args.out / "training.json")
+    if rank == 0:
+        continue_run_log(init, args.out)
 
     def save():
         model.save_pretrained(args.out)
@@ -128,15 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         teardown_distributed()
         return 0
-    record = {
-        "stage": "hearing", "date": time.strftime("%Y-%m-%d %H:%M"), "init": str(init) if init else f"base {args.base}",
-        "steps": result.steps, "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
-        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9)),
-        "loss_first": round(float(np.mean(result.losses[:20])), 4) if result.losses else None,
-        "loss_last": round(float(np.mean(result.losses[-20:])), 4) if result.losses else None,
-        "precision": precision, "threads": args.threads,
-        "command": "npc-server train hearing " + " ".join(sys.argv[3:] if argv is None else argv),
-    }
+    record = run_record("hearing", str(init) if init else f"base {args.base}", result, precision, args.threads,
+                        "npc-server train hearing " + " ".join(sys.argv[3:] if argv is None else argv))
     if args.eval_n > 0:
         rows = [r for r in load_rows(corpus, tokens, "heldout") if r["role"] == "player" and r["language"] == "en"]
         rows = random.Random(0).sample(rows, min(args.eval_n, len(rows)))

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,33 @@ def train_loop(model: AudioLM, examples: list, minutes: float, batch_tokens: int
         save()
     barrier()
     return RunResult(step, tokens, time.perf_counter() - t0, losses)
+
+
+def token_cache(corpus: Path, tokens: Path | None, command: str) -> tuple[Path, Path]:
+    """(corpus, its v2 token cache) of a stage's --corpus / --tokens; ends the command when the cache is missing."""
+    corpus = Path(corpus).expanduser()
+    tokens = Path(tokens or corpus / "tokens_v2").expanduser()
+    if not tokens.is_dir():
+        raise SystemExit(f"npc-server {command}: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
+                         f"--corpus {corpus}` first")
+    return corpus, tokens
+
+
+def continue_run_log(init: Path | None, out: Path) -> None:
+    """Start <out>/training.json from the log of the backbone a run continues, so the file is the curve across runs."""
+    if init is not None and (Path(init) / "training.json").exists() and Path(init).resolve() != Path(out).resolve():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(init) / "training.json", Path(out) / "training.json")
+
+
+def run_record(stage: str, init: str, result: RunResult, precision: str, threads: int, command: str, **extra) -> dict:
+    """A run's entry in training.json: what ran, how long, how fast, the loss at its start and end (+ `extra`)."""
+    mean = lambda xs: round(float(np.mean(xs)), 4) if xs else None
+    return {"stage": stage, "date": time.strftime("%Y-%m-%d %H:%M"), "init": init, **extra, "steps": result.steps,
+            "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
+            "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9)),
+            "loss_first": mean(result.losses[:20]), "loss_last": mean(result.losses[-20:]),
+            "precision": precision, "threads": threads, "command": command}
 
 
 def append_run_log(out: Path, record: dict) -> None:

@@ -17,22 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from npc_server.argtools import advanced
 from npc_server.backbone.audio_lm import AudioLM, load_text_tokenizer
-from npc_server.backbone.template_v2 import IGNORE, DialogueFormat, Example
+from npc_server.backbone.template_v2 import DialogueFormat, Example
 from npc_server.paths import DEFAULT_PERSONAS_DIR, REPO_ROOT, data_dir
 from npc_server.training.answer import MAX_LENGTH
-from npc_server.training.lm_v2 import append_run_log, bucket_length, collate, is_v2_backbone, sequence_logps, train_loop
+from npc_server.training.lm_v2 import (
+    append_run_log,
+    bucket_length,
+    collate,
+    continue_run_log,
+    is_v2_backbone,
+    run_record,
+    sequence_logps,
+    token_cache,
+    train_loop,
+)
 from npc_server.training.losses import dpo_loss
 from npc_server.training.precision import PRECISIONS, resolve
 
@@ -75,12 +82,7 @@ def build_pairs(fmt: DialogueFormat, rows: list[dict], persona_texts: dict[str, 
         rej = rejected_answer(r, rows_by, rng)
         if rej is None:
             continue
-        system = persona_texts.get(r["persona"], "")
-        if rng.random() < typed_share:
-            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []), text=r["question_text"])
-        else:
-            prompt = fmt.answer_prompt(system, r["persona_language"], r.get("history", []),
-                                       audio=fmt.audio(r["linguistic"], r.get("interleaved")))
+        prompt = fmt.row_prompt(r, persona_texts.get(r["persona"], ""), typed=rng.random() < typed_share)
         pair = Pair(fmt.answer_example(prompt, r["answer_text"]), fmt.answer_example(prompt, rej[0]), rej[1])
         if len(pair.ids) <= MAX_LENGTH:
             pairs.append(pair)
@@ -134,7 +136,7 @@ def preference_accuracy(model: AudioLM, pairs: list[Pair], pad_id: int) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npc_server.eval.answer_v2 import answer_rows, dialogue_rows, summarise
+    from npc_server.eval.answer_v2 import answer_figure, dialogue_rows
     from npc_server.training.lm_data import persona_texts as load_persona_texts
 
     p = argparse.ArgumentParser(prog="npc-server train prefer", description=__doc__,
@@ -162,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    corpus = args.corpus.expanduser()
-    tokens = (args.tokens or corpus / "tokens_v2").expanduser()
-    if not tokens.is_dir():
-        raise SystemExit(f"npc-server train prefer: no v2 token cache at {tokens}")
+    corpus, tokens = token_cache(args.corpus, args.tokens, "train prefer")
     if not is_v2_backbone(args.init):
         raise SystemExit(f"npc-server train prefer: {args.init} holds no v2 backbone")
     precision = resolve(args.precision)
@@ -191,31 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     pad = text_tok.pad_token_id
     acc_before = preference_accuracy(model, valid, pad)
     reference_logps(model, pairs, pad, precision, progress=not args.no_progress)
-    if args.init.resolve() != args.out.resolve() and (args.init / "training.json").exists():
-        args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(args.init / "training.json", args.out / "training.json")
+    continue_run_log(args.init, args.out)
     result = train_loop(model, pairs, args.minutes, args.batch_tokens, args.lr, precision, pad, args.seed,
                         args.max_steps, lambda: model.save_pretrained(args.out), progress=not args.no_progress,
                         batch_loss=make_loss(args.beta, args.sft_weight), make_batch=collate_pairs)
     acc_after = preference_accuracy(model, valid, pad)
-    record = {
-        "stage": "prefer (DPO)", "date": time.strftime("%Y-%m-%d %H:%M"), "init": str(args.init), "pairs": len(pairs),
-        "pair_kinds": kinds, "steps": result.steps, "tokens": result.tokens, "minutes": round(result.seconds / 60, 1),
-        "loss_first": round(float(np.mean(result.losses[:20])), 4) if result.losses else None,
-        "loss_last": round(float(np.mean(result.losses[-20:])), 4) if result.losses else None,
-        "preference_accuracy_before": round(acc_before, 4), "preference_accuracy_after": round(acc_after, 4),
-        "beta": args.beta, "sft_weight": args.sft_weight, "precision": precision, "threads": args.threads,
-        "command": "npc-server train prefer " + " ".join(sys.argv[3:] if argv is None else argv),
-    }
+    record = run_record("prefer (DPO)", str(args.init), result, precision, args.threads,
+                        "npc-server train prefer " + " ".join(sys.argv[3:] if argv is None else argv),
+                        pairs=len(pairs), pair_kinds=kinds, preference_accuracy_before=round(acc_before, 4),
+                        preference_accuracy_after=round(acc_after, 4), beta=args.beta, sft_weight=args.sft_weight)
     print(f"preference accuracy on {len(valid)} held-back pairs: {acc_before:.1%} -> {acc_after:.1%}")
     if args.eval_n > 0:
-        held = dialogue_rows(corpus, "heldout", args.eval_n, 0, tokens)
-        summary = summarise(answer_rows(model, fmt, held, texts, "audio"))
-        record["answer_correct_heldout_spoken"] = summary["correct"]
-        record["answer_eval_n"] = summary["n_with_facts"]
-        record["answer_in_language"] = summary["in_language"]
-        print(f"held-out spoken questions: expected fact in the answer {summary['correct']:.1%} of "
-              f"{summary['n_with_facts']}")
+        record.update(answer_figure(model, fmt, corpus, tokens, args.eval_n, texts))
     append_run_log(args.out, record)
     print(json.dumps(record, indent=2))
     return 0
