@@ -32,7 +32,7 @@ def test_help_groups_play_and_develop(capsys):
 
 
 @pytest.mark.parametrize("command", [("train", "tokenizer"), ("train", "tokenizer-v2"), ("train", "readout"),
-                                     ("train", "vocoder"), ("train", "hearing")])
+                                     ("train", "vocoder"), ("train", "hearing"), ("train", "tts")])
 def test_training_writes_under_runs_by_default(command, monkeypatch):
     """A trainer run without --out never writes over the shipped model in models/."""
     from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT

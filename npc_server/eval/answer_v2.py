@@ -121,6 +121,39 @@ def to_markdown(name: str, summary: dict, question: str) -> str:
     return "\n".join(lines)
 
 
+def answer_speaker(args):
+    """With `--judge audio` and a talker at `--talker`: a function that speaks a model's answers in each dialogue's
+    NPC voice and controls and scores them with the listener (else None: the subtitles alone are judged)."""
+    if args.judge != "audio":
+        return None
+    from npc_server.talker import Sampling, Talker
+
+    if not (Path(args.talker) / "config.json").is_file():
+        print(f"no talker at {args.talker}: the answers are judged on their subtitles only")
+        return None
+    from npc_server.eval.metrics import Listener
+    from npc_server.eval.tts_eval import spoken_answers
+    from npc_server.vocoder import Vocoder
+
+    talker, vocoder, listener = Talker.from_pretrained(args.talker), Vocoder.from_pretrained(args.vocoder), Listener()
+
+    def speak(results: list[dict], rows: list[dict]) -> dict:
+        by_id = {r["id"]: r for r in rows}
+        answers = [{"id": r["id"], "text": r["answer"], "voice": by_id[r["id"]]["npc_voice"],
+                    "language": by_id[r["id"]]["language"], "accent": by_id[r["id"]].get("accent"),
+                    "controls": by_id[r["id"]].get("controls")} for r in results]
+        return spoken_answers(talker, vocoder, listener, answers, Sampling(seed=args.seed))
+
+    return speak
+
+
+def spoken_markdown(spoken: dict) -> str:
+    lines = [f"spoken answers (talker + vocoder), Whisper tiny.en WER against the subtitle, {spoken['answers']} "
+             "English answers:", "", "| voice | words | WER |", "|---|---|---|"]
+    lines += [f"| {v} | {d['words']} | {100 * d['talker']:.1f}% |" for v, d in spoken["wer"].items()]
+    return "\n".join(lines)
+
+
 def dialogue_rows(corpus: Path, split: str, limit: int, seed: int, token_dir: Path | None = None) -> list[dict]:
     """A seeded sample of a split's dialogues with the persona's own language on each row; with `token_dir`,
     only those whose question has tokens there (loaded onto the row)."""
@@ -172,6 +205,7 @@ def run(args, models: dict[str, str]) -> int:
             toks = tokenizer.encode(*load_audio(corpus / audio_of[r["question_audio_id"]]))
             r.update(linguistic=toks.linguistic.numpy(), interleaved=toks.interleaved.numpy())
     texts = persona_texts(args.personas)
+    speaker = answer_speaker(args)
     report = {"corpus": str(corpus), "split": args.split, "question": args.question, "judge": "text", "models": {}}
     for name, path in models.items():
         model = AudioLM.from_pretrained(path)
@@ -180,6 +214,10 @@ def run(args, models: dict[str, str]) -> int:
         summary = summarise(results)
         report["models"][name] = {"summary": summary, "results": results}
         print(to_markdown(name, summary, args.question))
+        if speaker is not None:
+            spoken = speaker(results, rows)
+            report["models"][name]["spoken"] = spoken
+            print(spoken_markdown(spoken))
         for r in results[:3]:
             print(f"  Q: {r['question']!r}\n  A: {r['answer']!r}  (expected {r['expected']})")
     if args.out:

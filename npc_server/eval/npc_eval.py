@@ -218,6 +218,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--audio-tokenizer", type=Path, default=None,
                         help="default: models/default/tokenizer (v1 backbones) or tokenizer_v2 (v2 backbones)")
     parser.add_argument("--vocoder", type=Path, default=DEFAULT_MODEL_DIR / "vocoder")
+    parser.add_argument("--talker", type=Path, default=DEFAULT_MODEL_DIR / "talker",
+                        help="v2 backbones with --judge audio: the talker that speaks their answers")
     parser.add_argument("--corpus", type=Path, default=None,
                         help="default: <data dir>/corpus/default; for v2 backbones, when that is missing, the eval set "
                              "shipped in data/eval/npc")
@@ -242,8 +244,6 @@ def main(argv: list[str]) -> int:
     if any(is_v2_backbone(Path(d)) for d in models.values()):
         if not all(is_v2_backbone(Path(d)) for d in models.values()):
             parser.error("compare v1 and v2 backbones in separate runs")
-        if args.judge == "audio":
-            print("v2 backbones are judged on their subtitles (the talker that speaks them is issue 24)")
         from npc_server.eval.answer_v2 import run
 
         args.audio_tokenizer = args.audio_tokenizer or DEFAULT_MODEL_DIR / "tokenizer_v2"

@@ -1,0 +1,159 @@
+"""The talker's text front end: answer text -> phone units (espeak-ng IPA) with word starts and clause pauses.
+
+The talker reads phones, not letters: espeak-ng already knows how English (and the other persona languages) is
+pronounced, digits included, so the small model only has to learn how each phone sounds in audio tokens.
+A phone sequence is `<s> phones... [<pause> phones...] </s>`; `<s>` and `</s>` take the silence before and after
+the speech, `<pause>` the break between two clauses.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+
+from npc_server.tokenizer.phones import split_phones
+from npc_server.voices import ESPEAK_BASE_VOICES
+
+PAD, BOS, EOS, PAUSE = "<pad>", "<s>", "</s>", "<pause>"
+SPECIALS = (PAD, BOS, EOS, PAUSE)
+
+# Characters that never reach espeak: control characters and symbols it would spell out letter by letter.
+_DROP = re.compile(r"[\x00-\x1f\x7f<>{}\[\]\\|^~`@#$%&*_=+]")
+
+
+@dataclass
+class Phones:
+    """A phone sequence: units (including the specials) and, per unit, whether it starts a word."""
+
+    units: list[str] = field(default_factory=list)
+    word_starts: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def extend(self, other: Phones) -> None:
+        self.units += other.units
+        self.word_starts += other.word_starts
+
+
+def espeak_voice(language: str, accent: str | None = None) -> str:
+    """The espeak-ng voice that phonemizes `language` (with `accent` when it has one of its own)."""
+    for (lang, acc), voice in ESPEAK_BASE_VOICES.items():
+        if lang == language and (accent is None or acc == accent):
+            return voice
+    for (lang, _), voice in ESPEAK_BASE_VOICES.items():
+        if lang == language:
+            return voice
+    raise ValueError(f"the talker cannot phonemize language {language!r} (known: "
+                     f"{sorted({lang for lang, _ in ESPEAK_BASE_VOICES})})")
+
+
+def clean_text(text: str) -> str:
+    """Text espeak can read: symbols it would spell out dropped, whitespace collapsed."""
+    return re.sub(r"\s+", " ", _DROP.sub(" ", text)).strip()
+
+
+def espeak_clauses(text: str, voice: str) -> list[list[str]]:
+    """espeak-ng IPA of `text`: one list of word IPA strings per clause (espeak starts a new line per clause)."""
+    text = clean_text(text)
+    if not text:
+        return []
+    proc = subprocess.run(["espeak-ng", "-q", "-x", "--ipa", "-v", voice, text], capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        raise ValueError(f"espeak-ng could not phonemize {text!r}: {proc.stderr.decode(errors='replace').strip()}")
+    out = re.sub(r"\([a-z-]+\)", "", proc.stdout.decode("utf-8", errors="replace"))  # language switches like (en)
+    return [line.split() for line in out.splitlines() if line.split()]
+
+
+def clause_phones(clauses: list[list[str]]) -> Phones:
+    """Clauses of word IPA -> phone units with word starts, a `<pause>` between clauses (no `<s>` / `</s>`)."""
+    seq = Phones()
+    for c, words in enumerate(clauses):
+        if c:
+            seq.units.append(PAUSE)
+            seq.word_starts.append(False)
+        for word in words:
+            units = split_phones(word)
+            seq.units += units
+            seq.word_starts += [i == 0 for i in range(len(units))]
+    return seq
+
+
+def phonemize(text: str, language: str = "en", accent: str | None = None) -> Phones:
+    """A whole utterance: `<s>`, the phones of `text`, `</s>`. Text with nothing to say gives `<s> </s>`."""
+    seq = Phones([BOS], [False])
+    seq.extend(clause_phones(espeak_clauses(text, espeak_voice(language, accent))))
+    seq.units.append(EOS)
+    seq.word_starts.append(False)
+    return seq
+
+
+_CLAUSE_BREAK = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f]+\s+")
+
+
+def _word_phones(ipa_words: list[str]) -> Phones:
+    seq = Phones()
+    for word in ipa_words:
+        units = split_phones(word)
+        seq.units += units
+        seq.word_starts += [i == 0 for i in range(len(units))]
+    return seq
+
+
+class TextPhonemizer:
+    """Answer text arriving in pieces -> the phones of the words that are settled, as early as possible.
+
+    espeak-ng pronounces a word by its neighbours ("the old" is /ði/, "the bridge" /ðə/), so a word is given out
+    once the word after it is complete, phonemized in that context; a clause is given out whole at its punctuation
+    or at `finish`. The phones equal those of the whole text phonemized at once (tested), with a `<pause>`
+    between clauses as in `clause_phones`.
+    """
+
+    def __init__(self, language: str = "en", accent: str | None = None):
+        self.voice = espeak_voice(language, accent)
+        self.text = ""  # the clause in progress
+        self.done_words = 0  # its words already given out
+        self.spoken = False  # whether any phones were given out (a pause needs phones before it)
+        self.pause = False  # a clause ended: a pause goes before the next phones
+
+    def push(self, delta: str) -> Phones:
+        self.text += delta
+        out = Phones()
+        while (m := _CLAUSE_BREAK.search(self.text)) is not None:
+            clause, self.text = self.text[: m.end()], self.text[m.end():]
+            out.extend(self._settle(clause, final=True))
+        out.extend(self._settle(self.text, final=False))
+        return out
+
+    def finish(self) -> Phones:
+        out = self._settle(self.text, final=True)
+        self.text = ""
+        return out
+
+    def _settle(self, text: str, final: bool) -> Phones:
+        words = text.split()
+        if not final and text and not text[-1].isspace():
+            words = words[:-1]  # the last word may still grow
+        settled = len(words) if final else len(words) - 1  # the last complete word waits for its neighbour
+        out = Phones()
+        if settled > self.done_words:
+            ipa = [w for clause in espeak_clauses(" ".join(words), self.voice) for w in clause]
+            if len(ipa) == len(words):  # espeak kept the words apart: take the settled ones
+                new = _word_phones(ipa[self.done_words : settled])
+                self.done_words = settled
+            elif final:  # words merged or expanded ("120"): the rest of the clause on its own
+                new = clause_phones(espeak_clauses(" ".join(words[self.done_words :]), self.voice))
+                self.done_words = settled
+            else:
+                new = Phones()
+            if new.units:
+                if self.pause and self.spoken:
+                    out.units.append(PAUSE)
+                    out.word_starts.append(False)
+                out.extend(new)
+                self.spoken, self.pause = True, False
+        if final:
+            self.pause = self.pause or self.done_words > 0
+            self.done_words = 0
+        return out

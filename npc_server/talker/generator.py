@@ -1,0 +1,119 @@
+"""Speaking with a talker: the stateful stream that turns arriving phones (or text) into audio tokens.
+
+`TalkerStream` owns everything that changes while an answer is spoken: the phones so far, the durations of the
+phones already spoken, the decoder's key/value cache, the sampler's random state and the alignment of phones to
+frames (which is what lip-sync events are made of). Its verbs: `push` phones, `push_text` text, `finish`.
+A phone is spoken once `lookahead` phones after it are known (or the answer is finished), so the first tokens
+come after the first few phones, not after the whole answer. `synthesize` is the offline form: the same stream
+fed everything at once, so streamed and offline tokens are equal by construction (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer, clause_phones, espeak_clauses, espeak_voice
+from npc_server.talker.model import Talker, duration_frames
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One spoken phone: its unit, whether it starts a word, and its frames [start, start + frames)."""
+
+    unit: str
+    word_start: bool
+    start: int
+    frames: int
+
+
+class TalkerStream:
+    def __init__(self, talker: Talker, voice: str, language: str = "en", emotion: str = "neutral",
+                 speed: float = 1.0, accent: str | None = None, sampling: Sampling = Sampling()):
+        if not 0.25 <= speed <= 4.0:
+            raise ValueError(f"speed {speed} is outside 0.25..4")
+        self.talker, self.sampling = talker, sampling
+        self.text = TextPhonemizer(language, accent)
+        v, lang, emo = talker.condition_ids(voice, language, emotion)
+        with torch.inference_mode():
+            self.cond = talker.condition(torch.tensor([v]), torch.tensor([lang]), torch.tensor([emo]),
+                                         torch.tensor([speed]))
+        self.phones = Phones([BOS], [False])
+        self.spans: list[Span] = []
+        self.finished = False
+        self.caches: list[dict] = [{} for _ in talker.decoder]
+        self.prev = talker.cfg.n_codes  # <bos> token
+        self.frames = 0
+        self.rng = torch.Generator().manual_seed(sampling.seed)
+
+    # ------------------------------------------------------------------ verbs
+    def push(self, phones: Phones) -> np.ndarray:
+        """More phones of the answer (no <s> / </s>) -> the tokens that can be spoken now."""
+        if self.finished:
+            raise RuntimeError("push after finish")
+        phones = self.talker.known_phones(phones)
+        self.phones.extend(phones)
+        return self._speak()
+
+    def push_text(self, delta: str) -> np.ndarray:
+        """More answer text (a subtitle delta) -> tokens. Words are phonemized once settled (see TextPhonemizer)."""
+        return self.push(self.text.push(delta))
+
+    def finish(self) -> np.ndarray:
+        """The answer is complete: speak the rest (text still buffered included) and the closing silence."""
+        if self.finished:
+            return np.zeros(0, dtype=np.int64)
+        self.phones.extend(self.talker.known_phones(self.text.finish()))
+        self.phones.units.append(EOS)
+        self.phones.word_starts.append(False)
+        self.finished = True
+        return self._speak()
+
+    @torch.inference_mode()
+    def _speak(self) -> np.ndarray:
+        talker, cfg = self.talker, self.talker.cfg
+        n = len(self.phones)
+        ready = n if self.finished else n - cfg.lookahead
+        first = len(self.spans)
+        if ready <= first:
+            return np.zeros(0, dtype=np.int64)
+        ids = torch.tensor([talker.phone_ids(self.phones)])
+        starts = torch.tensor([self.phones.word_starts])
+        states = talker.encode_phones(ids, starts, self.cond)[:, :ready]
+        frames = duration_frames(talker.log_durations(states[:, first:]), cfg.max_frames_per_phone)[0].tolist()
+        out: list[int] = []
+        for j, d in zip(range(first, ready), frames):
+            self.spans.append(Span(self.phones.units[j], self.phones.word_starts[j], self.frames, d))
+            for k in range(d):
+                x = talker.frame_inputs(states, torch.tensor([[j]]), torch.tensor([[k]]), torch.tensor([[d - 1 - k]]),
+                                        torch.tensor([[self.prev]]), self.cond)
+                logits = talker.decode_frames(x, caches=self.caches)[0, -1]
+                self.prev = self._sample(logits)
+                out.append(self.prev)
+                self.frames += 1
+        return np.asarray(out, dtype=np.int64)
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        s = self.sampling
+        if s.temperature <= 0:
+            return int(logits.argmax())
+        top = torch.topk(logits.float() / s.temperature, min(s.top_k, logits.shape[-1]))
+        pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=self.rng)
+        return int(top.indices[pick])
+
+
+def synthesize(talker: Talker, text: str, voice: str, language: str = "en", emotion: str = "neutral",
+               speed: float = 1.0, accent: str | None = None, sampling: Sampling = Sampling()) -> tuple[np.ndarray, list[Span]]:
+    """Offline: the whole answer text -> (tokens, phone spans)."""
+    stream = TalkerStream(talker, voice, language, emotion, speed, accent, sampling)
+    tokens = np.concatenate([stream.push(clause_phones(espeak_clauses(text, espeak_voice(language, accent)))),
+                             stream.finish()])
+    return tokens, stream.spans

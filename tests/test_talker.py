@@ -1,0 +1,192 @@
+"""The talker (issue "Speak clearly"): front end, alignment search, streaming == offline, training, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from npc_server.audio.io import load_audio, save_wav
+from npc_server.talker import Sampling, Talker, TalkerStream, phonemize, synthesize
+from npc_server.talker.align import frame_positions, monotonic_alignment
+from npc_server.talker.frontend import BOS, EOS, PAUSE, Phones, clause_phones, espeak_clauses
+from npc_server.training import tts
+
+SENTENCES = ["A room costs five silver coins a night.", "Head north, past the old bridge.",
+             "The captain is waiting for you at the gate."]
+
+
+def tiny_talker(phones=("a", "b", "ɹ", "uː", "m"), voices=("joe", "gb_female")) -> Talker:
+    torch.manual_seed(0)
+    return Talker(replace(tts.PRESETS["tiny"], phones=tuple(phones), voices=tuple(voices), n_codes=64,
+                          dropout=0.0)).eval()
+
+
+# ------------------------------------------------------------------------------------------------ front end
+def test_phonemize_marks_words_and_clause_pauses():
+    seq = phonemize("Head north, past the old bridge.")
+    assert seq.units[0] == BOS and seq.units[-1] == EOS
+    assert seq.units.count(PAUSE) == 1  # the comma; the final full stop is the end, not a pause
+    assert len(seq.units) == len(seq.word_starts)
+    assert sum(seq.word_starts) == 6  # six words
+    assert "ˈ" not in "".join(seq.units)  # stress marks are not phones
+
+
+def test_phonemize_reads_digits_and_drops_symbols():
+    digits = phonemize("It costs 12 coins.")
+    words = phonemize("It costs twelve coins.")
+    assert digits.units == words.units
+    assert phonemize("It costs <12> coins #now").units == phonemize("It costs 12 coins now").units
+    assert phonemize("   ").units == [BOS, EOS]
+
+
+def test_phonemize_rejects_an_unknown_language():
+    with pytest.raises(ValueError, match="klingon"):
+        phonemize("hello", "klingon")
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+def test_monotonic_alignment_finds_the_planted_durations():
+    rng = np.random.default_rng(0)
+    truth = np.array([3, 1, 4, 2, 5])
+    phone = np.repeat(np.arange(5), truth)
+    scores = rng.normal(-5, 0.3, size=(5, truth.sum()))
+    scores[phone, np.arange(truth.sum())] = 0.0  # each frame fits its own phone best
+    d = monotonic_alignment(scores)
+    assert d.tolist() == truth.tolist()
+    ph, in_phone, left = frame_positions(d)
+    assert ph.tolist() == phone.tolist()
+    assert in_phone[:4].tolist() == [0, 1, 2, 0] and left[:4].tolist() == [2, 1, 0, 0]
+
+
+def test_monotonic_alignment_needs_a_frame_per_phone():
+    assert monotonic_alignment(np.zeros((3, 3))).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="cannot align"):
+        monotonic_alignment(np.zeros((4, 3)))
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_streamed_phones_give_the_offline_tokens():
+    talker = tiny_talker()
+    units = ["a", "b", "ɹ", PAUSE, "uː", "m", "a", "b"]
+    phones = Phones(units, [True, False, False, False, True, False, True, False])
+    sampling = Sampling(temperature=0.8, top_k=10, seed=3)
+    offline = TalkerStream(talker, "joe", sampling=sampling)
+    whole = np.concatenate([offline.push(phones), offline.finish()])
+    stream = TalkerStream(talker, "joe", sampling=sampling)
+    parts = [stream.push(Phones([u], [w])) for u, w in zip(phones.units, phones.word_starts)] + [stream.finish()]
+    assert np.array_equal(np.concatenate(parts), whole)
+    assert stream.spans == offline.spans
+    assert sum(s.frames for s in stream.spans) == whole.size
+    # the first tokens come before the answer is finished: `lookahead` phones after the first phone
+    assert sum(p.size for p in parts[: talker.cfg.lookahead + 1]) > 0
+    assert whole.min() >= 0 and whole.max() < talker.cfg.n_codes
+
+
+@pytest.mark.parametrize("text", ["Head north, past the old bridge.",
+                                  "It costs 120 gold, friend. Come back tomorrow!  The inn is open."])
+def test_text_pushed_word_by_word_gives_the_phones_of_the_whole_text(text):
+    seq = phonemize(text)
+    talker = tiny_talker(phones=tuple(u for u in seq.units if u not in (BOS, EOS, PAUSE)))
+    stream = TalkerStream(talker, "joe")
+    for i in range(0, len(text), 3):  # pieces that cut words, as subtitle deltas do
+        stream.push_text(text[i : i + 3])
+    stream.finish()
+    assert stream.phones.units == seq.units
+    tokens, spans = synthesize(talker, text, "joe")
+    assert [s.unit for s in spans] == seq.units and tokens.size == sum(s.frames for s in spans)
+
+
+def test_unknown_voice_and_phones():
+    talker = tiny_talker()
+    with pytest.raises(ValueError, match="no voice 'nobody'"):
+        TalkerStream(talker, "nobody")
+    stream = TalkerStream(talker, "joe")
+    stream.push(Phones(["a", "ʘ", "b"], [True, False, False]))  # a click the talker never heard: skipped
+    assert stream.phones.units == [BOS, "a", "b"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    talker = tiny_talker()
+    talker.save_pretrained(tmp_path / "t", dtype=torch.float32)
+    again = Talker.from_pretrained(tmp_path / "t")
+    assert again.cfg == talker.cfg
+    a, _ = synthesize(talker, "a", "joe", sampling=Sampling(temperature=0))
+    b, _ = synthesize(again, "a", "joe", sampling=Sampling(temperature=0))
+    assert np.array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="train tts"):
+        Talker.from_pretrained(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Three NPC utterances by espeak-ng in the corpus contract layout."""
+    root = tmp_path_factory.mktemp("talker_corpus")
+    (root / "audio").mkdir()
+    rows = []
+    for i, text in enumerate(SENTENCES):
+        path = root / "audio" / f"u{i}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-gb+f3", "-w", str(path), text], check=True, capture_output=True)
+        wav, sr = load_audio(path, target_sr=22050)
+        save_wav(path, wav, sr)
+        rows.append({"id": f"u{i}", "split": "train" if i < 2 else "valid", "role": "npc", "language": "en",
+                     "accent": "gb", "speaker": "gb_female",
+                     "controls": {"emotion": "neutral", "speed": 1.0, "pitch_st": 0.0}, "text": text,
+                     "phonemes": "", "audio": f"audio/u{i}.wav", "sr": 22050, "duration": len(wav) / sr})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_training_steps_lower_the_loss_on_real_tokens(corpus):
+    from npc_server.paths import DEFAULT_MODEL_DIR
+    from npc_server.training.lm_data import TokenCache
+
+    rows = tts.npc_rows(corpus, ("train",))
+    tts.cache_tokens(corpus, corpus / "tokens", rows, DEFAULT_MODEL_DIR / "tokenizer", progress=False)
+    phones = tts.cache_phones(corpus, rows, progress=False)
+    assert (corpus / tts.PHONES_FILE).is_file()
+    talker = Talker(replace(tts.PRESETS["tiny"], phones=tts.phone_inventory(list(phones.values()), min_count=1),
+                            voices=("gb_female",), dropout=0.0))
+    utts = tts.make_utterances(talker, rows, phones, TokenCache(corpus / "tokens"))
+    assert len(utts) == 2 and all(len(u.tokens) >= len(u.phone_ids) for u in utts)
+    opt = torch.optim.AdamW(talker.parameters(), lr=3e-3)
+    talker.train()
+    first = None
+    for _ in range(25):
+        out = tts.talker_loss(talker, utts, random.Random(0))
+        first = first if first is not None else float(out["loss"].detach())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["loss"]) < 0.8 * first
+    assert float(out["decoder"]) > 0 and float(out["duration"]) >= 0
+
+
+def test_cli_trains_saves_logs_and_continues(corpus, tmp_path):
+    from npc_server.cli import main
+
+    out = tmp_path / "talker"
+    argv = ["train", "tts", "--corpus", str(corpus), "--init", "none", "--preset", "tiny", "--max-steps", "2",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert (out / "model.safetensors").is_file()
+    runs = json.loads((out / "training.json").read_text())["runs"]
+    assert runs[0]["stage"] == "tts" and runs[0]["steps"] == 2 and "decoder" in runs[0]["valid_after"]
+    out2 = tmp_path / "talker2"
+    assert main(["train", "tts", "--corpus", str(corpus), "--init", str(out), "--max-steps", "1", "--out", str(out2),
+                 "--no-progress"]) == 0
+    assert len(json.loads((out2 / "training.json").read_text())["runs"]) == 2
+
+
+def test_cli_requires_a_corpus(tmp_path, capsys):
+    from npc_server.cli import main
+
+    with pytest.raises(SystemExit, match="no corpus"):
+        main(["train", "tts", "--corpus", str(tmp_path), "--init", "none"])
