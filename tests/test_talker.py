@@ -190,3 +190,15 @@ def test_cli_requires_a_corpus(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="no corpus"):
         main(["train", "tts", "--corpus", str(tmp_path), "--init", "none"])
+
+
+def test_frame_decoder_equals_the_module_forward():
+    from npc_server.talker.generator import FrameDecoder
+
+    talker = tiny_talker()
+    x = torch.randn(1, 9, talker.cfg.dim)
+    with torch.no_grad():
+        full = talker.decode_frames(x)[0]
+    step = FrameDecoder(talker, capacity=4)  # grows twice on the way
+    rows = torch.stack([step.step(x[0, i]) for i in range(9)])
+    assert torch.allclose(rows, full, atol=1e-5), (rows - full).abs().max()
