@@ -49,6 +49,16 @@ class ThinkerSession:
             raise RuntimeError("prefill the session before asking for logits")
         return self.model.logits(self._last_hidden.float()[None])[0]
 
+    def fork(self) -> ThinkerSession:
+        """An independent copy (e.g. of a cached persona prefix): its own cache, the same model."""
+        import copy
+
+        other = ThinkerSession(self.model)
+        other.cache = copy.deepcopy(self.cache)
+        other.ids = list(self.ids)
+        other._last_hidden = self._last_hidden
+        return other
+
     def rewind(self, keep: int) -> None:
         """Keep the first `keep` tokens (e.g. drop an interrupted answer); the next prefill continues from there."""
         if not 0 < keep <= len(self.ids):

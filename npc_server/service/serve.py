@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bridge-port", type=int, default=8765, help="WebSocket bridge port (default 8765; -1 = off)")
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="trained model folder (default: embedded)")
     ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR), help="persona YAML folder (hot reloaded)")
+    ap.add_argument("--model", choices=("v1", "v2"), default="v1",
+                    help="v1: tokenizer + AQAA backbone + vocoder (default); v2: tokenizer v2 + backbone v2 (thinker) "
+                         "+ talker + vocoder, from the same --model-dir")
 
     auth = ap.add_argument_group("access")
     auth.add_argument("--token", default=None,
@@ -181,8 +184,13 @@ def main(argv: list[str]) -> int:
     for err in store.last_errors:
         log.warning("persona error: %s", err)
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
-                                        device=args.device, buffered_lookahead=args.buffered_lookahead)
+        if args.model == "v2":
+            from npc_server.engine_v2 import EngineV2
+
+            engine = EngineV2.from_pretrained(args.model_dir, threads=args.threads)
+        else:
+            engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
+                                            device=args.device, buffered_lookahead=args.buffered_lookahead)
     except FileNotFoundError as exc:
         return _fail(str(exc))
     limits = Limits(

@@ -1,0 +1,230 @@
+"""The model v2 answer pipeline: question audio -> tokenizer v2 -> thinker (backbone v2) writes the answer text ->
+talker turns the text into semantic tokens as it arrives -> vocoder -> PCM chunks; subtitles stream as text deltas.
+
+The same contract as `engine.Engine` (new_state / listen / answer / interrupted), so the service, its sessions,
+limits, the bridge and the SDK carry it unchanged. Each `next()` of an answer does one text token's worth of work
+(a thinker step, the talker frames that became ready, the vocoder chunks that completed), so the service's
+scheduler interleaves answers as before.
+
+A conversation keeps its thinker cache across turns: the persona's system turn is prefilled once per persona
+version (prefix cache) and copied into each new conversation; each question is appended as it was asked (audio
+ids or typed text) and each answer as text.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from npc_server.controls import Controls
+from npc_server.engine import EngineAudio, EngineDone, EngineText
+
+# the subtitle's text tokens per second of speech: the thinker's answer budget is this x max_answer_seconds
+TEXT_TOKENS_PER_SECOND = 4.0
+
+
+@dataclass
+class _Spoken:
+    audio_end_s: float  # answer time at the end of a chunk that left
+    text: str  # subtitle text produced before it
+
+
+@dataclass
+class EngineStateV2:
+    """One conversation: the thinker session (KV cache) and the progress of the answer in flight."""
+
+    session: object  # backbone.thinker.ThinkerSession
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: bool = False
+    answer_start: int = 0  # session length where the answer in flight begins
+    progress: list[_Spoken] = field(default_factory=list)
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def memory_bytes(self) -> int:
+        return self.session.memory_bytes()
+
+
+class QuestionStreamV2:
+    """Tokenizes a question with tokenizer v2 while it arrives; `finish()` returns its AudioTokens."""
+
+    def __init__(self, tokenizer, sample_rate: int):
+        self._stream = tokenizer.stream(sample_rate)
+        self._parts = []
+
+    def push(self, wav: np.ndarray) -> None:
+        self._parts.append(self._stream.push(wav))
+
+    def finish(self):
+        from npc_server.tokenizer.tokenizer import make_tokens
+
+        parts = self._parts + [self._stream.flush()]
+        return make_tokens(torch.cat([p.linguistic for p in parts]), torch.cat([p.semantic for p in parts]))
+
+
+class EngineV2:
+    """Holds tokenizer v2, the thinker (backbone v2), the talker and the vocoder, and runs answers."""
+
+    def __init__(self, tokenizer, model, fmt, talker, vocoder, name: str = "npc-voice/v2"):
+        self.tokenizer, self.model, self.fmt, self.talker, self.vocoder = tokenizer, model, fmt, talker, vocoder
+        self.name = name
+        self.sample_rate = int(vocoder.sample_rate)
+        self.text_rows = [int(i) for i in model.head_ids.tolist() if i < model.cfg.n_text] + [fmt.text_end]
+        self._rows = model.head_index[torch.as_tensor(self.text_rows, dtype=torch.long)]
+        self._prefix_cache: dict[tuple[str, str], object] = {}
+        self._prefix_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, threads: int | None = None) -> EngineV2:
+        """models/<name>/{tokenizer_v2, backbone_v2, talker, vocoder}; the pretrained bases come from the local
+        cache (`npc-server pretrained prepare`)."""
+        from npc_server.backbone.audio_lm import AudioLM, load_text_tokenizer
+        from npc_server.backbone.template_v2 import DialogueFormat
+        from npc_server.talker import Talker
+        from npc_server.tokenizer.tokenizer_v2 import load_tokenizer
+        from npc_server.vocoder import Vocoder
+
+        model_dir = Path(model_dir)
+        missing = [c for c in ("tokenizer_v2", "backbone_v2", "talker", "vocoder")
+                   if not (model_dir / c / "config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"model folder {model_dir} lacks model v2 component(s): {', '.join(missing)}")
+        if threads:
+            torch.set_num_threads(threads)
+        model = AudioLM.from_pretrained(model_dir / "backbone_v2")
+        fmt = DialogueFormat(model.cfg.layout, load_text_tokenizer(model.cfg.base), model.cfg.audio_input)
+        return cls(load_tokenizer(model_dir / "tokenizer_v2"), model, fmt, Talker.from_pretrained(model_dir / "talker"),
+                   Vocoder.from_pretrained(model_dir / "vocoder"), name=f"npc-voice/{model_dir.name} (model v2)")
+
+    def enable_batching(self, lanes: int = 1) -> bool:
+        return False  # one thinker step per answer; batched decoding across conversations is issue 25
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+    def new_state(self, persona) -> EngineStateV2:
+        from npc_server.backbone.thinker import ThinkerSession
+
+        key = (persona.prompt_text(), persona.language)
+        with self._prefix_lock:
+            base = self._prefix_cache.get(key)
+            if base is None:
+                base = ThinkerSession(self.model)
+                base.prefill(self.fmt.system_ids(*key))
+                if len(self._prefix_cache) >= 64:
+                    self._prefix_cache.pop(next(iter(self._prefix_cache)))
+                self._prefix_cache[key] = base
+        return EngineStateV2(session=base.fork())
+
+    def listen(self, sample_rate: int) -> QuestionStreamV2:
+        return QuestionStreamV2(self.tokenizer, sample_rate)
+
+    # ---- answering ---------------------------------------------------------------------------------------
+    def answer(self, state: EngineStateV2, persona, controls: Controls,
+               audio: np.ndarray | QuestionStreamV2 | None = None, text: str = "", mode: str = "audio_and_text",
+               load: Callable[[], int] | None = None) -> Iterator[EngineText | EngineAudio | EngineDone]:
+        """Stream the answer to one question (16 kHz float32 audio, a QuestionStreamV2 that heard it, or typed text;
+        with both, the audio is the question)."""
+        from npc_server.talker import TalkerStream
+
+        t0 = time.perf_counter()
+        tokens = None
+        if isinstance(audio, QuestionStreamV2):
+            tokens = audio.finish()
+        elif audio is not None:
+            tokens = self.tokenizer.encode(audio, 16000)
+        t_tok = time.perf_counter()
+        if tokens is not None and len(tokens.linguistic):
+            question = self.fmt.question_ids(audio=self.fmt.audio(tokens.linguistic.numpy(),
+                                                                  tokens.interleaved.numpy()))
+        elif text.strip():
+            question = self.fmt.question_ids(text=text.strip())
+        else:
+            raise ValueError("the question has neither audio nor text")
+        session = state.session
+        cached = len(session)
+        session.prefill(question)
+        t_pre = time.perf_counter()
+        state.answer_start, state.progress, state.in_flight = len(session), [], True
+
+        talker = voc = None
+        if mode != "text_only":
+            talker = TalkerStream(self.talker, controls.voice, controls.language, controls.emotion, controls.speed,
+                                  controls.accent)
+            voc = self.vocoder.stream(voice=controls.voice,
+                                      pitch_st=self.vocoder.request_pitch(controls.pitch_st, controls.emotion))
+        answer_ids: list[int] = []
+        subtitle, audio_s, vocoder_s, talker_s = "", 0.0, 0.0, 0.0
+        budget = max(8, int(round(persona.max_answer_seconds * TEXT_TOKENS_PER_SECOND)))
+
+        def speak(codes: np.ndarray, final: bool) -> Iterator[EngineAudio]:
+            nonlocal audio_s, vocoder_s
+            if voc is None:
+                return
+            if codes.size and audio_s == 0.0 and load is not None:
+                voc.share_cores(int(load()))
+            tv = time.perf_counter()
+            pieces = list(voc.push_chunks(codes.tolist())) if codes.size else []
+            if final and len(voc.tokens):
+                pieces.append(voc.flush())
+            vocoder_s += time.perf_counter() - tv
+            for wav in pieces:
+                if wav.size:
+                    audio_s += len(wav) / self.sample_rate
+                    state.progress.append(_Spoken(audio_s, subtitle))
+                    yield EngineAudio(wav, self.sample_rate)
+
+        for _ in range(budget):
+            logits = session.next_logits()[self._rows]
+            token = self.text_rows[int(logits.argmax())]
+            session.prefill([token])
+            if token == self.fmt.text_end:
+                break
+            answer_ids.append(token)
+            full = self.fmt.text.decode(answer_ids, skip_special_tokens=True)
+            delta, subtitle = full[len(subtitle):], full
+            if not delta:
+                continue
+            if mode != "audio_only":
+                yield EngineText(delta)
+            if talker is not None:
+                ts = time.perf_counter()
+                codes = talker.push_text(delta)
+                talker_s += time.perf_counter() - ts
+                yield from speak(codes, final=False)
+        else:
+            session.prefill([self.fmt.text_end])  # the bound cut the answer: close it as the model would
+        session.prefill([self.fmt.end])
+        if talker is not None:
+            ts = time.perf_counter()
+            codes = talker.finish()
+            talker_s += time.perf_counter() - ts
+            yield from speak(codes, final=True)
+        state.in_flight, state.progress = False, []
+        spoken = subtitle.strip()
+        state.turns.append((text or "<audio>", spoken))
+        yield EngineDone(spoken_text=spoken, timings=dict(
+            tokenize_ms=(t_tok - t0) * 1000, prefill_ms=(t_pre - t_tok) * 1000,
+            decode_ms=(time.perf_counter() - t_pre - vocoder_s) * 1000, vocoder_ms=vocoder_s * 1000,
+            prefill_tokens=len(question), generated_tokens=len(answer_ids), cached_tokens=cached))
+
+    def interrupted(self, state: EngineStateV2, spoken_seconds: float) -> None:
+        """The client stopped listening after `spoken_seconds`: the answer in the conversation becomes the text
+        that had been produced when the chunk playing then left."""
+        if not state.in_flight:
+            return
+        spoken = ""
+        for p in state.progress:
+            spoken = p.text
+            if p.audio_end_s >= spoken_seconds:
+                break
+        if spoken_seconds <= 0:
+            spoken = ""
+        session = state.session
+        session.rewind(state.answer_start)
+        session.prefill(self.fmt.text_ids(spoken) + [self.fmt.text_end, self.fmt.end])
+        state.turns.append(("<interrupted>", spoken.strip()))
+        state.progress, state.in_flight = [], False
