@@ -70,10 +70,14 @@ class QuestionStreamV2:
 class EngineV2:
     """Holds tokenizer v2, the thinker (backbone v2), the talker and the vocoder, and runs answers."""
 
-    def __init__(self, tokenizer, model, fmt, talker, vocoder, name: str = "npc-voice/v2"):
-        self.tokenizer, self.model, self.fmt, self.talker, self.vocoder = tokenizer, model, fmt, talker, vocoder
+    def __init__(self, tokenizer, model, fmt, talker, vocoder, name: str = "npc-voice/v2", lean: bool = True):
+        """`model`: the AudioLM; with `lean` (serving) its int8 lean copy answers and the AudioLM is not kept."""
+        from npc_server.backbone.lean import LeanLM
+
+        self.tokenizer, self.fmt, self.talker, self.vocoder = tokenizer, fmt, talker, vocoder
         self.name = name
         self.sample_rate = int(vocoder.sample_rate)
+        self.thinker = LeanLM.from_audio_lm(model) if lean else model
         self.text_rows = [int(i) for i in model.head_ids.tolist() if i < model.cfg.n_text] + [fmt.text_end]
         self._rows = model.head_index[torch.as_tensor(self.text_rows, dtype=torch.long)]
         self._prefix_cache: dict[tuple[str, str], object] = {}
@@ -105,14 +109,19 @@ class EngineV2:
         return False  # one thinker step per answer; batched decoding across conversations is issue 25
 
     # ---- sessions ----------------------------------------------------------------------------------------
-    def new_state(self, persona) -> EngineStateV2:
-        from npc_server.backbone.thinker import ThinkerSession
+    def new_session(self):
+        """An empty thinker session: on the lean forward when serving, else on the AudioLM."""
+        from npc_server.backbone.lean import LeanLM
+        from npc_server.backbone.thinker import LeanSession, ThinkerSession
 
+        return LeanSession(self.thinker) if isinstance(self.thinker, LeanLM) else ThinkerSession(self.thinker)
+
+    def new_state(self, persona) -> EngineStateV2:
         key = (persona.prompt_text(), persona.language)
         with self._prefix_lock:
             base = self._prefix_cache.get(key)
             if base is None:
-                base = ThinkerSession(self.model)
+                base = self.new_session()
                 base.prefill(self.fmt.system_ids(*key))
                 if len(self._prefix_cache) >= 64:
                     self._prefix_cache.pop(next(iter(self._prefix_cache)))

@@ -180,6 +180,31 @@ def test_thinker_session_rewind_and_decode():
         decode(s, [200], set())  # not an output row
 
 
+def test_lean_session_has_the_thinker_session_verbs():
+    """The serving session on the lean forward: prefill past its first capacity (it grows), rewind, fork; logits
+    equal the transformers session's (fp32 lean)."""
+    from npc_server.backbone.lean import LeanLM
+    from npc_server.backbone.thinker import LeanSession
+
+    model = tiny_model()
+    ids = _sequence(model, 12)
+    ref = ThinkerSession(model)
+    ref.prefill(ids)
+    lean = LeanSession(LeanLM.from_audio_lm(model, quantize=False), capacity=4)
+    for k in range(0, 12, 5):
+        lean.prefill(ids[k : k + 5])
+    assert len(lean) == 12 and lean.cache.max_len >= 12
+    torch.testing.assert_close(lean.next_logits(), ref.next_logits(), atol=1e-4, rtol=1e-4)
+    twin = lean.fork()
+    lean.prefill([3, 4])
+    lean.rewind(12)
+    torch.testing.assert_close(lean.next_logits(), twin.next_logits(), atol=1e-5, rtol=1e-5)
+    twin.prefill([5])
+    assert len(twin) == 13 and len(lean) == 12  # the fork has its own cache
+    out = decode(lean, [int(i) for i in model.head_ids[:50]], set(), DecodeOptions(max_new_tokens=3))
+    assert len(out) == 3 and len(lean) == 15
+
+
 def test_hearing_examples_and_a_few_training_steps():
     from npc_server.training.lm_v2 import collate, lm_loss, train_loop
 

@@ -79,6 +79,70 @@ class ThinkerSession:
         return total
 
 
+class LeanSession:
+    """`ThinkerSession`'s verbs on the lean int8 forward (`backbone/lean.py`) for serving: one conversation in its
+    own preallocated cache row, grown by doubling when the conversation outgrows it."""
+
+    def __init__(self, lean, capacity: int = 512):
+        self.lean = lean
+        self.cache = lean.new_cache(1, capacity)
+        self.ids: list[int] = []
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def model(self):
+        """The forward (it has the output rows `head_ids` / `head_index` that `decode` needs)."""
+        return self.lean
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def prefill(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        need = len(self.ids) + len(ids)
+        if need > self.cache.max_len:
+            self._grow(max(2 * self.cache.max_len, need))
+        self._logits = self.lean.prefill(self.cache, 0, [int(i) for i in ids])
+        self.ids.extend(int(i) for i in ids)
+
+    def next_logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise RuntimeError("prefill the session before asking for logits")
+        return self._logits
+
+    def rewind(self, keep: int) -> None:
+        if not 0 < keep <= len(self.ids):
+            raise ValueError(f"keep must be in 1..{len(self.ids)}, got {keep}")
+        if keep == len(self.ids):
+            return
+        self.cache.rewind(0, keep - 1)
+        last = self.ids[keep - 1]
+        self.ids = self.ids[: keep - 1]
+        self.prefill([last])
+
+    def fork(self) -> LeanSession:
+        other = LeanSession.__new__(LeanSession)
+        other.lean, other.ids, other._logits = self.lean, list(self.ids), self._logits
+        other.cache = self.lean.new_cache(1, self.cache.max_len)
+        n = len(self.ids)
+        for src, dst in zip(self.cache.keys + self.cache.values, other.cache.keys + other.cache.values):
+            dst[:, :, :n] = src[:, :, :n]
+        other.cache.lengths[0] = n
+        return other
+
+    def _grow(self, capacity: int) -> None:
+        bigger = self.lean.new_cache(1, capacity)
+        n = len(self.ids)
+        for src, dst in zip(self.cache.keys + self.cache.values, bigger.keys + bigger.values):
+            dst[:, :, :n] = src[:, :, :n]
+        bigger.lengths[0] = n
+        self.cache = bigger
+
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+
 def decode(session: ThinkerSession, allowed_ids: list[int], stop_ids: set[int], options: DecodeOptions = DecodeOptions()
            ) -> list[int]:
     """Sample up to `max_new_tokens` ids among `allowed_ids`, stopping after one of `stop_ids` (included)."""
