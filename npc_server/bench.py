@@ -171,6 +171,8 @@ def speculative_figures(generator, prompts: list, sampling, mode=None) -> dict:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="npc-server bench", description=__doc__)
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+    ap.add_argument("--model", choices=("v1", "v2"), default="v1",
+                    help="the answer path to measure, as `serve --model` (v2: thinker -> talker -> vocoder)")
     ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR))
     ap.add_argument("--npc", default="innkeeper")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question set (default 2)")
@@ -196,19 +198,25 @@ def main(argv: list[str]) -> int:
     from sdk import NpcClient
 
     try:
-        engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
-                                        buffered_lookahead=args.buffered_lookahead)
+        if args.model == "v2":
+            from npc_server.engine_v2 import EngineV2
+
+            engine = EngineV2.from_pretrained(args.model_dir, threads=args.threads)
+        else:
+            engine = Engine.from_pretrained(args.model_dir, threads=args.threads, draft=not args.no_draft,
+                                            buffered_lookahead=args.buffered_lookahead)
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2
     service = NpcService(engine, PersonaStore(args.personas), workers=args.workers, batch_lanes=args.batch_lanes)
     server, port = start_grpc(service, "127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
+    generator = getattr(engine, "generator", None)  # v1 only: the AQAA backbone's generator
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
                      "model": engine.name, "npc": args.npc,
-                     "draft": engine.generator.speculative is not None,
+                     "draft": generator is not None and generator.speculative is not None,
                      "workers": args.workers, "threads": args.threads, "batch_lanes": args.batch_lanes,
-                     "fast_path": engine.generator.fast is not None}
+                     "fast_path": generator is not None and generator.fast is not None}
     with tempfile.TemporaryDirectory() as tmp:
         questions = make_questions(Path(tmp))
         wavs = [load_audio(q, target_sr=16000)[0] for q in questions]
@@ -220,7 +228,8 @@ def main(argv: list[str]) -> int:
             ask(client, args.npc, wavs[0], session=sid)
             follow = [ask(client, args.npc, w, session=sid) for w in wavs[1:4]]
             history = service.sessions.get(sid, "bench").state.session
-            recompute_ms, history_tokens = recompute_history(engine, history)
+            recompute_ms, history_tokens = (recompute_history(engine, history) if generator is not None
+                                            else (float("nan"), len(history)))
             client.close_session(sid)
         ttfa = [r.ttfa_ms for r in runs]
         gaps = [g for r in runs for g in r.gaps_ms]
@@ -269,12 +278,12 @@ def main(argv: list[str]) -> int:
                        "realtime": all(r.underruns == 0 for r in out),
                        "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
         results["concurrency"] = conc
-        batcher = getattr(engine.generator, "batcher", None)
+        batcher = getattr(generator, "batcher", None)
         if batcher is not None and batcher.stats.steps:
             st = batcher.stats
             results["batching"] = {"steps": st.steps, "mean_batch": st.requests / st.steps, "max_batch": st.max_batch,
                                    "sizes": {str(k): v for k, v in sorted(st.sizes.items())}}
-        if engine.generator.speculative is not None:
+        if generator is not None and generator.speculative is not None:
             persona = service.personas.get(args.npc)
             system = engine.system_prompt(persona)
             prompts = [(system, UserTurn(audio=engine.tokenizer.encode(w, 16000).interleaved)) for w in wavs]
