@@ -61,10 +61,16 @@ def test_eval_npc_runs_the_v2_backbone_on_the_shipped_eval_set(tmp_path, capsys)
     out = tmp_path / "npc.json"
     assert main(["--backbone", str(DEFAULT_MODEL_DIR / "backbone_v2"), "--corpus", str(SHIPPED_SET), "--limit", "2",
                  "--out", str(out)]) == 0
-    assert "expected fact in the subtitle" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "expected fact in the subtitle" in printed
     report = json.loads(out.read_text())
     (model,) = report["models"].values()
     assert model["summary"]["n"] == 2 and all(isinstance(r["answer"], str) for r in model["results"])
+    if (DEFAULT_MODEL_DIR / "talker" / "config.json").is_file():  # the answers are spoken and heard as well
+        assert "spoken answers (talker + vocoder)" in printed
+        spoken = model["spoken"]
+        assert spoken["answers"] >= 1 and 0.0 <= spoken["wer"]["all"]["talker"]
+        assert all(a["seconds"] > 0.3 for a in spoken["per_answer"])
 
 
 def test_eval_off_script_asks_every_persona(tmp_path):

@@ -202,3 +202,25 @@ def test_frame_decoder_equals_the_module_forward():
     step = FrameDecoder(talker, capacity=4)  # grows twice on the way
     rows = torch.stack([step.step(x[0, i]) for i in range(9)])
     assert torch.allclose(rows, full, atol=1e-5), (rows - full).abs().max()
+
+
+def test_requested_speed_scales_the_spoken_length():
+    from npc_server.talker.model import DurationRounder
+
+    talker = tiny_talker()
+    with torch.no_grad():
+        talker.duration[-1].bias.fill_(np.log(4.0))  # ~4 frames a phone, as a trained talker
+    phones = Phones(["a", "b", "ɹ", "uː", "m"] * 4, [True, False, False, False, False] * 4)
+
+    def frames(speed: float, emotion: str = "neutral") -> int:
+        s = TalkerStream(talker, "joe", speed=speed, emotion=emotion)
+        return np.concatenate([s.push(phones), s.finish()]).size
+
+    base = frames(1.0)
+    assert frames(0.5) / base == pytest.approx(2.0, rel=0.1)
+    assert frames(1.25) / base == pytest.approx(1 / 1.25, rel=0.1)
+    assert frames(1.0, "sad") > base  # sad speaks slower (rate 0.85), as the corpus renders it
+    rounder = DurationRounder(max_frames=40)
+    assert rounder([0.6] * 10) == [1] * 10  # every phone gets a frame
+    rounder = DurationRounder(max_frames=40)
+    assert sum(rounder([1.4] * 10)) == 14  # the total follows the continuous durations

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer, clause_phones, espeak_clauses, espeak_voice
-from npc_server.talker.model import Talker, duration_frames
+from npc_server.talker.model import DurationRounder, Talker, tempo
 
 @dataclass(frozen=True)
 class Sampling:
@@ -99,6 +99,8 @@ class TalkerStream:
         with torch.inference_mode():
             self.cond = talker.condition(torch.tensor([v]), torch.tensor([lang]), torch.tensor([emo]),
                                          torch.tensor([speed]))
+        self.tempo = tempo(speed, emotion) if talker.cfg.tempo_law else 1.0
+        self.rounder = DurationRounder(talker.cfg.max_frames_per_phone)
         self.phones = Phones([BOS], [False])
         self.spans: list[Span] = []
         self.finished = False
@@ -141,7 +143,7 @@ class TalkerStream:
         ids = torch.tensor([talker.phone_ids(self.phones)])
         starts = torch.tensor([self.phones.word_starts])
         states = talker.encode_phones(ids, starts, self.cond)[:, :ready]
-        frames = duration_frames(talker.log_durations(states[:, first:]), cfg.max_frames_per_phone)[0].tolist()
+        frames = self.rounder((torch.exp(talker.log_durations(states[0, first:])) / self.tempo).tolist())
         out: list[int] = []
         m = cfg.max_in_phone - 1
         for j, d in zip(range(first, ready), frames):

@@ -51,6 +51,9 @@ class TalkerConfig:
     max_phones: int = 512
     max_in_phone: int = 32  # position-in-phone / frames-left embeddings are clipped here
     max_frames_per_phone: int = 40  # durations are clamped to this at inference (1.6 s)
+    # the duration head predicts durations at tempo 1; an answer at tempo t (speed x the emotion's rate, as the
+    # corpus renders it) takes durations / t, so requested speeds are met by construction
+    tempo_law: bool = True
     dropout: float = 0.1
     token_dropout: float = 0.1  # training: previous token replaced by the <mask> code this often
     rope_theta: float = 10000.0
@@ -252,7 +255,26 @@ class Talker(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def duration_frames(log_durations: torch.Tensor, max_frames: int) -> torch.Tensor:
-    """Predicted log durations -> whole frames, at least 1, at most `max_frames`."""
-    return torch.exp(log_durations).round().clamp(1, max_frames).long()
+def tempo(speed: float, emotion: str) -> float:
+    """How much faster than the voice's natural rate an answer is spoken: the requested speed times the emotion's
+    rate (`controls.EMOTIONS`; unknown emotions count as neutral), the way the corpus renders it."""
+    return float(speed) * EMOTIONS.get(emotion, EMOTIONS["neutral"]).rate
 
+
+class DurationRounder:
+    """Continuous durations -> whole frames, each at least 1 and at most `max_frames`, rounding the running total
+    so that the rounding errors of many short phones do not add up (a requested speed is kept over an answer)."""
+
+    def __init__(self, max_frames: int):
+        self.max_frames = max_frames
+        self.total = 0.0  # continuous frames so far
+        self.frames = 0  # whole frames given out so far
+
+    def __call__(self, durations: list[float]) -> list[int]:
+        out = []
+        for d in durations:
+            self.total += d
+            f = min(self.max_frames, max(1, round(self.total) - self.frames))
+            self.frames += f
+            out.append(f)
+        return out

@@ -29,7 +29,7 @@ from npc_server.argtools import advanced
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.talker.align import frame_positions, monotonic_alignment
 from npc_server.talker.frontend import SPECIALS, Phones, phonemize
-from npc_server.talker.model import Talker, TalkerConfig
+from npc_server.talker.model import Talker, TalkerConfig, tempo
 from npc_server.training.corpus.manifest import read_manifest
 from npc_server.training.lm_data import TokenCache, save_tokens
 from npc_server.training.lm_v2 import RunResult, append_run_log, continue_run_log, run_record
@@ -48,6 +48,7 @@ class Utterance:
     language: int
     emotion: int
     speed: float
+    tempo: float = 1.0  # speed x the emotion's rate: durations at tempo 1 are durations x tempo
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -128,8 +129,9 @@ def make_utterances(talker: Talker, rows: list[dict], phones: dict[str, Phones],
             continue
         c = r.get("controls") or {}
         v, lang, emo = talker.condition_ids(r["speaker"], r["language"], c.get("emotion", "neutral"))
-        out.append(Utterance(r["id"], talker.phone_ids(seq), seq.word_starts, sem, v, lang, emo,
-                             float(c.get("speed", 1.0))))
+        speed, emotion = float(c.get("speed", 1.0)), c.get("emotion", "neutral")
+        out.append(Utterance(r["id"], talker.phone_ids(seq), seq.word_starts, sem, v, lang, emo, speed,
+                             tempo(speed, emotion) if cfg.tempo_law else 1.0))
     return out
 
 
@@ -174,6 +176,7 @@ def talker_loss(talker: Talker, batch: list[Utterance], rng: random.Random | Non
     in_phone = torch.zeros(b, t, dtype=torch.long)
     left = torch.zeros(b, t, dtype=torch.long)
     durations = torch.ones(b, n)
+    tempos = torch.tensor([u.tempo for u in batch])[:, None]
     with torch.no_grad():
         for i, u in enumerate(batch):
             nu, tu = len(u.phone_ids), len(u.tokens)
@@ -192,7 +195,7 @@ def talker_loss(talker: Talker, batch: list[Utterance], rng: random.Random | Non
     aligned = prior.gather(1, frame_phone[..., None].expand(-1, -1, prior.shape[-1]))  # [B, T, codes]
     prior_ce = -aligned.gather(2, toks[..., None]).squeeze(-1)[frame_mask].mean()
     log_d = talker.log_durations(states.detach()).float()
-    duration = F.mse_loss(log_d[phone_mask], torch.log(durations)[phone_mask])
+    duration = F.mse_loss(log_d[phone_mask], torch.log(durations * tempos)[phone_mask])
     return {"loss": decoder + prior_ce + duration, "decoder": decoder.detach(), "prior": prior_ce.detach(),
             "duration": duration.detach(), "frames": frame_mask.sum()}
 
