@@ -126,7 +126,9 @@ def test_streaming_exact_with_enough_context(cond_transformers, guidance):
     offline, _ = voc.decode(tokens)
     stream = voc.stream()
     streamed = np.concatenate([stream.push(tokens[i : i + 7]) for i in range(0, 70, 7)] + [stream.flush()])
-    assert rel_err(streamed, offline) < 1e-4
+    # float rounding only: measured ~4e-8 on an Intel Xeon and 2.1e-4 on an AVX2-only AMD EPYC (matmuls of other
+    # lengths round differently there); the CPU flash-attention kernel's band-mask error this guards against was 4.3e-3
+    assert rel_err(streamed, offline) < 1e-3
 
 
 def test_sampling_conditions_are_computed_once_per_stream_and_change_nothing():

@@ -176,7 +176,8 @@ def dialogue_rows(corpus: Path, split: str, limit: int, seed: int, token_dir: Pa
 
 
 def run(args, models: dict[str, str]) -> int:
-    """`npc-server eval npc` for v2 backbones (subtitle judge; spoken answers come with the talker)."""
+    """`npc-server eval npc` for v2 backbones: the subtitle judge, and with `--judge audio` and a talker the answers
+    spoken and heard (`answer_speaker`)."""
     import json
 
     from npc_server.audio.io import load_audio
