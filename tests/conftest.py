@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,43 @@ from npc_server.tiny import build_tiny_model, capped_personas  # noqa: F401 (re-
 def espeak_wav(path: Path, text: str, voice: str = "en-us") -> Path:
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
     return path
+
+
+@contextmanager
+def serve_subprocess(tmp: Path, extra_args: list[str], start_timeout: float = 180):
+    """`npc-server serve` (the product's main job) as a subprocess on loopback, on a copy of the personas folder:
+    yields {"target", "personas", "proc"} once it serves; fails the test with the server's log if it does not start."""
+    from npc_server.paths import DEFAULT_PERSONAS_DIR
+
+    personas = tmp / "personas"
+    shutil.copytree(DEFAULT_PERSONAS_DIR, personas)
+    ready = tmp / "ready"
+    log = open(tmp / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "npc_server.cli", "serve", *extra_args, "--port", "0", "--bridge-port", "-1",
+         "--insecure-loopback", "--personas", str(personas), "--ready-file", str(ready), "--threads", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + start_timeout
+        while not ready.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        if not ready.exists():
+            log.seek(0)
+            pytest.fail(f"server did not start:\n{log.read()}")
+        yield {"target": f"127.0.0.1:{ready.read_text().split()[0]}", "personas": personas, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """`serve_subprocess`, for module-scoped server fixtures."""
+    return serve_subprocess
 
 
 @pytest.fixture(scope="session")

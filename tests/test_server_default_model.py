@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from npc_server.eval.metrics import Listener, normalize_text, word_errors
-from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+from npc_server.paths import DEFAULT_MODEL_DIR
 from sdk import AudioEvent, EndEvent, NpcClient, NpcError
 
 COMPONENTS = ("tokenizer", "backbone", "vocoder")
@@ -44,32 +40,10 @@ def listener() -> Listener:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve):
     """`npc-server serve` as a subprocess (the product's main job), on a copy of the personas folder."""
-    tmp = tmp_path_factory.mktemp("serve")
-    personas = tmp / "personas"
-    shutil.copytree(DEFAULT_PERSONAS_DIR, personas)
-    ready = tmp / "ready"
-    log = open(tmp / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "npc_server.cli", "serve", "--port", "0", "--bridge-port", "-1", "--insecure-loopback",
-         "--personas", str(personas), "--ready-file", str(ready), "--threads", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 180
-        while not ready.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        if not ready.exists():
-            log.seek(0)
-            pytest.fail(f"server did not start:\n{log.read()}")
-        yield {"target": f"127.0.0.1:{ready.read_text().split()[0]}", "personas": personas, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with serve(tmp_path_factory.mktemp("serve"), []) as running:
+        yield running
 
 
 @pytest.fixture()

@@ -4,17 +4,12 @@ cache, a cancelled answer leaves the session usable."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from npc_server.eval.metrics import Listener, normalize_text, word_errors
-from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+from npc_server.paths import DEFAULT_MODEL_DIR
 from sdk import AudioEvent, EndEvent, NpcClient
 
 COMPONENTS = ("tokenizer_v2", "backbone_v2", "talker", "vocoder")
@@ -30,36 +25,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "questions"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve_v2")
-    personas = tmp / "personas"
-    shutil.copytree(DEFAULT_PERSONAS_DIR, personas)
-    ready = tmp / "ready"
-    log = open(tmp / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "npc_server.cli", "serve", "--model", "v2", "--port", "0", "--bridge-port", "-1",
-         "--insecure-loopback", "--personas", str(personas), "--ready-file", str(ready), "--threads", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 300
-        while not ready.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        if not ready.exists():
-            log.seek(0)
-            pytest.fail(f"server did not start:\n{log.read()}")
-        yield f"127.0.0.1:{ready.read_text().split()[0]}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def server(tmp_path_factory, serve):
+    """`npc-server serve --model v2` as a subprocess on the shipped v2 parts."""
+    with serve(tmp_path_factory.mktemp("serve"), ["--model", "v2"], start_timeout=300) as running:
+        yield running
 
 
 @pytest.fixture()
 def client(server):
-    with NpcClient(server) as c:
+    with NpcClient(server["target"]) as c:
         yield c
 
 

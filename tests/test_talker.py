@@ -15,7 +15,7 @@ import torch
 from npc_server.audio.io import load_audio, save_wav
 from npc_server.talker import Sampling, Talker, TalkerStream, phonemize, synthesize
 from npc_server.talker.align import frame_positions, monotonic_alignment
-from npc_server.talker.frontend import BOS, EOS, PAUSE, Phones, clause_phones, espeak_clauses
+from npc_server.talker.frontend import BOS, EOS, PAUSE, Phones
 from npc_server.training import tts
 
 SENTENCES = ["A room costs five silver coins a night.", "Head north, past the old bridge.",
@@ -224,3 +224,24 @@ def test_requested_speed_scales_the_spoken_length():
     assert rounder([0.6] * 10) == [1] * 10  # every phone gets a frame
     rounder = DurationRounder(max_frames=40)
     assert sum(rounder([1.4] * 10)) == 14  # the total follows the continuous durations
+
+
+def test_greedy_stream_follows_the_training_forward():
+    """The stream's incremental decoding is the training forward: feeding its own tokens back teacher-forced, the
+    frame decoder's argmax reproduces every token it chose."""
+    from npc_server.talker.align import frame_positions
+
+    talker = tiny_talker()
+    phones = Phones(["a", "b", PAUSE, "uː", "m"], [True, False, False, True, False])
+    stream = TalkerStream(talker, "gb_female", sampling=Sampling(temperature=0))
+    tokens = np.concatenate([stream.push(phones), stream.finish()])
+    ids = torch.tensor([talker.phone_ids(stream.phones)])
+    starts = torch.tensor([stream.phones.word_starts])
+    v, lang, emo = talker.condition_ids("gb_female", "en", "neutral")
+    with torch.no_grad():
+        cond = talker.condition(torch.tensor([v]), torch.tensor([lang]), torch.tensor([emo]), torch.tensor([1.0]))
+        states = talker.encode_phones(ids, starts, cond)
+        ph, ip, lf = (torch.from_numpy(a)[None] for a in frame_positions(np.array([s.frames for s in stream.spans])))
+        prev = torch.tensor([[talker.cfg.n_codes, *tokens[:-1]]])
+        logits = talker.decode_frames(talker.frame_inputs(states, ph, ip, lf, prev, cond))
+    assert logits[0].argmax(-1).tolist() == tokens.tolist()

@@ -26,7 +26,7 @@ from npc_server.audio.io import load_audio
 from npc_server.eval.metrics import Listener, heldout_rows, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR, REPO_ROOT, data_dir
 from npc_server.talker import Sampling, Talker, TalkerStream, synthesize
-from npc_server.talker.frontend import clause_phones, espeak_clauses, espeak_voice
+from npc_server.talker.frontend import text_phones
 
 
 def first_tokens_ms(talker: Talker, text: str, voice: str, sampling: Sampling, repeats: int = 3) -> float:
@@ -71,7 +71,7 @@ def evaluate(talker: Talker, vocoder, rows: list[dict], corpus: Path, listener: 
         c = r.get("controls") or {}
         emotion, speed = c.get("emotion", "neutral"), float(c.get("speed", 1.0))
         pitch = vocoder.request_pitch(float(c.get("pitch_st", 0.0)), emotion)
-        phones = clause_phones(espeak_clauses(r["text"], espeak_voice(r["language"], r.get("accent"))))
+        phones = text_phones(r["text"], r["language"], r.get("accent"))
         t0 = time.perf_counter()
         stream = TalkerStream(talker, r["speaker"], r["language"], emotion, speed, r.get("accent"), sampling)
         tokens = np.concatenate([stream.push(phones), stream.finish()])

@@ -80,10 +80,15 @@ def clause_phones(clauses: list[list[str]]) -> Phones:
     return seq
 
 
+def text_phones(text: str, language: str = "en", accent: str | None = None) -> Phones:
+    """The phones of `text` with clause pauses, without `<s>` / `</s>` (what a talker stream is pushed)."""
+    return clause_phones(espeak_clauses(text, espeak_voice(language, accent)))
+
+
 def phonemize(text: str, language: str = "en", accent: str | None = None) -> Phones:
     """A whole utterance: `<s>`, the phones of `text`, `</s>`. Text with nothing to say gives `<s> </s>`."""
     seq = Phones([BOS], [False])
-    seq.extend(clause_phones(espeak_clauses(text, espeak_voice(language, accent))))
+    seq.extend(text_phones(text, language, accent))
     seq.units.append(EOS)
     seq.word_starts.append(False)
     return seq

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer, clause_phones, espeak_clauses, espeak_voice
+from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer, text_phones
 from npc_server.talker.model import DurationRounder, Talker, tempo
 
 @dataclass(frozen=True)
@@ -145,12 +145,11 @@ class TalkerStream:
         states = talker.encode_phones(ids, starts, self.cond)[:, :ready]
         frames = self.rounder((torch.exp(talker.log_durations(states[0, first:])) / self.tempo).tolist())
         out: list[int] = []
-        m = cfg.max_in_phone - 1
         for j, d in zip(range(first, ready), frames):
             self.spans.append(Span(self.phones.units[j], self.phones.word_starts[j], self.frames, d))
-            phone = talker.phone_to_frame(states[0, j]) + self.cond[0, 0]
-            for k in range(d):
-                x = phone + talker.in_phone.weight[min(k, m)] + talker.left_in_phone.weight[min(d - 1 - k, m)]
+            k = torch.arange(d)[None]
+            context = talker.frame_context(states, torch.full_like(k, j), k, d - 1 - k, self.cond)[0]
+            for x in context:
                 logits = self.decoder.step(x + talker.token.weight[self.prev])
                 self.prev = self._sample(logits)
                 out.append(self.prev)
@@ -170,6 +169,5 @@ def synthesize(talker: Talker, text: str, voice: str, language: str = "en", emot
                speed: float = 1.0, accent: str | None = None, sampling: Sampling = Sampling()) -> tuple[np.ndarray, list[Span]]:
     """Offline: the whole answer text -> (tokens, phone spans)."""
     stream = TalkerStream(talker, voice, language, emotion, speed, accent, sampling)
-    tokens = np.concatenate([stream.push(clause_phones(espeak_clauses(text, espeak_voice(language, accent)))),
-                             stream.finish()])
+    tokens = np.concatenate([stream.push(text_phones(text, language, accent)), stream.finish()])
     return tokens, stream.spans

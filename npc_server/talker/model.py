@@ -205,13 +205,19 @@ class Talker(nn.Module):
     def prior_logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.prior(states)
 
-    def frame_inputs(self, states: torch.Tensor, frame_phone: torch.Tensor, in_phone: torch.Tensor,
-                     left_in_phone: torch.Tensor, prev_tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs [B, T, dim]: the aligned phone's state, position in it, frames left, previous token."""
+    def frame_context(self, states: torch.Tensor, frame_phone: torch.Tensor, in_phone: torch.Tensor,
+                      left_in_phone: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """What the decoder knows of frames [B, T] before sampling: the aligned phone's state, the position in it,
+        the frames left in it, the condition -> [B, T, dim]."""
         m = self.cfg.max_in_phone - 1
         aligned = torch.gather(states, 1, frame_phone[..., None].expand(-1, -1, states.shape[-1]))
         return (self.phone_to_frame(aligned) + self.in_phone(in_phone.clamp(max=m))
-                + self.left_in_phone(left_in_phone.clamp(max=m)) + self.token(prev_tokens) + cond)
+                + self.left_in_phone(left_in_phone.clamp(max=m)) + cond)
+
+    def frame_inputs(self, states: torch.Tensor, frame_phone: torch.Tensor, in_phone: torch.Tensor,
+                     left_in_phone: torch.Tensor, prev_tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs [B, T, dim]: the frame context plus the previous token's embedding."""
+        return self.frame_context(states, frame_phone, in_phone, left_in_phone, cond) + self.token(prev_tokens)
 
     def decode_frames(self, x: torch.Tensor, caches: list[dict] | None = None,
                       pad_mask: torch.Tensor | None = None) -> torch.Tensor:
