@@ -36,6 +36,11 @@ class EngineAudio:
 
 
 @dataclass
+class EngineLipSync:
+    events: object  # talker.lipsync.LipSyncEvents: visemes and word timings on the answer's audio time line
+
+
+@dataclass
 class EngineDone:
     spoken_text: str
     timings: dict  # keys of service.api.Timings (milliseconds and token counts)
@@ -173,8 +178,12 @@ class Engine:
         text: str = "",
         mode: str = "audio_and_text",
         load: Callable[[], int] | None = None,
+        lip_sync: bool = False,
     ) -> Iterator[EngineText | EngineAudio | EngineDone]:
         """Stream the answer to one question: 16 kHz float32 audio (or a QuestionStream that heard it) and/or text.
+
+        `lip_sync` is accepted and ignored: model v1 writes audio tokens with no alignment to the text, so it has no
+        lip-sync events to give (model v2's talker has, see engine_v2).
 
         `load()`: answers the server is running now. When the first audio is ready and n > 1 answers share the
         cores, the first chunk is n times longer (at most one regular chunk): each answer then advances more slowly,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from npc_server.controls import Controls
-from npc_server.engine import EngineAudio, EngineDone, EngineText
+from npc_server.engine import EngineAudio, EngineDone, EngineLipSync, EngineText
 
 # the subtitle's text tokens per second of speech: the thinker's answer budget is this x max_answer_seconds
 TEXT_TOKENS_PER_SECOND = 4.0
@@ -134,10 +134,13 @@ class EngineV2:
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, state: EngineStateV2, persona, controls: Controls,
                audio: np.ndarray | QuestionStreamV2 | None = None, text: str = "", mode: str = "audio_and_text",
-               load: Callable[[], int] | None = None) -> Iterator[EngineText | EngineAudio | EngineDone]:
+               load: Callable[[], int] | None = None, lip_sync: bool = False
+               ) -> Iterator[EngineText | EngineAudio | EngineLipSync | EngineDone]:
         """Stream the answer to one question (16 kHz float32 audio, a QuestionStreamV2 that heard it, or typed text;
-        with both, the audio is the question)."""
+        with both, the audio is the question). With `lip_sync` (and audio), viseme and word timings from the talker's
+        alignment come as EngineLipSync events, each before the audio it describes."""
         from npc_server.talker import TalkerStream
+        from npc_server.talker.lipsync import LipSync
 
         t0 = time.perf_counter()
         tokens = None
@@ -165,14 +168,21 @@ class EngineV2:
                                   controls.accent)
             voc = self.vocoder.stream(voice=controls.voice,
                                       pitch_st=self.vocoder.request_pitch(controls.pitch_st, controls.emotion))
+        lips = LipSync(self.talker.cfg.tokens_per_second) if lip_sync and talker is not None else None
         answer_ids: list[int] = []
         subtitle, audio_s, vocoder_s, talker_s = "", 0.0, 0.0, 0.0
         budget = max(8, int(round(persona.max_answer_seconds * TEXT_TOKENS_PER_SECOND)))
 
-        def speak(codes: np.ndarray, final: bool) -> Iterator[EngineAudio]:
+        def speak(codes: np.ndarray, final: bool) -> Iterator[EngineAudio | EngineLipSync]:
             nonlocal audio_s, vocoder_s
             if voc is None:
                 return
+            if lips is not None:
+                events = lips.update(talker.spans)
+                if final:
+                    events.extend(lips.finish(talker.frames))
+                if events:
+                    yield EngineLipSync(events)
             if codes.size and audio_s == 0.0 and load is not None:
                 voc.share_cores(int(load()))
             tv = time.perf_counter()

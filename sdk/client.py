@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +43,16 @@ class TextEvent:
 
 
 @dataclass
+class LipSyncEvent:
+    """Mouth shapes and words on the answer's audio time line (ms from its first sample); asked with `lip_sync=True`.
+    visemes: (viseme, start_ms, duration_ms), the viseme one of sil PP FF TH DD kk CH SS nn RR aa E I O U;
+    words: (text, start_ms, end_ms)."""
+
+    visemes: list[tuple[str, float, float]]
+    words: list[tuple[str, float, float]]
+
+
+@dataclass
 class EndEvent:
     session_id: str
     text: str  # full subtitle of what was spoken
@@ -51,7 +61,7 @@ class EndEvent:
     timings: dict  # time_to_first_audio_ms, total_ms, tokenize_ms, prefill_ms, decode_ms, vocoder_ms, ...
 
 
-Event = AudioEvent | TextEvent | EndEvent
+Event = AudioEvent | TextEvent | LipSyncEvent | EndEvent
 
 
 @dataclass
@@ -62,6 +72,8 @@ class Answer:
     pcm: bytes
     sample_rate: int
     end: EndEvent
+    visemes: list[tuple[str, float, float]] = field(default_factory=list)  # with lip_sync=True
+    words: list[tuple[str, float, float]] = field(default_factory=list)
 
     def samples(self) -> np.ndarray:
         """The whole answer as float32 samples in [-1, 1) at `sample_rate`."""
@@ -89,6 +101,10 @@ class Speech:
                     yield AudioEvent(msg.audio.pcm, msg.audio.sample_rate, msg.audio.sequence)
                 elif kind == "text":
                     yield TextEvent(msg.text.text)
+                elif kind == "lip_sync":
+                    ls = msg.lip_sync
+                    yield LipSyncEvent([(v.viseme, v.start_ms, v.duration_ms) for v in ls.visemes],
+                                       [(w.text, w.start_ms, w.end_ms) for w in ls.words])
                 elif kind == "end":
                     e = msg.end
                     t = e.timings
@@ -184,11 +200,13 @@ class NpcClient:
         accent: str | None = None,
         output_sample_rate: int = 0,
         mode: str = "audio_and_text",
+        lip_sync: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> Speech:
         """Ask `npc` a question and stream the answer.
 
         `audio` is a wav/flac/ogg file path, the bytes of such a file, or a float32 numpy array at `sample_rate`.
+        `lip_sync`: also stream LipSyncEvents (visemes and word timings; model v2 servers).
         """
         overrides = pb.Overrides()
         for name, value in (("emotion", emotion), ("speed", speed), ("pitch", pitch), ("language", language),
@@ -209,7 +227,7 @@ class NpcClient:
         if mode not in modes:
             raise ValueError(f"mode must be one of {', '.join(modes)}")
         config = pb.SpeakConfig(npc_id=npc, session_id=session, input_format=fmt, text=text, overrides=overrides,
-                                output_sample_rate=output_sample_rate, mode=modes[mode])
+                                output_sample_rate=output_sample_rate, mode=modes[mode], lip_sync=lip_sync)
 
         def requests():
             yield pb.SpeakRequest(config=config)
@@ -221,18 +239,21 @@ class NpcClient:
 
     def ask(self, npc: str, audio=None, **kwargs) -> Answer:
         """Speak and collect the whole answer (text, PCM, end message)."""
-        pcm, text, sr, end = bytearray(), [], 0, None
+        pcm, text, sr, end, visemes, words = bytearray(), [], 0, None, [], []
         for ev in self.speak(npc, audio, **kwargs):
             if isinstance(ev, AudioEvent):
                 pcm += ev.pcm
                 sr = ev.sample_rate
             elif isinstance(ev, TextEvent):
                 text.append(ev.text)
+            elif isinstance(ev, LipSyncEvent):
+                visemes += ev.visemes
+                words += ev.words
             else:
                 end = ev
         if end is None:
             raise NpcError("UNKNOWN", "the answer stream ended without an end message")
-        return Answer("".join(text), bytes(pcm), sr or 24000, end)
+        return Answer("".join(text), bytes(pcm), sr or 24000, end, visemes, words)
 
     def say(self, npc: str, question: str | Path, out_wav: str | Path, **kwargs) -> Answer:
         """Ask with a wav file and save the spoken answer to `out_wav`."""

@@ -16,6 +16,8 @@ from npc_server.audio.io import load_audio, save_wav
 from npc_server.talker import Sampling, Talker, TalkerStream, phonemize, synthesize
 from npc_server.talker.align import frame_positions, monotonic_alignment
 from npc_server.talker.frontend import BOS, EOS, PAUSE, Phones
+from npc_server.talker.generator import Span
+from npc_server.talker.lipsync import LipSync, VisemeEvent, viseme
 from npc_server.training import tts
 
 SENTENCES = ["A room costs five silver coins a night.", "Head north, past the old bridge.",
@@ -98,9 +100,66 @@ def test_text_pushed_word_by_word_gives_the_phones_of_the_whole_text(text):
     for i in range(0, len(text), 3):  # pieces that cut words, as subtitle deltas do
         stream.push_text(text[i : i + 3])
     stream.finish()
-    assert stream.phones.units == seq.units
+    assert stream.phones.units == seq.units and stream.phones.word_starts == seq.word_starts
     tokens, spans = synthesize(talker, text, "joe")
     assert [s.unit for s in spans] == seq.units and tokens.size == sum(s.frames for s in spans)
+    # each word of the text is on the first phone espeak read for it ("120" is four IPA words, one text word)
+    assert [s.word for s in spans if s.word] == text.split()
+    assert [s.word for s in stream.spans] == [s.word for s in spans]
+
+
+# ------------------------------------------------------------------------------------------------ lip sync
+def test_every_phone_of_the_shipped_talker_has_a_mouth_shape():
+    from npc_server.paths import DEFAULT_MODEL_DIR
+
+    config = DEFAULT_MODEL_DIR / "talker" / "config.json"
+    if not config.is_file():
+        pytest.skip("no shipped talker")
+    phones = json.loads(config.read_text())["phones"]
+    missing = [p for p in phones if viseme(p) is None and not p.isdigit()]  # tone numbers keep the shape before
+    assert not missing
+    assert viseme("t͡ʃ") == "CH" and viseme(PAUSE) == viseme(EOS) == "sil" and viseme("ʊ") == "U"
+
+
+def test_lip_sync_events_follow_the_spans():
+    spans = [Span(BOS, False, 0, 2), Span("m", True, 2, 2, "my"), Span("a", False, 4, 1), Span("ɪ", False, 5, 1),
+             Span("b", True, 6, 1, "bread,"), Span("ɹ", False, 7, 2), Span(PAUSE, False, 9, 3),
+             Span("b", True, 12, 2, "bye"), Span("a", False, 14, 0), Span("5", False, 14, 1), Span(EOS, False, 15, 2)]
+    lips = LipSync(25.0)
+    first = lips.update(spans[:6])
+    assert [w.text for w in first.words] == ["my"]  # "bread," ends with the pause, not yet spoken
+    rest = lips.update(spans)
+    rest.extend(lips.finish(17))
+    visemes, words = first.visemes + rest.visemes, first.words + rest.words
+    assert [(w.text, w.start_ms, w.end_ms) for w in words] == [("my", 80, 240), ("bread,", 240, 360),
+                                                             ("bye", 480, 600)]
+    # adjacent phones with one shape are one event ("ɪ" after "a" differ; "b" after "ɪ" differ); a tone number keeps
+    # the shape before it; the events tile the time line
+    assert [v.viseme for v in visemes] == ["sil", "PP", "aa", "I", "PP", "RR", "sil", "PP", "sil"]
+    assert visemes[-2] == VisemeEvent("PP", 480, 120)
+    assert all(abs(a.start_ms + a.duration_ms - b.start_ms) < 1e-9 for a, b in zip(visemes, visemes[1:]))
+    assert visemes[-1].start_ms + visemes[-1].duration_ms == 17 * 40
+
+
+def test_streamed_lip_sync_equals_the_offline_events():
+    text = "A room is 120 gold a night, traveler."
+    seq = phonemize(text)
+    talker = tiny_talker(phones=tuple(u for u in seq.units if u not in (BOS, EOS, PAUSE)))
+    tokens, spans = synthesize(talker, text, "joe")
+    offline = LipSync()
+    whole = offline.update(spans)
+    whole.extend(offline.finish(tokens.size))
+    stream, lips, parts = TalkerStream(talker, "joe"), LipSync(), []
+    for i in range(0, len(text), 4):
+        stream.push_text(text[i : i + 4])
+        parts.append(lips.update(stream.spans))
+    stream.finish()
+    parts += [lips.update(stream.spans), lips.finish(stream.frames)]
+    assert [w for p in parts for w in p.words] == whole.words
+    assert [w.text for w in whole.words] == text.split()
+    # visemes may be cut where a push ended, never moved: merged they give the offline events
+    merged = LipSync.merge([v for p in parts for v in p.visemes])
+    assert merged == whole.visemes and whole.visemes[-1].start_ms + whole.visemes[-1].duration_ms == tokens.size * 40
 
 
 def test_unknown_voice_and_phones():

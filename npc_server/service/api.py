@@ -84,6 +84,7 @@ class SpeakConfig:
     overrides: Overrides = field(default_factory=Overrides)
     output_sample_rate: int = 0
     mode: OutputMode = OutputMode.AUDIO_AND_TEXT
+    lip_sync: bool = False  # also stream LipSyncOut events (an engine without alignment sends none)
 
 
 # ---- events streamed back --------------------------------------------------------------------------------------
@@ -99,6 +100,14 @@ class AudioOut:
 @dataclass
 class TextOut:
     text: str
+
+
+@dataclass
+class LipSyncOut:
+    """Visemes (viseme, start_ms, duration_ms) and words (text, start_ms, end_ms) on the answer's audio time line."""
+
+    visemes: list[tuple[str, float, float]]
+    words: list[tuple[str, float, float]]
 
 
 @dataclass
@@ -123,4 +132,4 @@ class EndOut:
     interrupted: bool = False
 
 
-SpeakEvent = AudioOut | TextOut | EndOut
+SpeakEvent = AudioOut | TextOut | LipSyncOut | EndOut

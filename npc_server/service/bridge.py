@@ -44,7 +44,7 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
     if not isinstance(c, dict):
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak.config must be a map")
     allowed = {"npc_id", "session_id", "encoding", "sample_rate", "channels", "text", "overrides",
-               "output_sample_rate", "mode"}
+               "output_sample_rate", "mode", "lip_sync"}
     unknown = set(c) - allowed
     if unknown:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown config field(s): {_names(unknown)}")
@@ -71,6 +71,9 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
     for key in ("emotion", "language", "accent"):
         if key in o and not isinstance(o[key], str):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"overrides.{key} must be text")
+    lip_sync = c.get("lip_sync", False)
+    if not isinstance(lip_sync, bool):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "config.lip_sync must be true or false")
     encoding, mode = get("encoding", str, "pcm_s16le"), get("mode", str, "audio_and_text")
     if encoding not in {e.value for e in api.AudioEncoding}:
         raise ApiError(ErrorCode.INVALID_ARGUMENT,
@@ -88,6 +91,7 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
         overrides=api.Overrides(**{k: o.get(k) for k in ("emotion", "speed", "pitch", "language", "accent")}),
         output_sample_rate=get("output_sample_rate", int, 0),
         mode=api.OutputMode(mode),
+        lip_sync=lip_sync,
     )
 
 
@@ -96,6 +100,10 @@ def event_to_frame(ev: api.SpeakEvent, req_id: Any) -> dict:
         return {"type": "audio", "id": req_id, "pcm": ev.pcm, "sample_rate": ev.sample_rate, "seq": ev.sequence}
     if isinstance(ev, api.TextOut):
         return {"type": "text", "id": req_id, "text": ev.text}
+    if isinstance(ev, api.LipSyncOut):
+        return {"type": "lip_sync", "id": req_id,
+                "visemes": [{"viseme": v, "start_ms": s, "duration_ms": d} for v, s, d in ev.visemes],
+                "words": [{"text": w, "start_ms": s, "end_ms": e} for w, s, e in ev.words]}
     return {"type": "end", "id": req_id, "session_id": ev.session_id, "text": ev.text,
             "audio_seconds": ev.audio_seconds, "interrupted": ev.interrupted, "timings": asdict(ev.timings)}
 

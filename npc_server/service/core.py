@@ -14,13 +14,14 @@ import soxr
 from npc_server import __version__
 from npc_server.audio import AudioError, float_to_pcm16, load_audio, pcm16_to_float, resample, to_mono
 from npc_server.controls import Controls
-from npc_server.engine import EngineAudio, EngineDone, EngineText
+from npc_server.engine import EngineAudio, EngineDone, EngineLipSync, EngineText
 from npc_server.personas import Persona, PersonaStore, ReloadResult
 from npc_server.service.api import (
     ApiError,
     AudioEncoding,
     AudioOut,
     EndOut,
+    LipSyncOut,
     ErrorCode,
     Limits,
     OutputMode,
@@ -345,7 +346,7 @@ class NpcService:
         mode = cfg.mode
         job = self.scheduler.submit(
             self.engine.answer(state, persona, controls, audio=audio, text=cfg.text, mode=mode.value,
-                               load=lambda: self._active)
+                               load=lambda: self._active, lip_sync=cfg.lip_sync and mode != OutputMode.TEXT_ONLY)
         )
         out_sr = cfg.output_sample_rate or self.engine.sample_rate
         seq = 0
@@ -364,6 +365,10 @@ class NpcService:
                     if mode != OutputMode.AUDIO_ONLY:
                         text_parts.append(ev.text)
                         yield TextOut(ev.text)
+                elif isinstance(ev, EngineLipSync):
+                    if cfg.lip_sync and mode != OutputMode.TEXT_ONLY:
+                        yield LipSyncOut([(v.viseme, v.start_ms, v.duration_ms) for v in ev.events.visemes],
+                                         [(w.text, w.start_ms, w.end_ms) for w in ev.events.words])
                 elif isinstance(ev, EngineAudio):
                     if mode == OutputMode.TEXT_ONLY or ev.wav.size == 0:
                         continue

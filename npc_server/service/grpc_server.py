@@ -64,6 +64,7 @@ def config_from_proto(c: "pb.SpeakConfig") -> api.SpeakConfig:
         ),
         output_sample_rate=c.output_sample_rate,
         mode=_MODES[c.mode],
+        lip_sync=c.lip_sync,
     )
 
 
@@ -72,6 +73,10 @@ def event_to_proto(ev: api.SpeakEvent) -> "pb.SpeakResponse":
         return pb.SpeakResponse(audio=pb.AudioChunk(pcm=ev.pcm, sample_rate=ev.sample_rate, sequence=ev.sequence))
     if isinstance(ev, api.TextOut):
         return pb.SpeakResponse(text=pb.TextDelta(text=ev.text))
+    if isinstance(ev, api.LipSyncOut):
+        return pb.SpeakResponse(lip_sync=pb.LipSync(
+            visemes=[pb.Viseme(viseme=v, start_ms=s, duration_ms=d) for v, s, d in ev.visemes],
+            words=[pb.WordTiming(text=w, start_ms=s, end_ms=e) for w, s, e in ev.words]))
     t = ev.timings
     return pb.SpeakResponse(
         end=pb.SpeakEnd(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import accumulate
 
 from npc_server.tokenizer.phones import split_phones
 from npc_server.voices import ESPEAK_BASE_VOICES
@@ -24,15 +26,23 @@ _DROP = re.compile(r"[\x00-\x1f\x7f<>{}\[\]\\|^~`@#$%&*_=+]")
 
 @dataclass
 class Phones:
-    """A phone sequence: units (including the specials) and, per unit, whether it starts a word."""
+    """A phone sequence: units (including the specials) and, per unit, whether it starts a word. `words` holds,
+    where known, the text of the word a unit starts ("" elsewhere; it may be shorter than `units`): the source of
+    the word timings in lip-sync events."""
 
     units: list[str] = field(default_factory=list)
     word_starts: list[bool] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.units)
 
+    def word(self, i: int) -> str:
+        return self.words[i] if i < len(self.words) else ""
+
     def extend(self, other: Phones) -> None:
+        if other.words:
+            self.words += [""] * (len(self.units) - len(self.words)) + other.words
         self.units += other.units
         self.word_starts += other.word_starts
 
@@ -97,13 +107,38 @@ def phonemize(text: str, language: str = "en", accent: str | None = None) -> Pho
 _CLAUSE_BREAK = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f]+\s+")
 
 
-def _word_phones(ipa_words: list[str]) -> Phones:
+def _word_phones(groups: list[list[str]], text_words: list[str]) -> Phones:
+    """Per text word, the IPA words espeak read it as ("120" is four) -> phones; each IPA word starts a word (as in
+    `clause_phones`), and the first unit of a text word's phones carries its text."""
     seq = Phones()
-    for word in ipa_words:
-        units = split_phones(word)
-        seq.units += units
-        seq.word_starts += [i == 0 for i in range(len(units))]
+    for group, word in zip(groups, text_words):
+        first = len(seq.units)
+        for ipa in group:
+            units = split_phones(ipa)
+            seq.units += units
+            seq.word_starts += [i == 0 for i in range(len(units))]
+        seq.words += [""] * (len(seq.units) - len(seq.words))
+        if len(seq.units) > first:
+            seq.words[first] = word
     return seq
+
+
+@lru_cache(maxsize=4096)
+def _ipa_word_count(word: str, voice: str) -> int:
+    """How many IPA words espeak reads `word` as, on its own."""
+    return sum(len(c) for c in espeak_clauses(word, voice))
+
+
+def pair_words(words: list[str], ipa: list[str], voice: str) -> list[list[str]] | None:
+    """The IPA words of `words` (espeak's reading of them together), grouped per text word; None when the
+    counts of the words read one by one do not add up (espeak merged words)."""
+    if len(ipa) == len(words):
+        return [[w] for w in ipa]
+    counts = [_ipa_word_count(w, voice) for w in words]
+    if sum(counts) != len(ipa):
+        return None
+    ends = list(accumulate(counts))
+    return [ipa[e - n : e] for e, n in zip(ends, counts)]
 
 
 class TextPhonemizer:
@@ -144,11 +179,14 @@ class TextPhonemizer:
         out = Phones()
         if settled > self.done_words:
             ipa = [w for clause in espeak_clauses(" ".join(words), self.voice) for w in clause]
-            if len(ipa) == len(words):  # espeak kept the words apart: take the settled ones
-                new = _word_phones(ipa[self.done_words : settled])
+            groups = pair_words(words, ipa, self.voice)
+            if groups is not None:  # each text word's IPA words are known: take the settled ones
+                new = _word_phones(groups[self.done_words : settled], words[self.done_words : settled])
                 self.done_words = settled
-            elif final:  # words merged or expanded ("120"): the rest of the clause on its own
-                new = clause_phones(espeak_clauses(" ".join(words[self.done_words :]), self.voice))
+            elif final:  # espeak merged words: the rest of the clause on its own, as one "word"
+                rest = " ".join(words[self.done_words :])
+                new = clause_phones(espeak_clauses(rest, self.voice))
+                new.words = [rest] if new.units else []
                 self.done_words = settled
             else:
                 new = Phones()

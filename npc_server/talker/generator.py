@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer, text_phones
+from npc_server.talker.frontend import BOS, EOS, Phones, TextPhonemizer
 from npc_server.talker.model import DurationRounder, Talker, tempo
 
 @dataclass(frozen=True)
@@ -28,12 +28,14 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Span:
-    """One spoken phone: its unit, whether it starts a word, and its frames [start, start + frames)."""
+    """One spoken phone: its unit, whether it starts a word, its frames [start, start + frames), and the text of the
+    word it starts where the text is known ("" otherwise)."""
 
     unit: str
     word_start: bool
     start: int
     frames: int
+    word: str = ""
 
 
 class FrameDecoder:
@@ -146,7 +148,8 @@ class TalkerStream:
         frames = self.rounder((torch.exp(talker.log_durations(states[0, first:])) / self.tempo).tolist())
         out: list[int] = []
         for j, d in zip(range(first, ready), frames):
-            self.spans.append(Span(self.phones.units[j], self.phones.word_starts[j], self.frames, d))
+            self.spans.append(Span(self.phones.units[j], self.phones.word_starts[j], self.frames, d,
+                                   self.phones.word(j)))
             k = torch.arange(d)[None]
             context = talker.frame_context(states, torch.full_like(k, j), k, d - 1 - k, self.cond)[0]
             for x in context:
@@ -167,7 +170,8 @@ class TalkerStream:
 
 def synthesize(talker: Talker, text: str, voice: str, language: str = "en", emotion: str = "neutral",
                speed: float = 1.0, accent: str | None = None, sampling: Sampling = Sampling()) -> tuple[np.ndarray, list[Span]]:
-    """Offline: the whole answer text -> (tokens, phone spans)."""
+    """Offline: the whole answer text -> (tokens, phone spans). The phones are those of `text_phones(text)` (the
+    text phonemizer's equal them, tested), with the words' text on their spans."""
     stream = TalkerStream(talker, voice, language, emotion, speed, accent, sampling)
-    tokens = np.concatenate([stream.push(text_phones(text, language, accent)), stream.finish()])
+    tokens = np.concatenate([stream.push_text(text), stream.finish()])
     return tokens, stream.spans

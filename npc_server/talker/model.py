@@ -163,7 +163,13 @@ class Talker(nn.Module):
         """`phones` without the units this talker was not trained on."""
         known = set(SPECIALS + self.cfg.phones)
         keep = [i for i, u in enumerate(phones.units) if u in known]
-        return Phones([phones.units[i] for i in keep], [phones.word_starts[i] for i in keep])
+        words, carried = [], ""  # a dropped unit's word text moves to the next kept unit
+        for i, u in enumerate(phones.units):
+            carried = phones.word(i) or (carried if not phones.word_starts[i] else "")
+            if u in known:
+                words.append(carried)
+                carried = ""
+        return Phones([phones.units[i] for i in keep], [phones.word_starts[i] for i in keep], words)
 
     def condition_ids(self, voice: str, language: str, emotion: str) -> tuple[int, int, int]:
         cfg = self.cfg
