@@ -124,21 +124,44 @@ def _word_phones(groups: list[list[str]], text_words: list[str]) -> Phones:
 
 
 @lru_cache(maxsize=4096)
-def _ipa_word_count(word: str, voice: str) -> int:
-    """How many IPA words espeak reads `word` as, on its own."""
-    return sum(len(c) for c in espeak_clauses(word, voice))
+def _alone(word: str, voice: str) -> tuple[int, int]:
+    """(IPA words, phones) espeak reads `word` as on its own."""
+    ipa = [w for c in espeak_clauses(word, voice) for w in c]
+    return len(ipa), sum(len(split_phones(w)) for w in ipa)
 
 
-def pair_words(words: list[str], ipa: list[str], voice: str) -> list[list[str]] | None:
-    """The IPA words of `words` (espeak's reading of them together), grouped per text word; None when the
-    counts of the words read one by one do not add up (espeak merged words)."""
+def pair_words(words: list[str], ipa: list[str], voice: str, most: int = 4) -> list[tuple[int, int]] | None:
+    """Which text words espeak read as which of its IPA words (`ipa`, its reading of `words` together), as
+    segments (text words, IPA words) in order. Usually one to one; a number expands ("120" is four IPA words) and
+    short function words may merge ("for the"). When the counts differ, the segments are the alignment whose
+    segment lengths best match each word read on its own (phones and IPA words). None when none fits."""
     if len(ipa) == len(words):
-        return [[w] for w in ipa]
-    counts = [_ipa_word_count(w, voice) for w in words]
-    if sum(counts) != len(ipa):
+        return [(1, 1)] * len(words)
+    alone = [_alone(w, voice) for w in words]
+    ctx = [len(split_phones(w)) for w in ipa]
+    inf = float("inf")
+    cost = [[inf] * (len(ipa) + 1) for _ in range(len(words) + 1)]
+    back: dict[tuple[int, int], tuple[int, int]] = {}
+    cost[0][0] = 0.0
+    for i in range(1, len(words) + 1):
+        for j in range(1, len(ipa) + 1):
+            for m in range(1, min(most, i) + 1):
+                n_alone = sum(a[0] for a in alone[i - m : i])
+                p_alone = sum(a[1] for a in alone[i - m : i])
+                for n in range(1, min(2 * most, j) + 1):
+                    if cost[i - m][j - n] == inf:
+                        continue
+                    c = cost[i - m][j - n] + abs(p_alone - sum(ctx[j - n : j])) + 2 * abs(n - n_alone) + (m - 1)
+                    if c < cost[i][j]:
+                        cost[i][j], back[i, j] = c, (m, n)
+    if cost[len(words)][len(ipa)] == inf:
         return None
-    ends = list(accumulate(counts))
-    return [ipa[e - n : e] for e, n in zip(ends, counts)]
+    segments, i, j = [], len(words), len(ipa)
+    while i or j:
+        m, n = back[i, j]
+        segments.append((m, n))
+        i, j = i - m, j - n
+    return segments[::-1]
 
 
 class TextPhonemizer:
@@ -171,6 +194,25 @@ class TextPhonemizer:
         self.text = ""
         return out
 
+    def _take(self, segments, ipa: list[str], words: list[str], settled: int):
+        """The segments after the words given out and within the settled ones -> (IPA groups, their text), and
+        `done_words` moved past them; (None, None) when the pairing does not start where the given-out words end."""
+        if segments is None:
+            return None, None
+        groups, texts, t, i, done = [], [], 0, 0, self.done_words
+        starts = {0}
+        for n_text, n_ipa in segments:
+            if t >= self.done_words and t + n_text <= settled:
+                groups.append(ipa[i : i + n_ipa])
+                texts.append(" ".join(words[t : t + n_text]))
+                done = t + n_text
+            t, i = t + n_text, i + n_ipa
+            starts.add(t)
+        if self.done_words not in starts:
+            return None, None
+        self.done_words = done
+        return groups, texts
+
     def _settle(self, text: str, final: bool) -> Phones:
         words = text.split()
         if not final and text and not text[-1].isspace():
@@ -179,11 +221,11 @@ class TextPhonemizer:
         out = Phones()
         if settled > self.done_words:
             ipa = [w for clause in espeak_clauses(" ".join(words), self.voice) for w in clause]
-            groups = pair_words(words, ipa, self.voice)
-            if groups is not None:  # each text word's IPA words are known: take the settled ones
-                new = _word_phones(groups[self.done_words : settled], words[self.done_words : settled])
-                self.done_words = settled
-            elif final:  # espeak merged words: the rest of the clause on its own, as one "word"
+            segments = pair_words(words, ipa, self.voice)
+            groups, texts = self._take(segments, ipa, words, settled)
+            if groups is not None:  # the settled words' IPA words are known: give them out
+                new = _word_phones(groups, texts)
+            elif final:  # no pairing fits: the rest of the clause on its own, as one "word"
                 rest = " ".join(words[self.done_words :])
                 new = clause_phones(espeak_clauses(rest, self.voice))
                 new.words = [rest] if new.units else []

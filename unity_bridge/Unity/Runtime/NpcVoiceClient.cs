@@ -51,6 +51,8 @@ namespace NpcVoice
         public int OutputSampleRate;
         /// <summary>"audio_and_text", "text_only" or "audio_only".</summary>
         public string Mode = "audio_and_text";
+        /// <summary>Also stream viseme and word timings (Speech.Viseme / Speech.Word; model v2 servers).</summary>
+        public bool LipSync;
 
         public Dictionary<string, object> ToMap()
         {
@@ -60,12 +62,14 @@ namespace NpcVoice
             if (PitchSemitones.HasValue) overrides["pitch"] = PitchSemitones.Value;
             if (Language != null) overrides["language"] = Language;
             if (Accent != null) overrides["accent"] = Accent;
-            return new Dictionary<string, object>
+            var map = new Dictionary<string, object>
             {
                 { "npc_id", NpcId ?? "" }, { "session_id", SessionId ?? "" }, { "encoding", Encoding },
                 { "sample_rate", SampleRate }, { "channels", Channels }, { "text", Text ?? "" },
                 { "overrides", overrides }, { "output_sample_rate", OutputSampleRate }, { "mode", Mode },
             };
+            if (LipSync) map["lip_sync"] = true;  // only when asked: a server older than the key refuses it
+            return map;
         }
     }
 
@@ -101,6 +105,12 @@ namespace NpcVoice
 
         /// <summary>A chunk of the answer: s16le mono PCM, its sample rate, its sequence number (from 0).</summary>
         public event Action<byte[], int, int> Audio;
+
+        /// <summary>A mouth shape of the answer (SpeakConfig.LipSync), with its time on the answer's audio; comes before that audio.</summary>
+        public event Action<VisemeTiming> Viseme;
+
+        /// <summary>A word of the answer with its start and end on the answer's audio (SpeakConfig.LipSync).</summary>
+        public event Action<WordTiming> Word;
 
         /// <summary>The answer ended (normally or interrupted).</summary>
         public event Action<AnswerEnd> End;
@@ -147,6 +157,20 @@ namespace NpcVoice
                     var audio = Audio;
                     if (audio != null) audio(pcm, (int)NpcVoiceClient.Num(f, "sample_rate"), (int)NpcVoiceClient.Num(f, "seq"));
                     break;
+                case "lip_sync":
+                    foreach (var v in Maps(f, "visemes"))
+                        Raise(Viseme, new VisemeTiming
+                        {
+                            Viseme = NpcVoiceClient.Str(v, "viseme"), StartMs = NpcVoiceClient.Num(v, "start_ms"),
+                            DurationMs = NpcVoiceClient.Num(v, "duration_ms"),
+                        });
+                    foreach (var w in Maps(f, "words"))
+                        Raise(Word, new WordTiming
+                        {
+                            Text = NpcVoiceClient.Str(w, "text"), StartMs = NpcVoiceClient.Num(w, "start_ms"),
+                            EndMs = NpcVoiceClient.Num(w, "end_ms"),
+                        });
+                    break;
                 case "end":
                     var end = new AnswerEnd
                     {
@@ -177,6 +201,18 @@ namespace NpcVoice
         static void Raise<T>(Action<T> handler, T value)
         {
             if (handler != null) handler(value);
+        }
+
+        static IEnumerable<Dictionary<string, object>> Maps(Dictionary<string, object> f, string key)
+        {
+            var list = f.ContainsKey(key) ? f[key] as List<object> : null;
+            if (list == null) throw new FormatException("lip_sync frame without a " + key + " array");
+            foreach (var item in list)
+            {
+                var map = item as Dictionary<string, object>;
+                if (map == null) throw new FormatException("lip_sync " + key + " entry is not a map");
+                yield return map;
+            }
         }
     }
 

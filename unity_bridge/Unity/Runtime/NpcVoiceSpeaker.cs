@@ -15,6 +15,13 @@ namespace NpcVoice
     /// <summary>Raised when the answer has finished playing: its full text and whether it was interrupted.</summary>
     [Serializable] public class AnswerFinishedEvent : UnityEvent<string, bool> { }
 
+    /// <summary>Raised when the NPC's mouth takes a new shape: the viseme (sil PP FF TH DD kk CH SS nn RR aa E I O U) and
+    /// how long it holds, in seconds. Drive a face rig's blend shapes from it.</summary>
+    [Serializable] public class VisemeEvent : UnityEvent<string, float> { }
+
+    /// <summary>Raised when the NPC starts saying a word: the word and how long it lasts, in seconds.</summary>
+    [Serializable] public class WordEvent : UnityEvent<string, float> { }
+
     /// <summary>Raised on a server or connection error: code (e.g. NOT_FOUND) and a readable message.</summary>
     [Serializable] public class NpcErrorEvent : UnityEvent<string, string> { }
 
@@ -47,13 +54,20 @@ namespace NpcVoice
         [Tooltip("Longest question; recording stops by itself after this")]
         public int maxQuestionSeconds = 15;
 
+        [Header("Lip sync")]
+        [Tooltip("Ask the server for viseme and word timings (model v2 servers) and raise onViseme / onWord as the answer plays")]
+        public bool lipSync = true;
+
         [Header("Events")]
         public SubtitleEvent onSubtitle = new SubtitleEvent();
+        public VisemeEvent onViseme = new VisemeEvent();
+        public WordEvent onWord = new WordEvent();
         public AnswerFinishedEvent onAnswerFinished = new AnswerFinishedEvent();
         public NpcErrorEvent onError = new NpcErrorEvent();
 
         readonly ConcurrentQueue<Action> mainThread = new ConcurrentQueue<Action>();
         readonly PcmRingBuffer ring = new PcmRingBuffer();
+        readonly LipSyncTimeline lips = new LipSyncTimeline();
         readonly StringBuilder subtitle = new StringBuilder();
         NpcVoiceClient client;
         AudioSource source;
@@ -161,6 +175,7 @@ namespace NpcVoice
             var speech = current;
             current = null;
             ring.Clear();
+            lips.Clear();
             if (speech != null && !speech.IsDone) Forget(speech.CancelAsync());
             pendingEnd = null;
         }
@@ -170,6 +185,7 @@ namespace NpcVoice
             cfg.NpcId = npcId;
             cfg.SessionId = sessionId;
             if (!string.IsNullOrEmpty(emotion)) cfg.Emotion = emotion;
+            cfg.LipSync = lipSync;
             subtitle.Length = 0;
             pendingEnd = null;
             return await client.StartSpeakAsync(cfg, s =>
@@ -181,6 +197,8 @@ namespace NpcVoice
                     subtitle.Append(t);
                     onSubtitle.Invoke(subtitle.ToString());
                 });
+                s.Viseme += v => { if (current == s) lips.Add(v); };  // network thread: timed in Update
+                s.Word += w => { if (current == s) lips.Add(w); };
                 s.Audio += (pcm, rate, seq) =>  // network thread: straight into the ring buffer
                 {
                     if (current != s) return;
@@ -205,6 +223,12 @@ namespace NpcVoice
             {
                 SendNewMicrophoneSamples();
                 if (micSamplesSent >= maxQuestionSeconds * micClip.frequency) StopListening();
+            }
+            if (lips.Pending > 0)  // mouth shapes and words whose time in the answer's audio has come
+            {
+                double playedMs = ring.PlayedSeconds * 1000.0;
+                foreach (var v in lips.DueVisemes(playedMs)) onViseme.Invoke(v.Viseme, (float)(v.DurationMs / 1000.0));
+                foreach (var w in lips.DueWords(playedMs)) onWord.Invoke(w.Text, (float)((w.EndMs - w.StartMs) / 1000.0));
             }
             if (pendingEnd != null && ring.Count == 0)  // the answer has been heard to the end
             {

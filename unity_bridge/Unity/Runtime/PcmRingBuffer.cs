@@ -18,6 +18,7 @@ namespace NpcVoice
         double frac;   // read position between buf[head] and the next sample, in source samples
         int sourceRate;
         bool complete; // no more audio will come: the last sample may be read without a right neighbour
+        long played;   // source samples consumed since Clear
 
         public PcmRingBuffer(int initialCapacity = 48000, int maxSamples = 48000 * 600)
         {
@@ -31,6 +32,12 @@ namespace NpcVoice
 
         /// <summary>Samples dropped because the buffer was full.</summary>
         public long Dropped { get; private set; }
+
+        /// <summary>Source samples played (read or dropped) since the last Clear: the answer's play position.</summary>
+        public long Played { get { lock (gate) return played; } }
+
+        /// <summary>The play position in seconds (what lip-sync timings are measured against).</summary>
+        public double PlayedSeconds { get { lock (gate) return played / (double)sourceRate; } }
 
         /// <summary>Unread samples at the source rate.</summary>
         public int Count { get { lock (gate) return count; } }
@@ -51,7 +58,7 @@ namespace NpcVoice
 
         public void Clear()
         {
-            lock (gate) { head = 0; count = 0; frac = 0; complete = false; }
+            lock (gate) { head = 0; count = 0; frac = 0; complete = false; played = 0; }
         }
 
         /// <summary>The answer's audio is all written: let Read play out the very last sample too.</summary>
@@ -86,6 +93,7 @@ namespace NpcVoice
                 {
                     offset += n - buf.Length;
                     Dropped += n - buf.Length;
+                    played += n - buf.Length;
                     n = buf.Length;
                 }
                 int overflow = count + n - buf.Length;
@@ -94,6 +102,7 @@ namespace NpcVoice
                     head = (head + overflow) % buf.Length;
                     count -= overflow;
                     Dropped += overflow;
+                    played += overflow;
                 }
                 int tail = (head + count) % buf.Length;
                 int first = Math.Min(n, buf.Length - tail);
@@ -147,6 +156,7 @@ namespace NpcVoice
                 int consumed = Math.Min((int)pos, count);
                 head = (head + consumed) % len;
                 count -= consumed;
+                played += consumed;
                 frac = pos - consumed;
                 if (count == 0) frac = 0;
             }
