@@ -32,8 +32,8 @@ def serve_subprocess(tmp: Path, extra_args: list[str], start_timeout: float = 18
     ready = tmp / "ready"
     log = open(tmp / "server.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npc_server.cli", "serve", *extra_args, "--port", "0", "--bridge-port", "-1",
-         "--insecure-loopback", "--personas", str(personas), "--ready-file", str(ready), "--threads", "2"],
+        [sys.executable, "-m", "npc_server.cli", "serve", "--port", "0", "--bridge-port", "-1", "--insecure-loopback",
+         "--personas", str(personas), "--ready-file", str(ready), "--threads", "2", *extra_args],  # later flags win
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + start_timeout
@@ -42,7 +42,9 @@ def serve_subprocess(tmp: Path, extra_args: list[str], start_timeout: float = 18
         if not ready.exists():
             log.seek(0)
             pytest.fail(f"server did not start:\n{log.read()}")
-        yield {"target": f"127.0.0.1:{ready.read_text().split()[0]}", "personas": personas, "proc": proc}
+        grpc_port, bridge_port = ready.read_text().split()[:2]
+        yield {"target": f"127.0.0.1:{grpc_port}", "bridge_port": int(bridge_port), "personas": personas,
+               "proc": proc}
     finally:
         proc.terminate()
         try:
@@ -119,3 +121,60 @@ def _cert_with_cryptography(cert: Path, key: Path) -> None:
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
+
+
+# ---- the engine clients (Unity C# under mono, Godot 3 headless), run against a live bridge ---------------------
+ROOT = Path(__file__).resolve().parents[1]
+UNITY = ROOT / "unity_bridge" / "Unity"
+GODOT = ROOT / "unity_bridge" / "Godot"
+UNITY_CORE = [UNITY / "Runtime" / f for f in ("MiniMsgPack.cs", "PcmRingBuffer.cs", "LipSync.cs", "NpcVoiceClient.cs")]
+GODOT_BIN = shutil.which("godot3-server") or shutil.which("godot-server")
+
+
+def mcs(out: Path, sources: list[Path], library: bool = False) -> None:
+    """Compile C# with mono's mcs (warnings are errors)."""
+    cmd = ["mcs", "-warnaserror+", "-nowarn:1998", f"-out:{out}", "-r:System.Core.dll"]
+    if library:
+        cmd.append("-target:library")
+    r = subprocess.run(cmd + [str(s) for s in sources], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def unity_console(tmp_path_factory):
+    """Runs the Unity client's console test (Tests/ConsoleTest.cs, compiled once) -> (exit code, output)."""
+    if not (shutil.which("mcs") and shutil.which("mono")):
+        pytest.skip("mono is not installed (apt-get install mono-mcs mono-runtime; scripts/setup.sh)")
+    exe = tmp_path_factory.mktemp("mono") / "ConsoleTest.exe"
+    mcs(exe, UNITY_CORE + [UNITY / "Tests" / "ConsoleTest.cs"])
+
+    def run(*args: str, timeout: float = 120) -> tuple[int, str]:
+        r = subprocess.run(["mono", str(exe), *args], capture_output=True, text=True, timeout=timeout)
+        return r.returncode, r.stdout + r.stderr
+
+    return run
+
+
+@pytest.fixture()
+def godot_project(tmp_path):
+    """Runs the Godot client's headless test project with the given environment -> (exit code, output)."""
+    if GODOT_BIN is None:
+        pytest.skip("headless Godot 3 is not installed (apt-get install godot3-server; scripts/setup.sh)")
+    project = tmp_path / "project"
+    shutil.copytree(GODOT / "test_project", project)
+    shutil.copytree(GODOT / "addons", project / "addons")
+    (tmp_path / "home").mkdir()
+
+    def run(env: dict, timeout: float = 150) -> tuple[int, str]:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "LANG": "en_US.UTF-8", **env}
+        r = subprocess.run([GODOT_BIN, "--path", str(project)], env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        return r.returncode, r.stdout + r.stderr
+
+    return run
+
+
+def result_fields(output: str) -> dict[str, float]:
+    """The `RESULT ok k=v ...` line of an engine client test as numbers."""
+    line = next(ln for ln in output.splitlines() if ln.startswith("RESULT ok"))
+    return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}

@@ -1,12 +1,14 @@
 """`npc-server serve --model v2` on loopback with the shipped v2 parts (tokenizer v2, backbone v2, talker, vocoder):
 a spoken question gets a subtitle and a spoken answer a listener (Whisper tiny.en) recognises, sessions keep their
-cache, a cancelled answer leaves the session usable."""
+cache, a cancelled answer leaves the session usable, lip-sync timings describe the answer; the Unity and Godot
+clients run against it over the bridge, lip sync included."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from conftest import result_fields
 
 from npc_server.eval.metrics import Listener, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR
@@ -24,16 +26,21 @@ pytestmark = pytest.mark.skipif(
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "questions"
 
 
+TOKEN = "v2-token"
+VISEMES = {"sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "I", "O", "U"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serve):
-    """`npc-server serve --model v2` as a subprocess on the shipped v2 parts."""
-    with serve(tmp_path_factory.mktemp("serve"), ["--model", "v2"], start_timeout=300) as running:
+    """`npc-server serve --model v2` as a subprocess on the shipped v2 parts, with its bridge."""
+    with serve(tmp_path_factory.mktemp("serve"), ["--model", "v2", "--token", TOKEN, "--bridge-port", "0"],
+               start_timeout=300) as running:
         yield running
 
 
 @pytest.fixture()
 def client(server):
-    with NpcClient(server["target"]) as c:
+    with NpcClient(server["target"], token=TOKEN) as c:
         yield c
 
 
@@ -70,3 +77,39 @@ def test_cancel_mid_answer_leaves_the_session_usable(client):
     assert chunks >= 1 and (end is None or end.interrupted)
     assert client.ask("innkeeper", text="How much is a room?", session=session, mode="text_only").text.strip()
     client.close_session(session)
+
+
+def test_lip_sync_describes_the_spoken_answer(client):
+    answer = client.ask("innkeeper", EXAMPLES / "room.wav", output_sample_rate=16000, lip_sync=True)
+    visemes, words = answer.visemes, answer.words
+    assert visemes and words and {v for v, _, _ in visemes} <= VISEMES
+    # the mouth shapes tile the answer's audio from its first sample to its last
+    assert visemes[0][1] == 0 and all(abs(a[1] + a[2] - b[1]) < 1e-6 for a, b in zip(visemes, visemes[1:]))
+    assert visemes[-1][1] + visemes[-1][2] == pytest.approx(answer.end.audio_seconds * 1000, abs=1.0)
+    # the words spell the subtitle, in order, inside the audio
+    assert " ".join(w for w, _, _ in words) == " ".join(answer.text.split())
+    assert all(s <= e <= answer.end.audio_seconds * 1000 + 1 for _, s, e in words)
+    assert all(a[2] <= b[1] + 1e-6 for a, b in zip(words, words[1:]))
+    assert not client.ask("innkeeper", text="Hello!", mode="text_only", lip_sync=True).visemes
+
+
+def bridge_url(server) -> str:
+    return f"ws://127.0.0.1:{server['bridge_port']}"
+
+
+def test_unity_client_with_lip_sync(server, question_wav, unity_console):
+    code, out = unity_console(bridge_url(server), TOKEN, str(question_wav), "innkeeper", "quest_giver", "lip-sync",
+                              timeout=300)
+    assert code == 0, out
+    fields = result_fields(out)
+    assert fields["audio_seconds"] > 0 and fields["visemes"] > 0 and fields["words"] > 0
+
+
+def test_godot_client_with_lip_sync(server, question_wav, godot_project):
+    code, out = godot_project({"NPC_VOICE_URL": bridge_url(server), "NPC_VOICE_TOKEN": TOKEN,
+                               "NPC_VOICE_WAV": str(question_wav), "NPC_VOICE_NPC": "innkeeper",
+                               "NPC_VOICE_CANCEL_NPC": "quest_giver", "NPC_VOICE_LIP_SYNC": "1",
+                               "NPC_VOICE_TIMEOUT_MS": "280000"}, timeout=300)
+    assert code == 0 and "SCRIPT ERROR" not in out, out
+    fields = result_fields(out)
+    assert fields["visemes"] > 0 and fields["played"] == 1

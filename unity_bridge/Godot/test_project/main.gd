@@ -1,13 +1,15 @@
 # main.gd: headless end-to-end check of the Godot client against a live npc-voice server.
 #
-# Reads NPC_VOICE_URL, NPC_VOICE_TOKEN, NPC_VOICE_WAV (a 16-bit PCM question), NPC_VOICE_NPC, NPC_VOICE_CANCEL_NPC
-# from the environment; prints "RESULT ok ..." and quits with 0, or "FAIL ..." and quits with 1.
+# Reads NPC_VOICE_URL, NPC_VOICE_TOKEN, NPC_VOICE_WAV (a 16-bit PCM question), NPC_VOICE_NPC, NPC_VOICE_CANCEL_NPC,
+# NPC_VOICE_TIMEOUT_MS (default 90000) and NPC_VOICE_LIP_SYNC (1: the first answer asks for lip-sync timings and
+# checks them; a model v2 server) from the environment; prints "RESULT ok ..." and quits with 0, or "FAIL ..." and
+# quits with 1.
 extends Node
 
 const Client = preload("res://addons/npc_voice/npc_voice_client.gd")
 const Player = preload("res://addons/npc_voice/npc_voice_player.gd")
 const MsgPack = preload("res://addons/npc_voice/msgpack.gd")
-const TIMEOUT_MS = 90000
+var timeout_ms = 90000  # NPC_VOICE_TIMEOUT_MS overrides it
 
 var client
 var player
@@ -20,11 +22,13 @@ var t_start = 0
 
 func _ready() -> void:
 	t_start = OS.get_ticks_msec()
+	if OS.get_environment("NPC_VOICE_TIMEOUT_MS") != "":
+		timeout_ms = int(OS.get_environment("NPC_VOICE_TIMEOUT_MS"))
 	_run()
 
 
 func _process(_delta: float) -> void:
-	if OS.get_ticks_msec() - t_start > TIMEOUT_MS and not failed:
+	if OS.get_ticks_msec() - t_start > timeout_ms and not failed:
 		_fail("timed out")
 
 
@@ -76,6 +80,40 @@ func _on_response(frame) -> void:
 
 var _cancel_id = -100
 var played = []
+var lips = {"visemes": [], "words": []}  # lip_sync frames of all answers
+var shapes_heard = 0  # the player's viseme signals
+
+
+func _on_lip_sync(visemes, words, _id) -> void:
+	lips.visemes += visemes
+	lips.words += words
+
+
+func _on_viseme(_viseme, _seconds) -> void:
+	shapes_heard += 1
+
+
+# The first answer's lip-sync timings against its audio and subtitle.
+func _check_lip_sync(end) -> bool:
+	var v = lips.visemes
+	var shapes = ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "I", "O", "U"]
+	if not _check(v.size() > 0 and lips.words.size() > 0, "lip_sync frames came"):
+		return false
+	for i in range(v.size()):
+		if not _check(v[i].viseme in shapes and v[i].duration_ms > 0, "viseme %s" % str(v[i])):
+			return false
+		if i > 0 and not _check(abs(v[i - 1].start_ms + v[i - 1].duration_ms - v[i].start_ms) < 1e-6, "visemes tile at %s" % str(v[i])):
+			return false
+	var last = v[v.size() - 1]
+	if not _check(abs(last.start_ms + last.duration_ms - end.audio_seconds * 1000.0) < 1.0, "visemes cover the audio"):
+		return false
+	var spoken = PoolStringArray()
+	for w in lips.words:
+		spoken.append(w.text)
+	var subtitle = PoolStringArray()
+	for t in end.text.split(" ", false):
+		subtitle.append(t)
+	return _check(spoken.join(" ") == subtitle.join(" "), "words '%s' spell the subtitle '%s'" % [spoken.join(" "), subtitle.join(" ")])
 
 
 func _on_played(end) -> void:
@@ -154,13 +192,16 @@ func _run() -> void:
 	client = Client.new()
 	add_child(client)
 	for s in [["subtitle", "_on_subtitle"], ["audio_chunk", "_on_audio"], ["answer_finished", "_on_finished"],
-			["error", "_on_error"], ["response", "_on_response"]]:
+			["error", "_on_error"], ["response", "_on_response"], ["lip_sync", "_on_lip_sync"]]:
 		client.connect(s[0], self, s[1])
+	var lip_sync = OS.get_environment("NPC_VOICE_LIP_SYNC") == "1"
 	player = Player.new()
 	player.npc_id = npc
+	player.lip_sync = lip_sync
 	add_child(player)
 	player.attach(client)
 	player.connect("answer_played", self, "_on_played")
+	player.connect("viseme", self, "_on_viseme")
 	client.connect_to_server(url, token, "godot-test")
 	var welcome = yield(client, "connected")
 	if not _check(welcome.version == 1 and welcome.sample_rate > 0, "welcome"):
@@ -197,6 +238,15 @@ func _run() -> void:
 		yield(get_tree(), "idle_frame")
 	var frames_pushed = player.frames_pushed
 	var frames_queued = player.frames_queued
+	var n_visemes = lips.visemes.size()
+	if lip_sync:
+		if not _check_lip_sync(r.end):
+			return
+		if not _check(played.size() == 1 and shapes_heard == n_visemes,
+				"the player gave out %d of %d visemes while the answer played" % [shapes_heard, n_visemes]):
+			return
+	elif not _check(n_visemes == 0 and lips.words.empty(), "no lip_sync frames unless asked"):
+		return
 
 	# the whole wav file as the question
 	var wid = client.speak({"npc_id": npc, "encoding": "wav"}, wav.bytes)
@@ -225,7 +275,7 @@ func _run() -> void:
 	while not responses.has(hid) and not failed:
 		yield(get_tree(), "idle_frame")
 	client.close()
-	print("RESULT ok audio_seconds=%.3f subtitle_chars=%d answer_ms=%d server_ttfa_ms=%.1f frames_queued=%d frames_pushed=%d mix_rate=%d played=%d cancelled_seconds=%.3f" % [
+	print("RESULT ok audio_seconds=%.3f subtitle_chars=%d answer_ms=%d server_ttfa_ms=%.1f frames_queued=%d frames_pushed=%d mix_rate=%d played=%d cancelled_seconds=%.3f visemes=%d" % [
 		r.end.audio_seconds, r.subtitle.length(), ms, r.end.timings.time_to_first_audio_ms, frames_queued,
-		frames_pushed, player.mix_rate, played.size(), c.end.audio_seconds])
+		frames_pushed, player.mix_rate, played.size(), c.end.audio_seconds, n_visemes])
 	get_tree().quit(0)

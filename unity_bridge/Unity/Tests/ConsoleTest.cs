@@ -10,8 +10,10 @@ using System.Threading.Tasks;
 namespace NpcVoice.Tests
 {
     /// <summary>
-    /// Usage: mono ConsoleTest.exe ws://127.0.0.1:PORT TOKEN question.wav NPC CANCEL_NPC
-    /// Prints "RESULT ok ..." and exits 0 when every check passes; "FAIL ..." and exit 1 otherwise.
+    /// Usage: mono ConsoleTest.exe ws://127.0.0.1:PORT TOKEN question.wav NPC CANCEL_NPC [lip-sync]
+    /// Prints "RESULT ok ..." and exits 0 when every check passes; "FAIL ..." and exit 1 otherwise. With `lip-sync`
+    /// the first answer asks for viseme and word timings and checks them (a model v2 server); without, it checks
+    /// that none come.
     /// </summary>
     public static class ConsoleTest
     {
@@ -32,7 +34,8 @@ namespace NpcVoice.Tests
             }
             try
             {
-                Run(new Uri(args[0]), args[1], args[2], args[3], args[4]).GetAwaiter().GetResult();
+                bool lipSync = args.Length > 5 && args[5] == "lip-sync";
+                Run(new Uri(args[0]), args[1], args[2], args[3], args[4], lipSync).GetAwaiter().GetResult();
                 return 0;
             }
             catch (Exception exc)
@@ -128,10 +131,66 @@ namespace NpcVoice.Tests
             Check(block.All(v => v == 0f), "underrun is silence");
         }
 
-        static async Task Run(Uri uri, string token, string wavPath, string npc, string cancelNpc)
+        static readonly string[] VisemeSet = { "sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "I", "O", "U" };
+
+        static void TimelineGivesOutInOrder()
+        {
+            var timeline = new LipSyncTimeline();
+            timeline.Add(new VisemeTiming { Viseme = "sil", StartMs = 0, DurationMs = 80 });
+            timeline.Add(new VisemeTiming { Viseme = "PP", StartMs = 80, DurationMs = 40 });
+            timeline.Add(new WordTiming { Text = "my", StartMs = 80, EndMs = 200 });
+            Check(timeline.DueVisemes(0).Count == 1 && timeline.DueWords(79.9).Count == 0, "timeline: only what has started");
+            var due = timeline.DueVisemes(500);
+            Check(due.Count == 1 && due[0].Viseme == "PP" && timeline.DueWords(80)[0].Text == "my", "timeline: the rest in order");
+            Check(timeline.Pending == 0, "timeline: nothing left");
+        }
+
+        /// <summary>The lip-sync timings of one answer against its audio and subtitle, then played out as
+        /// NpcVoiceSpeaker would (a timeline read against the ring buffer's play position).</summary>
+        static void CheckLipSync(List<VisemeTiming> visemes, List<WordTiming> words, AnswerEnd end, byte[] pcm, int rate)
+        {
+            Check(visemes.Count > 0 && words.Count > 0, "lip_sync frames came (" + visemes.Count + " visemes, " + words.Count + " words)");
+            Check(visemes.All(v => VisemeSet.Contains(v.Viseme) && v.DurationMs > 0), "visemes from the set, with durations");
+            for (int i = 1; i < visemes.Count; i++)
+                Check(Math.Abs(visemes[i - 1].StartMs + visemes[i - 1].DurationMs - visemes[i].StartMs) < 1e-6,
+                      "visemes tile the time line at " + visemes[i].StartMs);
+            var last = visemes[visemes.Count - 1];
+            Check(visemes[0].StartMs == 0 && Math.Abs(last.StartMs + last.DurationMs - end.AudioSeconds * 1000) < 1.0,
+                  "visemes cover the audio (" + (last.StartMs + last.DurationMs) + " ms vs " + end.AudioSeconds * 1000 + ")");
+            string spoken = string.Join(" ", words.Select(w => w.Text));
+            string subtitle = string.Join(" ", end.Text.Split(new[] { ' ' }, StringSplitOptions.RemoveEmptyEntries));
+            Check(spoken == subtitle, "words spell the subtitle: '" + spoken + "' vs '" + subtitle + "'");
+            for (int i = 0; i < words.Count; i++)
+                Check(words[i].EndMs >= words[i].StartMs && (i == 0 || words[i].StartMs >= words[i - 1].EndMs - 1e-6),
+                      "words in order: " + words[i].Text);
+
+            var ring = new PcmRingBuffer();
+            ring.SourceRate = rate;
+            ring.WritePcm16(pcm, 0, pcm.Length);
+            ring.Complete();
+            var timeline = new LipSyncTimeline();
+            foreach (var v in visemes) timeline.Add(v);
+            var block = new float[2 * 1024];
+            double blockMs = 1024 * 1000.0 / 44100, playedMs = 0;
+            int given = 0;
+            while (ring.Read(block, 1024, 2, 44100) > 0)
+            {
+                playedMs = ring.PlayedSeconds * 1000;
+                foreach (var v in timeline.DueVisemes(playedMs))
+                {
+                    Check(v.StartMs <= playedMs && v.StartMs > playedMs - blockMs - 1, "viseme given out in the block it starts in");
+                    given++;
+                }
+            }
+            Check(Math.Abs(playedMs - end.AudioSeconds * 1000) < 1.0, "play position reaches the end");
+            Check(given == visemes.Count, "every viseme given out while the audio played");
+        }
+
+        static async Task Run(Uri uri, string token, string wavPath, string npc, string cancelNpc, bool lipSync)
         {
             MsgPackRoundTrip();
             RingBufferResamples();
+            TimelineGivesOutInOrder();
 
             // a wrong token is refused during the handshake
             using (var bad = new NpcVoiceClient())
@@ -153,8 +212,12 @@ namespace NpcVoice.Tests
 
                 int rate, channels;
                 byte[] pcm = ReadWav(wavPath, out rate, out channels);
-                var cfg = new SpeakConfig { NpcId = npc, SampleRate = rate, Channels = channels, OutputSampleRate = 16000 };
+                var cfg = new SpeakConfig { NpcId = npc, SampleRate = rate, Channels = channels, OutputSampleRate = 16000,
+                                            LipSync = lipSync };
                 var subtitle = new StringBuilder();
+                var visemes = new List<VisemeTiming>();
+                var words = new List<WordTiming>();
+                var answerPcm = new MemoryStream();
                 long samples = 0;
                 int nextSeq = 0, audioRate = 0;
                 bool seqOk = true;
@@ -164,9 +227,12 @@ namespace NpcVoice.Tests
                 var speech = await client.SpeakAsync(cfg, pcm, s =>
                 {
                     s.Text += t => subtitle.Append(t);
+                    s.Viseme += v => visemes.Add(v);
+                    s.Word += w => words.Add(w);
                     s.Audio += (data, sr, seq) =>
                     {
                         if (firstAudioMs < 0) firstAudioMs = (DateTime.UtcNow - t0).TotalMilliseconds;
+                        answerPcm.Write(data, 0, data.Length);
                         seqOk &= seq == nextSeq++;
                         audioRate = sr;
                         samples += data.Length / 2;
@@ -182,13 +248,15 @@ namespace NpcVoice.Tests
                       "received audio " + seconds + " s == end.audio_seconds " + end.AudioSeconds);
                 Check(subtitle.Length > 0 && subtitle.ToString() == end.Text, "non-empty subtitle equal to end.text");
                 Check(end.Timings["time_to_first_audio_ms"] > 0, "timings");
+                if (lipSync) CheckLipSync(visemes, words, end, answerPcm.ToArray(), audioRate);
+                else Check(visemes.Count == 0 && words.Count == 0, "no lip_sync frames unless asked");
                 // play it out at 44.1 kHz stereo as Unity's OnAudioFilterRead would
                 ring.Complete();
                 var outBlock = new float[2 * 1024];
                 long played = 0;
                 int n;
                 while ((n = ring.Read(outBlock, 1024, 2, 44100)) > 0) played += n;
-                Check(Math.Abs(played - seconds * 44100) <= 1 && ring.Count == 0,
+                Check(Math.Abs(played - seconds * 44100) < 2 && ring.Count == 0,  // the last sample may give a frame more
                       "ring buffer played " + played + " frames for " + seconds + " s");
 
                 // wav input and a session
@@ -221,8 +289,9 @@ namespace NpcVoice.Tests
                 await client.CloseAsync();
 
                 Console.WriteLine(string.Format(System.Globalization.CultureInfo.InvariantCulture,
-                    "RESULT ok checks={0} audio_seconds={1:F3} subtitle_chars={2} client_first_audio_ms={3:F1} server_ttfa_ms={4:F1} cancelled_seconds={5:F3}",
-                    checks, end.AudioSeconds, subtitle.Length, firstAudioMs, end.Timings["time_to_first_audio_ms"], cancelEnd.AudioSeconds));
+                    "RESULT ok checks={0} audio_seconds={1:F3} subtitle_chars={2} client_first_audio_ms={3:F1} server_ttfa_ms={4:F1} cancelled_seconds={5:F3} visemes={6} words={7}",
+                    checks, end.AudioSeconds, subtitle.Length, firstAudioMs, end.Timings["time_to_first_audio_ms"], cancelEnd.AudioSeconds,
+                    visemes.Count, words.Count));
             }
         }
     }

@@ -8,6 +8,10 @@ signal connected(welcome)  # welcome: Dictionary {version, server, model, sample
 signal disconnected(code, reason)
 signal subtitle(text, request_id)  # text: the whole subtitle so far (the server sends deltas; we join them)
 signal audio_chunk(pcm, sample_rate, request_id)  # pcm: PoolByteArray of s16le mono samples
+# visemes: Array of {viseme, start_ms, duration_ms} (viseme one of sil PP FF TH DD kk CH SS nn RR aa E I O U),
+# words: Array of {text, start_ms, end_ms}; times in ms from the answer's first audio sample. Only when the speak
+# config has "lip_sync": true (model v2 servers); each comes before the audio it describes.
+signal lip_sync(visemes, words, request_id)
 signal answer_finished(end, request_id)  # end: Dictionary {session_id, text, audio_seconds, interrupted, timings}
 signal error(code, message, request_id)  # request_id is null for an error about no particular request
 signal response(frame)  # replies to request(): health, personas, session, closed, reloaded
@@ -184,6 +188,8 @@ func _route(f: Dictionary) -> void:
 				emit_signal("subtitle", _texts[id], id)
 		"audio":
 			emit_signal("audio_chunk", f.get("pcm", PoolByteArray()), int(f.get("sample_rate", 0)), id)
+		"lip_sync":
+			emit_signal("lip_sync", f.get("visemes", []), f.get("words", []), id)
 		"end":
 			_texts.erase(id)
 			emit_signal("answer_finished", f, id)

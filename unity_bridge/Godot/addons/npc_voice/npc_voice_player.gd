@@ -3,16 +3,21 @@
 # Add it as a child (it is an AudioStreamPlayer; for positional sound change `extends` to AudioStreamPlayer3D),
 # point `client_path` at an npc_voice_client.gd node, then call ask() or
 # ask_text(). The s16le mono PCM from the server is resampled (linear) to the generator's mix rate and pushed as
-# stereo Vector2 frames. Signals: subtitle(text), answer_played(end) once the answer has been heard to the end.
+# stereo Vector2 frames. Signals: subtitle(text), answer_played(end) once the answer has been heard to the end, and
+# with lip_sync on: viseme(viseme, seconds) when the mouth takes a new shape and word(text, seconds) when a word
+# starts, as the audio plays (drive a face's blend shapes or a karaoke subtitle from them).
 extends AudioStreamPlayer
 
 signal subtitle(text)
 signal answer_played(end)
+signal viseme(viseme, seconds)  # viseme: sil PP FF TH DD kk CH SS nn RR aa E I O U; seconds: how long it holds
+signal word(text, seconds)
 
 export(NodePath) var client_path
 export(String) var npc_id = "innkeeper"
 export(String) var session_id = ""
 export(float) var buffer_seconds = 0.5
+export(bool) var lip_sync = true  # ask for viseme / word timings (model v2 servers)
 
 var client = null
 var current_id = -1
@@ -26,6 +31,10 @@ var _pieces = []  # PoolVector2Array pieces waiting for room in the generator
 var _carry = []  # source samples not yet consumed by the resampler
 var _pos = 0.0  # resampler read position in _carry, in source samples
 var _pending_end = null
+var _visemes = []  # lip-sync timings of the current answer not given out yet, in time order
+var _words = []
+var _capacity = 0  # frames the generator's buffer holds: pushed - (capacity - free) = played
+var visemes_given = 0  # viseme signals emitted for the current answer
 
 const PIECE_FRAMES = 512
 
@@ -38,6 +47,7 @@ func _ready() -> void:
 	mix_rate = gen.mix_rate
 	play()
 	_playback = get_stream_playback()
+	_capacity = _playback.get_frames_available()
 	if client_path:
 		attach(get_node(client_path))
 
@@ -46,12 +56,15 @@ func attach(npc_client) -> void:
 	client = npc_client
 	client.connect("subtitle", self, "_on_subtitle")
 	client.connect("audio_chunk", self, "_on_audio")
+	client.connect("lip_sync", self, "_on_lip_sync")
 	client.connect("answer_finished", self, "_on_finished")
 
 
 # Ask with a recording: pcm s16le mono at sample_rate (or a whole wav file with encoding "wav").
 func ask(audio: PoolByteArray, sample_rate: int = 16000, encoding: String = "pcm_s16le", extra: Dictionary = {}) -> int:
 	var config = {"npc_id": npc_id, "session_id": session_id, "encoding": encoding}
+	if lip_sync:
+		config["lip_sync"] = true
 	if encoding == "pcm_s16le":
 		config["sample_rate"] = sample_rate
 	for k in extra:
@@ -63,6 +76,8 @@ func ask(audio: PoolByteArray, sample_rate: int = 16000, encoding: String = "pcm
 
 func ask_text(text: String, extra: Dictionary = {}) -> int:
 	var config = {"npc_id": npc_id, "session_id": session_id, "text": text}
+	if lip_sync:
+		config["lip_sync"] = true
 	for k in extra:
 		config[k] = extra[k]
 	cancel()
@@ -83,6 +98,9 @@ func clear() -> void:
 	_carry = []
 	_pos = 0.0
 	_pending_end = null
+	_visemes.clear()
+	_words.clear()
+	visemes_given = 0
 	frames_queued = 0
 	frames_pushed = 0
 	if _playback != null and _playback.get_frames_available() < int(buffer_seconds * mix_rate) - 1:
@@ -90,6 +108,7 @@ func clear() -> void:
 		_playback.clear_buffer()
 		play()
 		_playback = get_stream_playback()
+		_capacity = _playback.get_frames_available()
 
 
 func pending_frames() -> int:
@@ -129,9 +148,24 @@ func push_pcm(pcm: PoolByteArray, sample_rate: int) -> void:
 	_feed()
 
 
+# Seconds of the current answer heard so far: frames pushed minus those still in the generator's buffer.
+func played_seconds() -> float:
+	var buffered = max(_capacity - _playback.get_frames_available(), 0)
+	return max(frames_pushed - buffered, 0) / mix_rate
+
+
 func _process(_delta: float) -> void:
 	_feed()
-	if _pending_end != null and _pieces.empty():
+	if not _visemes.empty() or not _words.empty():
+		var ms = played_seconds() * 1000.0
+		while not _visemes.empty() and _visemes[0].start_ms <= ms:
+			var v = _visemes.pop_front()
+			visemes_given += 1
+			emit_signal("viseme", v.viseme, v.duration_ms / 1000.0)
+		while not _words.empty() and _words[0].start_ms <= ms:
+			var w = _words.pop_front()
+			emit_signal("word", w.text, (w.end_ms - w.start_ms) / 1000.0)
+	if _pending_end != null and _pieces.empty() and _visemes.empty():
 		var end = _pending_end
 		_pending_end = null
 		emit_signal("answer_played", end)
@@ -152,6 +186,12 @@ func _on_subtitle(text: String, request_id) -> void:
 func _on_audio(pcm: PoolByteArray, sample_rate: int, request_id) -> void:
 	if request_id == current_id:
 		push_pcm(pcm, sample_rate)
+
+
+func _on_lip_sync(visemes: Array, words: Array, request_id) -> void:
+	if request_id == current_id:
+		_visemes += visemes
+		_words += words
 
 
 func _on_finished(end: Dictionary, request_id) -> void:
