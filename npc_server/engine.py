@@ -165,8 +165,9 @@ class Engine:
 
     # ---- answering ---------------------------------------------------------------------------------------
 
-    def listen(self, sample_rate: int) -> QuestionStream:
-        """Start tokenizing a question that arrives in chunks (pass the QuestionStream to `answer` as `audio`)."""
+    def listen(self, sample_rate: int, state: EngineState | None = None) -> QuestionStream:
+        """Start tokenizing a question that arrives in chunks (pass the QuestionStream to `answer` as `audio`).
+        `state` (the conversation it is asked in) is not used: model v1's prefill is cheap enough at the end."""
         return QuestionStream(self.tokenizer, sample_rate)
 
     def answer(

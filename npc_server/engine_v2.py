@@ -37,11 +37,16 @@ class _Spoken:
 
 @dataclass
 class EngineStateV2:
-    """One conversation: the thinker session (KV cache) and the progress of the answer in flight."""
+    """One conversation: the thinker session (KV cache) and the progress of the answer in flight.
+
+    `version` counts the changes to the session (each answer, each interruption): a question prefilled ahead on a
+    fork of the session is adopted only if the session is still the version it was forked from."""
 
     session: object  # backbone.thinker.ThinkerSession
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    in_flight: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards `answering` and `version`
+    answering: bool = False  # an answer generator is running on the session (no fork may be taken)
+    version: int = 0
+    in_flight: bool = False  # the answer's question is in the session and its text is being written
     answer_start: int = 0  # session length where the answer in flight begins
     progress: list[_Spoken] = field(default_factory=list)
     turns: list[tuple[str, str]] = field(default_factory=list)
@@ -51,20 +56,60 @@ class EngineStateV2:
 
 
 class QuestionStreamV2:
-    """Tokenizes a question with tokenizer v2 while it arrives; `finish()` returns its AudioTokens."""
+    """Tokenizes a question with tokenizer v2 while it arrives; `finish()` returns its AudioTokens.
 
-    def __init__(self, tokenizer, sample_rate: int):
+    With a conversation `state` (and a format whose audio input is the linguistic stream) it also prefills the
+    question into a fork of the conversation's thinker session as the codes come, so that after the end of speech
+    only the last codes and the turn's closing ids are left to prefill. The fork is taken only while no answer is
+    in flight; `answer` adopts it if the conversation has not changed since (else it prefills as usual)."""
+
+    def __init__(self, tokenizer, sample_rate: int, fmt=None, state: EngineStateV2 | None = None):
         self._stream = tokenizer.stream(sample_rate)
         self._parts = []
+        self.fmt, self.state = fmt, state
+        self.fork = None  # the conversation's session with the question's audio so far
+        self.version = -1  # the state version the fork was taken from
+        self.prefilled = 0  # linguistic codes in the fork
+        self.ahead_tokens = 0
+        self.prefill_s = 0.0  # thinker time spent while the question arrived
 
     def push(self, wav: np.ndarray) -> None:
         self._parts.append(self._stream.push(wav))
+        self._prefill_ahead()
 
     def finish(self):
         from npc_server.tokenizer.tokenizer import make_tokens
 
         parts = self._parts + [self._stream.flush()]
         return make_tokens(torch.cat([p.linguistic for p in parts]), torch.cat([p.semantic for p in parts]))
+
+    def _prefill_ahead(self) -> None:
+        if self.state is None or self.fmt is None or self.fmt.audio_input != "linguistic":
+            return
+        t0 = time.perf_counter()
+        if self.fork is None:
+            with self.state.lock:
+                if self.state.answering:
+                    return
+                self.fork, self.version = self.state.session.fork(), self.state.version
+            self.fork.prefill([self.fmt.user, self.fmt.audio_start])
+        codes = torch.cat([p.linguistic for p in self._parts]).numpy()
+        if len(codes) > self.prefilled:
+            self.fork.prefill(self.fmt.audio(codes[self.prefilled:]))
+            self.prefilled = len(codes)
+        self.prefill_s += time.perf_counter() - t0
+
+    def adopt(self, state: EngineStateV2, codes: np.ndarray) -> object | None:
+        """The fork with the whole question (`codes`: all its linguistic codes) prefilled up to the answer, or None
+        when there is none or the conversation changed since it was taken."""
+        if self.fork is None or state is not self.state or state.version != self.version:
+            return None
+        if len(codes) < self.prefilled:
+            return None
+        self.ahead_tokens = 2 + self.prefilled  # <user> <audio_start> and the codes prefilled while it arrived
+        self.fork.prefill(self.fmt.audio(codes[self.prefilled:]) + [self.fmt.audio_end, self.fmt.end,
+                                                                     self.fmt.assistant, self.fmt.mode_text])
+        return self.fork
 
 
 class EngineV2:
@@ -128,8 +173,9 @@ class EngineV2:
                 self._prefix_cache[key] = base
         return EngineStateV2(session=base.fork())
 
-    def listen(self, sample_rate: int) -> QuestionStreamV2:
-        return QuestionStreamV2(self.tokenizer, sample_rate)
+    def listen(self, sample_rate: int, state: EngineStateV2 | None = None) -> QuestionStreamV2:
+        """A question arriving in chunks; with the conversation's `state` it is prefilled while it arrives."""
+        return QuestionStreamV2(self.tokenizer, sample_rate, self.fmt, state)
 
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, state: EngineStateV2, persona, controls: Controls,
@@ -139,26 +185,41 @@ class EngineV2:
         """Stream the answer to one question (16 kHz float32 audio, a QuestionStreamV2 that heard it, or typed text;
         with both, the audio is the question). With `lip_sync` (and audio), viseme and word timings from the talker's
         alignment come as EngineLipSync events, each before the audio it describes."""
+        t0 = time.perf_counter()
+        with state.lock:  # until the answer is in the session, no arriving question forks it
+            state.answering = True
+        try:
+            yield from self._answer(state, persona, controls, audio, text, mode, load, lip_sync, t0)
+        finally:
+            with state.lock:
+                state.answering = False
+                state.version += 1
+
+    def _answer(self, state, persona, controls, audio, text, mode, load, lip_sync, t0):
         from npc_server.talker import TalkerStream
         from npc_server.talker.lipsync import LipSync
 
-        t0 = time.perf_counter()
         tokens = None
         if isinstance(audio, QuestionStreamV2):
             tokens = audio.finish()
         elif audio is not None:
             tokens = self.tokenizer.encode(audio, 16000)
         t_tok = time.perf_counter()
+        cached, ahead = len(state.session), None
         if tokens is not None and len(tokens.linguistic):
-            question = self.fmt.question_ids(audio=self.fmt.audio(tokens.linguistic.numpy(),
-                                                                  tokens.interleaved.numpy()))
+            codes = tokens.linguistic.numpy()
+            question = self.fmt.question_ids(audio=self.fmt.audio(codes, tokens.interleaved.numpy()))
+            if isinstance(audio, QuestionStreamV2):
+                ahead = audio.adopt(state, codes)
         elif text.strip():
             question = self.fmt.question_ids(text=text.strip())
         else:
             raise ValueError("the question has neither audio nor text")
+        if ahead is not None:  # prefilled while the player spoke: only the last codes were left
+            state.session = ahead
+        else:
+            state.session.prefill(question)
         session = state.session
-        cached = len(session)
-        session.prefill(question)
         t_pre = time.perf_counter()
         state.answer_start, state.progress, state.in_flight = len(session), [], True
 
@@ -228,7 +289,9 @@ class EngineV2:
         yield EngineDone(spoken_text=spoken, timings=dict(
             tokenize_ms=(t_tok - t0) * 1000, prefill_ms=(t_pre - t_tok) * 1000,
             decode_ms=(time.perf_counter() - t_pre - vocoder_s) * 1000, vocoder_ms=vocoder_s * 1000,
-            prefill_tokens=len(question), generated_tokens=len(answer_ids), cached_tokens=cached))
+            prefill_tokens=len(question) - (audio.ahead_tokens if ahead is not None else 0),
+            generated_tokens=len(answer_ids), cached_tokens=cached + (audio.ahead_tokens if ahead is not None else 0),
+            prefill_ahead_ms=audio.prefill_s * 1000 if ahead is not None else 0.0))
 
     def interrupted(self, state: EngineStateV2, spoken_seconds: float) -> None:
         """The client stopped listening after `spoken_seconds`: the answer in the conversation becomes the text
@@ -246,4 +309,6 @@ class EngineV2:
         session.rewind(state.answer_start)
         session.prefill(self.fmt.text_ids(spoken) + [self.fmt.text_end, self.fmt.end])
         state.turns.append(("<interrupted>", spoken.strip()))
-        state.progress, state.in_flight = [], False
+        with state.lock:
+            state.progress, state.in_flight = [], False
+            state.version += 1

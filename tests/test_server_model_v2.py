@@ -5,11 +5,15 @@ clients run against it over the bridge, lip sync included."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from conftest import result_fields
 
+from npc_server.audio.io import load_audio, resample
 from npc_server.eval.metrics import Listener, normalize_text, word_errors
 from npc_server.paths import DEFAULT_MODEL_DIR
 from sdk import AudioEvent, EndEvent, NpcClient
@@ -52,6 +56,24 @@ def test_spoken_question_gets_a_spoken_answer_the_listener_recognises(client):
     heard = Listener(threads=1).transcribe(wav, 16000)
     ref = normalize_text(text)
     assert word_errors(ref, normalize_text(heard)) / len(ref) <= MAX_WER, f"subtitle {text!r}, heard {heard!r}"
+
+
+def test_streamed_question_is_prefilled_while_it_arrives(client):
+    """PCM chunks of a question asked in a session are prefilled as they come: after the end of speech only the
+    last codes and the turn's closing ids are left, and the answer is the one the whole question gives."""
+    wav, sr = load_audio(EXAMPLES / "room.wav")
+    wav = resample(wav, sr, 16000)
+    pcm = (np.clip(wav, -1, 1) * 32767).astype("<i2")  # what the SDK sends for float audio
+    as_wav = io.BytesIO()
+    sf.write(as_wav, pcm, 16000, format="WAV", subtype="PCM_16")  # the same samples as a file: read whole, no prefill
+    session = client.open_session("innkeeper")
+    streamed = client.ask("innkeeper", wav, sample_rate=16000, session=session, mode="text_only", chunk_bytes=6400)
+    whole = client.ask("innkeeper", as_wav.getvalue(), mode="text_only")
+    t, w = streamed.end.timings, whole.end.timings
+    assert t["prefill_ahead_ms"] > 0 and w["prefill_ahead_ms"] == 0
+    assert t["prefill_tokens"] < w["prefill_tokens"] / 2, (t, w)
+    assert streamed.text == whole.text
+    client.close_session(session)
 
 
 def test_follow_up_reuses_the_conversation_cache(client):

@@ -121,6 +121,7 @@ class Timings:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     cached_tokens: int = 0
+    prefill_ahead_ms: float = 0.0  # thinker time spent on the question while it arrived (model v2)
 
 
 @dataclass

@@ -225,11 +225,12 @@ class NpcService:
                 f"output_sample_rate {cfg.output_sample_rate} is not supported; use one of {OUTPUT_RATES} or 0",
             )
 
-    def _read_audio(self, cfg: SpeakConfig, chunks: Iterable[bytes]):
+    def _read_audio(self, cfg: SpeakConfig, chunks: Iterable[bytes], state=None):
         """Read the question -> 16 kHz audio, or audio tokens, or None when there is no audio.
 
         Raw PCM is tokenized while it arrives (the streaming tokenizer equals offline encoding), so at the end
-        of the player's speech only the last block is left to encode. A wav/flac/ogg file is decoded once complete,
+        of the player's speech only the last block is left to encode; an engine may also prefill it into the
+        conversation `state` as it comes (model v2). A wav/flac/ogg file is decoded once complete,
         in blocks, after a look at its declared duration (a small compressed file can hold hours of audio).
         """
         total = 0
@@ -269,7 +270,7 @@ class NpcService:
                 if seconds > self.limits.max_audio_seconds:
                     raise AudioError(f"audio is over {seconds:.1f} s long; the limit is {self.limits.max_audio_seconds:.1f} s")
                 if stream is None:
-                    stream = self.engine.listen(cfg.sample_rate)
+                    stream = self.engine.listen(cfg.sample_rate, state)
                 stream.push(wav)
             if cfg.encoding == AudioEncoding.WAV:
                 if not buf.tell():
@@ -311,7 +312,11 @@ class NpcService:
                     )
             else:
                 session = None
-            audio = self._read_audio(cfg, audio_chunks)
+            # the conversation the question goes to, so the engine may start on it while the audio arrives
+            if session is not None and session.state is None:
+                session.state = self.engine.new_state(persona)
+            state = session.state if session is not None else self.engine.new_state(persona)
+            audio = self._read_audio(cfg, audio_chunks, state)
             if audio is None and not cfg.text.strip():
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "a question needs audio, text or both")
             t_question_end = time.perf_counter()
@@ -329,14 +334,11 @@ class NpcService:
                 if not session.busy.acquire(timeout=SESSION_BUSY_GRACE_S):
                     raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {shorten(session.id)} is already answering")
                 try:
-                    if session.state is None:
-                        session.state = self.engine.new_state(persona)
                     yield from self._answer(session.state, session.id, persona, controls, cfg, audio, t_question_end, is_cancelled)
                 finally:
                     session.busy.release()
                     self.sessions.touch(session)
             else:
-                state = self.engine.new_state(persona)
                 yield from self._answer(state, "", persona, controls, cfg, audio, t_question_end, is_cancelled)
         finally:
             with self._active_lock:
