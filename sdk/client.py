@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,11 +203,14 @@ class NpcClient:
         mode: str = "audio_and_text",
         lip_sync: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
+        realtime: bool = False,
     ) -> Speech:
         """Ask `npc` a question and stream the answer.
 
         `audio` is a wav/flac/ogg file path, the bytes of such a file, or a float32 numpy array at `sample_rate`.
         `lip_sync`: also stream LipSyncEvents (visemes and word timings; model v2 servers).
+        `realtime`: send numpy audio as a live microphone would, in 100 ms chunks at the pace it is spoken (the
+        server may work on the question while it arrives); otherwise as fast as possible, `chunk_bytes` at a time.
         """
         overrides = pb.Overrides()
         for name, value in (("emotion", emotion), ("speed", speed), ("pitch", pitch), ("language", language),
@@ -229,9 +233,16 @@ class NpcClient:
         config = pb.SpeakConfig(npc_id=npc, session_id=session, input_format=fmt, text=text, overrides=overrides,
                                 output_sample_rate=output_sample_rate, mode=modes[mode], lip_sync=lip_sync)
 
+        pace = 0.0
+        if realtime and isinstance(audio, np.ndarray):
+            chunk_bytes, pace = 2 * sample_rate // 10, 0.1  # 100 ms of s16le mono per chunk, 100 ms apart
+
         def requests():
             yield pb.SpeakRequest(config=config)
-            for i in range(0, len(data), chunk_bytes):
+            t0 = time.perf_counter()
+            for k, i in enumerate(range(0, len(data), chunk_bytes)):
+                if pace:  # chunk k is complete (spoken) at (k + 1) x 100 ms
+                    time.sleep(max(0.0, t0 + (k + 1) * pace - time.perf_counter()))
                 yield pb.SpeakRequest(audio=bytes(data[i:i + chunk_bytes]))
 
         call = self._stub.Speak(requests(), metadata=self._metadata, timeout=self.timeout)

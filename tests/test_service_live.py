@@ -94,6 +94,18 @@ def test_pcm_input_and_modes(client, question_wav):
     assert end is not None
 
 
+def test_realtime_question_is_sent_at_the_pace_it_is_spoken(client, question_wav):
+    """`speak(realtime=True)` streams a recording as a microphone would: the question's end (and so the answer)
+    cannot come before the audio's own duration; the answer is the same as sent at once."""
+    wav, sr = load_audio(question_wav)
+    wav = wav[: int(0.6 * sr)]
+    t0 = time.perf_counter()
+    _, paced, end = collect(client.speak(npc="merchant", audio=wav, sample_rate=sr, mode="text_only", realtime=True))
+    assert time.perf_counter() - t0 >= 0.55 and end is not None
+    _, at_once, _ = collect(client.speak(npc="merchant", audio=wav, sample_rate=sr, mode="text_only"))
+    assert paced == at_once
+
+
 def test_session_follow_up_prefills_only_the_new_turn(client, question_wav):
     sid = client.open_session("innkeeper")
     _, _, first = collect(client.speak(npc="innkeeper", audio=question_wav, session=sid))
