@@ -202,6 +202,7 @@ class NpcClient:
         output_sample_rate: int = 0,
         mode: str = "audio_and_text",
         lip_sync: bool = False,
+        heard_seconds: float | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         realtime: bool = False,
     ) -> Speech:
@@ -209,6 +210,8 @@ class NpcClient:
 
         `audio` is a wav/flac/ogg file path, the bytes of such a file, or a float32 numpy array at `sample_rate`.
         `lip_sync`: also stream LipSyncEvents (visemes and word timings; model v2 servers).
+        A question on a `session` stops the session's answer in flight (barge-in); `heard_seconds`: how much of it
+        the player heard, which the conversation keeps (default: all that was sent).
         `realtime`: send numpy audio as a live microphone would, in 100 ms chunks at the pace it is spoken (the
         server may work on the question while it arrives); otherwise as fast as possible, `chunk_bytes` at a time.
         """
@@ -232,6 +235,10 @@ class NpcClient:
             raise ValueError(f"mode must be one of {', '.join(modes)}")
         config = pb.SpeakConfig(npc_id=npc, session_id=session, input_format=fmt, text=text, overrides=overrides,
                                 output_sample_rate=output_sample_rate, mode=modes[mode], lip_sync=lip_sync)
+        if heard_seconds is not None:
+            if not heard_seconds >= 0:
+                raise ValueError("heard_seconds must be >= 0")
+            config.heard_seconds = heard_seconds
 
         pace = 0.0
         if realtime and isinstance(audio, np.ndarray):

@@ -146,6 +146,38 @@ def test_cancel_mid_answer_records_what_was_spoken(server, client, question_wav)
     assert end is not None and not end.interrupted
 
 
+@pytest.fixture(scope="module")
+def long_answers(tiny_model_dir, tmp_path_factory):
+    """A server whose quest_giver talks for 8 s (an untrained model babbles to its cap): answers to interrupt."""
+    personas = capped_personas(tmp_path_factory.mktemp("long_personas"), long_npc="quest_giver")
+    service = NpcService(Engine.from_pretrained(tiny_model_dir), PersonaStore(personas), Limits(), auth_token=TOKEN)
+    grpc_server, port = start_grpc(service, "127.0.0.1", 0)
+    with NpcClient(f"127.0.0.1:{port}", token=TOKEN, client_id="tester") as c:
+        yield service, c
+    grpc_server.stop(0)
+    service.shutdown()
+
+
+@pytest.mark.parametrize("heard", [None, 0.0])
+def test_a_new_question_on_the_session_stops_the_answer_in_flight(long_answers, question_wav, heard):
+    """Barge-in: the player speaks while the NPC answers; the answer stops (its call ends interrupted), the new
+    question is answered, and the conversation keeps what was sent, or only what the player heard."""
+    service, client = long_answers
+    sid = client.open_session("quest_giver")
+    first = iter(client.speak(npc="quest_giver", audio=question_wav, session=sid, output_sample_rate=16000))
+    assert isinstance(next(e for e in first if isinstance(e, AudioEvent)), AudioEvent)  # the NPC is speaking
+    second = client.speak(npc="quest_giver", text="Wait, where is the inn?", session=sid, heard_seconds=heard)
+    end = [e for e in first if isinstance(e, EndEvent)][-1]
+    assert end.interrupted and 0 < end.audio_seconds < 8
+    _, _, end2 = collect(second)
+    assert end2 is not None and not end2.interrupted
+    turns = service.sessions.get(sid, "tester").state.turns
+    assert [t[0] for t in turns][-2:] == ["<interrupted>", "Wait, where is the inn?"]
+    if heard == 0.0:
+        assert turns[-2][1] == ""  # the player heard none of it: none of it stays in the conversation
+    client.close_session(sid)
+
+
 def test_reload_personas(server, client):
     folder: Path = server["personas"]
     src = (folder / "blacksmith.yaml").read_text()

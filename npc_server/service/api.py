@@ -85,6 +85,9 @@ class SpeakConfig:
     output_sample_rate: int = 0
     mode: OutputMode = OutputMode.AUDIO_AND_TEXT
     lip_sync: bool = False  # also stream LipSyncOut events (an engine without alignment sends none)
+    # barge-in: a question on a session stops the session's answer in flight; the history keeps this many seconds
+    # of it (what the player heard), or all that was sent when None
+    heard_seconds: float | None = None
 
 
 # ---- events streamed back --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
     if not isinstance(c, dict):
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "speak.config must be a map")
     allowed = {"npc_id", "session_id", "encoding", "sample_rate", "channels", "text", "overrides",
-               "output_sample_rate", "mode", "lip_sync"}
+               "output_sample_rate", "mode", "lip_sync", "heard_seconds"}
     unknown = set(c) - allowed
     if unknown:
         raise ApiError(ErrorCode.INVALID_ARGUMENT, f"unknown config field(s): {_names(unknown)}")
@@ -74,6 +74,9 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
     lip_sync = c.get("lip_sync", False)
     if not isinstance(lip_sync, bool):
         raise ApiError(ErrorCode.INVALID_ARGUMENT, "config.lip_sync must be true or false")
+    heard = c.get("heard_seconds")
+    if heard is not None and (isinstance(heard, bool) or not isinstance(heard, (int, float))):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "config.heard_seconds must be a number")
     encoding, mode = get("encoding", str, "pcm_s16le"), get("mode", str, "audio_and_text")
     if encoding not in {e.value for e in api.AudioEncoding}:
         raise ApiError(ErrorCode.INVALID_ARGUMENT,
@@ -92,6 +95,7 @@ def config_from_frame(c: Any) -> api.SpeakConfig:
         output_sample_rate=get("output_sample_rate", int, 0),
         mode=api.OutputMode(mode),
         lip_sync=lip_sync,
+        heard_seconds=float(heard) if heard is not None else None,
     )
 
 

@@ -33,10 +33,10 @@ from npc_server.service.api import (
 )
 from npc_server.service.auth import matches
 from npc_server.service.scheduler import Scheduler
-from npc_server.service.sessions import SessionManager
+from npc_server.service.sessions import AnswerInFlight, SessionManager
 
 ENGINE_SAMPLE_RATE_IN = 16000
-SESSION_BUSY_GRACE_S = 2.0  # how long a question waits for its session's previous (e.g. cancelled) answer
+SESSION_BUSY_GRACE_S = 2.0  # how long a question waits for its session's previous (stopped or cancelled) answer
 OUTPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -217,6 +217,8 @@ class NpcService:
             raise ApiError(
                 ErrorCode.INVALID_ARGUMENT, f"input sample_rate {cfg.sample_rate} Hz is not supported (8000-192000)"
             )
+        if cfg.heard_seconds is not None and not 0 <= cfg.heard_seconds < 1e6:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"heard_seconds must be >= 0, got {cfg.heard_seconds:g}")
         if cfg.channels not in (0, 1, 2):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"channels must be 1 or 2, got {cfg.channels}")
         if cfg.output_sample_rate and cfg.output_sample_rate not in OUTPUT_RATES:
@@ -312,6 +314,9 @@ class NpcService:
                     )
             else:
                 session = None
+            flight = session.answering if session is not None else None
+            if flight is not None:  # barge-in: the player speaks again while the NPC answers; the NPC stops now
+                flight.barge_in(cfg.heard_seconds)
             # the conversation the question goes to, so the engine may start on it while the audio arrives
             if session is not None and session.state is None:
                 session.state = self.engine.new_state(persona)
@@ -330,12 +335,15 @@ class NpcService:
                 question.release()
         try:
             if session is not None:
-                # a just-cancelled answer needs a moment to stop and rewrite the history: wait for it briefly
+                # a stopped or cancelled answer needs a moment to end and rewrite the history: wait for it briefly
                 if not session.busy.acquire(timeout=SESSION_BUSY_GRACE_S):
                     raise ApiError(ErrorCode.FAILED_PRECONDITION, f"session {shorten(session.id)} is already answering")
+                session.answering = flight = AnswerInFlight()
                 try:
-                    yield from self._answer(session.state, session.id, persona, controls, cfg, audio, t_question_end, is_cancelled)
+                    yield from self._answer(session.state, session.id, persona, controls, cfg, audio, t_question_end,
+                                            is_cancelled, flight)
                 finally:
+                    session.answering = None
                     session.busy.release()
                     self.sessions.touch(session)
             else:
@@ -344,7 +352,10 @@ class NpcService:
             with self._active_lock:
                 self._active -= 1
 
-    def _answer(self, state, session_id, persona, controls, cfg, audio, t0, is_cancelled) -> Iterator[SpeakEvent]:
+    def _answer(self, state, session_id, persona, controls, cfg, audio, t0, is_cancelled,
+                flight: AnswerInFlight | None = None) -> Iterator[SpeakEvent]:
+        """Stream one answer. It stops (interrupted) when the client cancels or, with `flight`, when a new question
+        on the session barges in; the conversation then keeps what was sent, or what the player heard if known."""
         mode = cfg.mode
         job = self.scheduler.submit(
             self.engine.answer(state, persona, controls, audio=audio, text=cfg.text, mode=mode.value,
@@ -360,7 +371,7 @@ class NpcService:
         interrupted = False
         try:
             for ev in job.items():
-                if is_cancelled():
+                if is_cancelled() or (flight is not None and flight.stop.is_set()):
                     interrupted = True
                     break
                 if isinstance(ev, EngineText):
@@ -402,7 +413,10 @@ class NpcService:
                 job.cancel()
                 for _ in job.items():  # drain so the engine generator is closed before we touch the state
                     pass
-                self.engine.interrupted(state, spoken_seconds=samples_sent / out_sr)
+                spoken = samples_sent / out_sr
+                if flight is not None and flight.stop.is_set() and flight.heard_seconds is not None:
+                    spoken = min(spoken, max(flight.heard_seconds, 0.0))
+                self.engine.interrupted(state, spoken_seconds=spoken)
         t_end = time.perf_counter()
         timings = Timings(**(done.timings if done else {}))
         timings.total_ms = (t_end - t0) * 1000

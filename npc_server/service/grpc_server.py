@@ -65,6 +65,7 @@ def config_from_proto(c: "pb.SpeakConfig") -> api.SpeakConfig:
         output_sample_rate=c.output_sample_rate,
         mode=_MODES[c.mode],
         lip_sync=c.lip_sync,
+        heard_seconds=c.heard_seconds if c.HasField("heard_seconds") else None,
     )
 
 

@@ -19,6 +19,18 @@ from npc_server.service.api import ApiError, ErrorCode, Limits, shorten
 
 
 @dataclass
+class AnswerInFlight:
+    """The answer a session is giving now; a new question on the session stops it (barge-in)."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    heard_seconds: float | None = None  # how much of it the player heard before speaking again, when known
+
+    def barge_in(self, heard_seconds: float | None) -> None:
+        self.heard_seconds = heard_seconds
+        self.stop.set()
+
+
+@dataclass
 class Session:
     id: str
     npc_id: str
@@ -27,6 +39,7 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one answer at a time per session
+    answering: AnswerInFlight | None = None  # set while an answer holds `busy`
 
     def memory_bytes(self) -> int:
         fn = getattr(self.state, "memory_bytes", None)

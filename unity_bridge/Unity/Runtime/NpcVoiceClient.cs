@@ -53,6 +53,9 @@ namespace NpcVoice
         public string Mode = "audio_and_text";
         /// <summary>Also stream viseme and word timings (Speech.Viseme / Speech.Word; model v2 servers).</summary>
         public bool LipSync;
+        /// <summary>Barge-in: a question on a session stops the session's answer in flight; the conversation keeps
+        /// this many seconds of it (what the player heard). Null: all that was sent.</summary>
+        public double? HeardSeconds;
 
         public Dictionary<string, object> ToMap()
         {
@@ -69,6 +72,7 @@ namespace NpcVoice
                 { "overrides", overrides }, { "output_sample_rate", OutputSampleRate }, { "mode", Mode },
             };
             if (LipSync) map["lip_sync"] = true;  // only when asked: a server older than the key refuses it
+            if (HeardSeconds.HasValue) map["heard_seconds"] = HeardSeconds.Value;
             return map;
         }
     }

@@ -125,7 +125,7 @@ namespace NpcVoice
         {
             if (!IsConnected) { Debug.LogWarning("npc-voice: not connected"); return; }
             if (listening) return;
-            Cancel();
+            double? heard = Interrupt();
             string device = string.IsNullOrEmpty(microphoneDevice) ? null : microphoneDevice;
             micClip = Microphone.Start(device, true, maxQuestionSeconds + 1, microphoneSampleRate);
             if (micClip == null) { onError.Invoke("FAILED_PRECONDITION", "no microphone"); return; }
@@ -134,7 +134,7 @@ namespace NpcVoice
             listening = true;
             try
             {
-                await Ask(new SpeakConfig { SampleRate = micClip.frequency, Channels = micClip.channels }, null);
+                await Ask(new SpeakConfig { SampleRate = micClip.frequency, Channels = micClip.channels, HeardSeconds = heard }, null);
             }
             catch (Exception exc)
             {
@@ -157,10 +157,10 @@ namespace NpcVoice
         public async void AskText(string text)
         {
             if (!IsConnected) { Debug.LogWarning("npc-voice: not connected"); return; }
-            Cancel();
+            double? heard = Interrupt();
             try
             {
-                var speech = await Ask(new SpeakConfig { Text = text }, null);
+                var speech = await Ask(new SpeakConfig { Text = text, HeardSeconds = heard }, null);
                 await speech.EndAudioAsync();
             }
             catch (Exception exc)
@@ -178,6 +178,24 @@ namespace NpcVoice
             lips.Clear();
             if (speech != null && !speech.IsDone) Forget(speech.CancelAsync());
             pendingEnd = null;
+        }
+
+        /// <summary>
+        /// The player speaks again: silence the NPC now. In a conversation the new question itself stops the answer
+        /// on the server (barge-in) and the conversation keeps what the player heard (returned, in seconds); without
+        /// one the answer is cancelled (null).
+        /// </summary>
+        double? Interrupt()
+        {
+            var speech = current;
+            bool streaming = speech != null && !speech.IsDone;
+            double? heard = streaming && !string.IsNullOrEmpty(sessionId) ? ring.PlayedSeconds : (double?)null;
+            if (streaming && heard == null) Forget(speech.CancelAsync());
+            current = null;
+            ring.Clear();
+            lips.Clear();
+            pendingEnd = null;
+            return heard;
         }
 
         async Task<Speech> Ask(SpeakConfig cfg, byte[] audio)

@@ -69,7 +69,7 @@ func ask(audio: PoolByteArray, sample_rate: int = 16000, encoding: String = "pcm
 		config["sample_rate"] = sample_rate
 	for k in extra:
 		config[k] = extra[k]
-	cancel()
+	_interrupt(config)
 	current_id = client.speak(config, audio)
 	return current_id
 
@@ -80,9 +80,21 @@ func ask_text(text: String, extra: Dictionary = {}) -> int:
 		config["lip_sync"] = true
 	for k in extra:
 		config[k] = extra[k]
-	cancel()
+	_interrupt(config)
 	current_id = client.speak(config)
 	return current_id
+
+
+# The player asks again while the NPC speaks: silence now. In a conversation (session_id) the new question stops the
+# answer on the server (barge-in) and config gets heard_seconds, so the conversation keeps what the player heard;
+# without one the answer is cancelled.
+func _interrupt(config: Dictionary) -> void:
+	if current_id >= 0 and session_id != "" and client != null:
+		config["heard_seconds"] = played_seconds()
+		current_id = -1
+		clear()
+	else:
+		cancel()
 
 
 # Interrupt the NPC: silence now, and the server stops the answer (answer_finished comes with interrupted = true).
