@@ -101,7 +101,8 @@ class _LeanLayer(nn.Module):
             self.register_buffer(name, norm.weight.detach().float().clone())
 
     def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, key_mask):
-        """x [B, T, D]; positions [B, T]; k/v_cache [R, kvh, L, hd] (written at rows/positions); key_mask [B, T, L]."""
+        """x [B, T, D]; positions [B, T]; k/v_cache [R, kvh, L, hd] (written at rows/positions); key_mask [B, T, U]:
+        attention reads only the first U cache positions (U: the longest row after this step), not the whole cache."""
         b, t, _ = x.shape
         h = _rms(x, self.n_in, self.eps)
         q, k, v = self.qkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -114,15 +115,18 @@ class _LeanLayer(nn.Module):
         for i, r in enumerate(rows):
             k_cache[r, :, positions[i, 0] : positions[i, 0] + t] = k[i]
             v_cache[r, :, positions[i, 0] : positions[i, 0] + t] = v[i]
-        keys, values = k_cache[rows], v_cache[rows]
-        if self.heads != self.kv_heads:
-            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        used = key_mask.shape[-1]
+        if len(rows) == 1:  # a view, no copy
+            keys, values = k_cache[rows[0] : rows[0] + 1, :, :used], v_cache[rows[0] : rows[0] + 1, :, :used]
+        else:
+            index = torch.as_tensor(rows)
+            keys, values = k_cache[index, :, :used], v_cache[index, :, :used]
         mask = key_mask
         if self.sliding is not None:
-            key_pos = torch.arange(keys.shape[2])
+            key_pos = torch.arange(used)
             mask = mask & (key_pos[None, None, :] > positions[:, :, None] - self.sliding)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling,
+                                           enable_gqa=self.heads != self.kv_heads)
         x = x + _rms(self.o(o.transpose(1, 2).reshape(b, t, -1)), self.n_post_attn, self.eps)
         gate, up = self.gate_up(_rms(x, self.n_pre_ffw, self.eps)).chunk(2, dim=-1)
         return x + _rms(self.down(F.gelu(gate, approximate="tanh") * up), self.n_post_ffw, self.eps)
@@ -174,7 +178,7 @@ class LeanLM(nn.Module):
         if int((start + t).max()) > cache.max_len:
             raise ValueError(f"the conversation outgrows the cache ({cache.max_len} tokens)")
         positions = start[:, None] + torch.arange(t)[None]
-        key_pos = torch.arange(cache.max_len)
+        key_pos = torch.arange(int((start + t).max()))  # attention reads the cache up to the longest row's end
         key_mask = key_pos[None, None, :] <= positions[:, :, None]  # causal, and nothing past the row's end
         x = self.embed(ids)
         rope = {}
