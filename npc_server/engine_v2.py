@@ -125,6 +125,7 @@ class EngineV2:
         self.thinker = LeanLM.from_audio_lm(model) if lean else model
         self.text_rows = [int(i) for i in model.head_ids.tolist() if i < model.cfg.n_text] + [fmt.text_end]
         self._rows = model.head_index[torch.as_tensor(self.text_rows, dtype=torch.long)]
+        self.batcher = None  # a StepBatcher once enable_batching() is called
         self._prefix_cache: dict[tuple[str, str], object] = {}
         self._prefix_lock = threading.Lock()
 
@@ -151,7 +152,24 @@ class EngineV2:
                    Vocoder.from_pretrained(model_dir / "vocoder"), name=f"npc-voice/{model_dir.name} (model v2)")
 
     def enable_batching(self, lanes: int = 1) -> bool:
-        return False  # one thinker step per answer; batched decoding across conversations is issue 25
+        """Answers running at the same moment share one thinker pass per text token (the lean forward reads its
+        weights once for the batch: on a CPU that is most of a step's cost). The service calls this when it runs
+        several answer workers."""
+        from npc_server.backbone.batching import StepBatcher
+        from npc_server.backbone.lean import LeanLM
+        from npc_server.backbone.thinker import step_sessions
+
+        if not isinstance(self.thinker, LeanLM):
+            return False
+        self.batcher = StepBatcher(None, window_s=0.015, lanes=lanes, forward_many=step_sessions)
+        return True
+
+    def _step(self, session, token: int) -> None:
+        """The answer's next text token into its session (batched with other answers when batching is on)."""
+        if self.batcher is not None:
+            self.batcher.step(session, token)
+        else:
+            session.prefill([token])
 
     # ---- sessions ----------------------------------------------------------------------------------------
     def new_session(self):
@@ -189,7 +207,8 @@ class EngineV2:
         with state.lock:  # until the answer is in the session, no arriving question forks it
             state.answering = True
         try:
-            yield from self._answer(state, persona, controls, audio, text, mode, load, lip_sync, t0)
+            events = self._answer(state, persona, controls, audio, text, mode, load, lip_sync, t0)
+            yield from (self.batcher.track(events) if self.batcher is not None else events)
         finally:
             with state.lock:
                 state.answering = False
@@ -260,7 +279,7 @@ class EngineV2:
         for _ in range(budget):
             logits = session.next_logits()[self._rows]
             token = self.text_rows[int(logits.argmax())]
-            session.prefill([token])
+            self._step(session, token)
             if token == self.fmt.text_end:
                 break
             answer_ids.append(token)

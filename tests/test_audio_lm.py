@@ -205,6 +205,64 @@ def test_lean_session_has_the_thinker_session_verbs():
     assert len(out) == 3 and len(lean) == 15
 
 
+def test_conversations_step_together_as_they_would_alone():
+    """`step_sessions`: one batched pass for several conversations (own caches, different lengths, one grows past
+    its capacity) gives each the logits of its own `prefill([token])`; and through a StepBatcher, answers on two
+    threads decode the same tokens as one after the other."""
+    import threading
+
+    from npc_server.backbone.batching import StepBatcher
+    from npc_server.backbone.thinker import LeanSession, step_sessions
+
+    model = tiny_model()
+    lean = LeanLM.from_audio_lm(model, quantize=False)
+    histories = [_sequence(model, 11, 1), _sequence(model, 4, 2), _sequence(model, 7, 3)]
+    together = [LeanSession(lean, capacity=n) for n in (16, 4, 8)]  # the second is full: it grows
+    alone = [LeanSession(lean, capacity=16) for _ in histories]
+    for a, b, h in zip(together, alone, histories):
+        a.prefill(h)
+        b.prefill(h)
+    for step in range(3):
+        tokens = [17 + step, 40, 5 * step]
+        assert len(step_sessions(together, tokens)) == 3
+        for b, t in zip(alone, tokens):
+            b.prefill([t])
+        for a, b in zip(together, alone):
+            torch.testing.assert_close(a.next_logits(), b.next_logits(), atol=1e-5, rtol=1e-5)
+            assert a.ids == b.ids
+
+    def greedy(session, batcher, n=6):
+        out = []
+        for _ in range(n):
+            token = int(model.head_ids[int(session.next_logits().argmax())])
+            out.append(token)
+            if batcher is None:
+                session.prefill([token])
+            else:
+                batcher.step(session, token)
+            yield token
+
+    def fresh(h):
+        s = LeanSession(lean)
+        s.prefill(h)
+        return s
+
+    expected = [list(greedy(fresh(h), None)) for h in histories[:2]]
+    batcher = StepBatcher(None, window_s=0.05, forward_many=step_sessions)
+    got = [None, None]
+
+    def run(i):
+        got[i] = list(batcher.track(greedy(fresh(histories[i]), batcher)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert batcher.stats.max_batch == 2  # the two answers did share steps
+
+
 def test_hearing_examples_and_a_few_training_steps():
     from npc_server.training.lm_v2 import collate, lm_loss, train_loop
 

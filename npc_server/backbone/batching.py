@@ -6,6 +6,7 @@ not by arithmetic, so one step for four conversations costs about twice one step
 until every answer that is currently running generator code has arrived (or `window_s` has passed), runs one
 `FastForward.forward_batch` for all of them and hands each thread its logits. Threads running other work
 (the vocoder, sending audio) are not waited for: `track()` counts only answers inside the generator.
+The batched step itself is pluggable (`forward_many`): model v2's engine batches its thinker sessions the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -25,7 +26,7 @@ T = TypeVar("T")
 
 @dataclass
 class _Request:
-    cache: DynamicCache
+    cache: DynamicCache | object  # what the step appends to: a v1 KV cache, or a v2 thinker session
     token: int
     rows: list[tuple[int, int]] | None
     logits: torch.Tensor | None = None
@@ -53,12 +54,17 @@ class BatchStats:
 class StepBatcher:
     """Batches single-token decode steps of concurrent answers (thread safe)."""
 
-    def __init__(self, fast: FastForward, window_s: float = 0.003, max_batch: int = 16, lanes: int = 1):
+    def __init__(self, fast: FastForward | None, window_s: float = 0.003, max_batch: int = 16, lanes: int = 1,
+                 forward_many: Callable[[list[object], list[int]], list[torch.Tensor]] | None = None):
         """`lanes`: batches that may run at the same time (each on its own thread, so on its own core); the
-        answers waiting for a step are split evenly across the free lanes."""
+        answers waiting for a step are split evenly across the free lanes. `forward_many(states, tokens)`: the
+        batched step, one logits tensor per state (default: `fast`'s batched forward over KV caches)."""
         if lanes < 1 or max_batch < 1:
             raise ValueError("lanes and max_batch must be >= 1")
+        if (fast is None) == (forward_many is None):
+            raise ValueError("give either a FastForward or a forward_many function")
         self.fast = fast
+        self.forward_many = forward_many
         self.window_s = window_s
         self.max_batch = max_batch
         self.lanes = lanes
@@ -134,7 +140,10 @@ class StepBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         try:
-            if len(batch) == 1:
+            if self.forward_many is not None:
+                for r, logits in zip(batch, self.forward_many([r.cache for r in batch], [r.token for r in batch])):
+                    r.logits = logits
+            elif len(batch) == 1:
                 r = batch[0]
                 r.logits = self.fast.forward(r.cache, [r.token], last_only=True, rows=r.rows)
             else:

@@ -100,9 +100,10 @@ class _LeanLayer(nn.Module):
                            ("n_q", a.q_norm), ("n_k", a.k_norm)):
             self.register_buffer(name, norm.weight.detach().float().clone())
 
-    def forward(self, x, cos, sin, k_cache, v_cache, rows, positions, key_mask):
-        """x [B, T, D]; positions [B, T]; k/v_cache [R, kvh, L, hd] (written at rows/positions); key_mask [B, T, U]:
-        attention reads only the first U cache positions (U: the longest row after this step), not the whole cache."""
+    def forward(self, x, cos, sin, kv, positions, key_mask):
+        """x [B, T, D]; positions [B, T]; kv: per batch row (k_cache, v_cache, row) of this layer, tensors
+        [R, kvh, L, hd] written at row/positions; key_mask [B, T, U]: attention reads only the first U cache
+        positions (U: the longest row after this step), not the whole preallocated cache."""
         b, t, _ = x.shape
         h = _rms(x, self.n_in, self.eps)
         q, k, v = self.qkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -112,21 +113,20 @@ class _LeanLayer(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        for i, r in enumerate(rows):
-            k_cache[r, :, positions[i, 0] : positions[i, 0] + t] = k[i]
-            v_cache[r, :, positions[i, 0] : positions[i, 0] + t] = v[i]
-        used = key_mask.shape[-1]
-        if len(rows) == 1:  # a view, no copy
-            keys, values = k_cache[rows[0] : rows[0] + 1, :, :used], v_cache[rows[0] : rows[0] + 1, :, :used]
-        else:
-            index = torch.as_tensor(rows)
-            keys, values = k_cache[index, :, :used], v_cache[index, :, :used]
+        for i, (kc, vc, r) in enumerate(kv):
+            kc[r, :, positions[i, 0] : positions[i, 0] + t] = k[i]
+            vc[r, :, positions[i, 0] : positions[i, 0] + t] = v[i]
         mask = key_mask
         if self.sliding is not None:
-            key_pos = torch.arange(used)
+            key_pos = torch.arange(key_mask.shape[-1])
             mask = mask & (key_pos[None, None, :] > positions[:, :, None] - self.sliding)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling,
-                                           enable_gqa=self.heads != self.kv_heads)
+        outs = []
+        for i, (kc, vc, r) in enumerate(kv):  # each row attends to its own cache (views, no copies)
+            n = int(positions[i, -1]) + 1
+            outs.append(F.scaled_dot_product_attention(q[i : i + 1], kc[r : r + 1, :, :n], vc[r : r + 1, :, :n],
+                                                       attn_mask=mask[i : i + 1, None, :, :n], scale=self.scaling,
+                                                       enable_gqa=self.heads != self.kv_heads))
+        o = outs[0] if b == 1 else torch.cat(outs)
         x = x + _rms(self.o(o.transpose(1, 2).reshape(b, t, -1)), self.n_post_attn, self.eps)
         gate, up = self.gate_up(_rms(x, self.n_pre_ffw, self.eps)).chunk(2, dim=-1)
         return x + _rms(self.down(F.gelu(gate, approximate="tanh") * up), self.n_post_ffw, self.eps)
@@ -170,15 +170,21 @@ class LeanLM(nn.Module):
         new = self.new_embed[torch.where(is_new, ids - self.n_text, torch.zeros_like(ids))]
         return torch.where(is_new[..., None], new, text) * self.embed_scale
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: LeanCache, rows: list[int]) -> torch.Tensor:
         """Append ids [B, T] to cache rows `rows` (one per batch row) -> last hidden states [B, T, hidden]."""
+        return self.forward_slots(ids, [(cache, r) for r in rows])
+
+    @torch.inference_mode()
+    def forward_slots(self, ids: torch.Tensor, slots: list[tuple[LeanCache, int]]) -> torch.Tensor:
+        """Append ids [B, T] to the cache rows `slots` ((cache, row) per batch row; the caches may differ, e.g. one
+        per conversation) -> last hidden states [B, T, hidden]. The weights are read once for the whole batch."""
         b, t = ids.shape
-        start = cache.lengths[rows]
-        if int((start + t).max()) > cache.max_len:
-            raise ValueError(f"the conversation outgrows the cache ({cache.max_len} tokens)")
+        start = torch.stack([c.lengths[r] for c, r in slots])
+        for (c, r), s0 in zip(slots, start.tolist()):
+            if s0 + t > c.max_len:
+                raise ValueError(f"the conversation outgrows the cache ({c.max_len} tokens)")
         positions = start[:, None] + torch.arange(t)[None]
-        key_pos = torch.arange(int((start + t).max()))  # attention reads the cache up to the longest row's end
+        key_pos = torch.arange(int((start + t).max()))  # attention reads the caches up to the longest row's end
         key_mask = key_pos[None, None, :] <= positions[:, :, None]  # causal, and nothing past the row's end
         x = self.embed(ids)
         rope = {}
@@ -186,9 +192,11 @@ class LeanLM(nn.Module):
             freqs = positions[..., None].float() * inv
             emb = torch.cat((freqs, freqs), dim=-1)
             rope[typ] = (emb.cos() * self.rope_scale[typ], emb.sin() * self.rope_scale[typ])
-        for layer, typ, kc, vc in zip(self.layers, self.layer_types, cache.keys, cache.values):
-            x = layer(x, *rope[typ], kc, vc, rows, positions, key_mask)
-        cache.lengths[rows] = start + t
+        for i, (layer, typ) in enumerate(zip(self.layers, self.layer_types)):
+            kv = [(c.keys[i], c.values[i], r) for c, r in slots]
+            x = layer(x, *rope[typ], kv, positions, key_mask)
+        for (c, r), s0 in zip(slots, start.tolist()):
+            c.lengths[r] = s0 + t
         return _rms(x, self.norm, self.eps)
 
     @torch.inference_mode()
@@ -203,5 +211,9 @@ class LeanLM(nn.Module):
 
     def decode(self, cache: LeanCache, rows: list[int], ids: list[int]) -> torch.Tensor:
         """One token for each of several rows, in one batched pass -> logits [len(rows), n_head]."""
-        hidden = self.forward(torch.tensor(ids, dtype=torch.long)[:, None], cache, rows)
+        return self.decode_slots([(cache, r) for r in rows], ids)
+
+    def decode_slots(self, slots: list[tuple[LeanCache, int]], ids: list[int]) -> torch.Tensor:
+        """One token for each of several cache rows (of any caches), in one batched pass -> logits [B, n_head]."""
+        hidden = self.forward_slots(torch.tensor(ids, dtype=torch.long)[:, None], slots)
         return self.logits(hidden[:, 0])

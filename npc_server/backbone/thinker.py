@@ -143,6 +143,26 @@ class LeanSession:
         return self.cache.memory_bytes()
 
 
+def step_sessions(sessions: list[LeanSession], tokens: list[int]) -> list[torch.Tensor]:
+    """Append one token to each of several conversations in one batched pass of the lean forward (the weights are
+    read once for all): each session then holds its token and the logits after it, as `prefill([token])` would.
+    Returns those logits, one tensor per session."""
+    if len(sessions) == 1:
+        sessions[0].prefill([tokens[0]])
+        return [sessions[0].next_logits()]
+    lean = sessions[0].lean
+    for s in sessions:
+        if s.lean is not lean:
+            raise ValueError("sessions of different models cannot share a step")
+        if len(s.ids) + 1 > s.cache.max_len:
+            s._grow(2 * s.cache.max_len)
+    logits = lean.decode_slots([(s.cache, 0) for s in sessions], [int(t) for t in tokens])
+    for i, (s, t) in enumerate(zip(sessions, tokens)):
+        s._logits = logits[i]
+        s.ids.append(int(t))
+    return [s._logits for s in sessions]
+
+
 def decode(session: ThinkerSession, allowed_ids: list[int], stop_ids: set[int], options: DecodeOptions = DecodeOptions()
            ) -> list[int]:
     """Sample up to `max_new_tokens` ids among `allowed_ids`, stopping after one of `stop_ids` (included)."""
