@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -285,7 +286,9 @@ def main(argv: list[str]) -> int:
                        "realtime": all(r.underruns == 0 for r in out),
                        "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
         results["concurrency"] = conc
-        batcher = getattr(generator, "batcher", None)
+        # the server runs in this process: its peak resident memory bounds the server's at the highest concurrency
+        results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        batcher = getattr(generator, "batcher", None) or getattr(engine, "batcher", None)  # v1 or v2
         if batcher is not None and batcher.stats.steps:
             st = batcher.stats
             results["batching"] = {"steps": st.steps, "mean_batch": st.requests / st.steps, "max_batch": st.max_batch,
@@ -343,6 +346,8 @@ def print_table(r: dict) -> None:
     for n, c in r["concurrency"].items():
         verdict = "yes" if c["realtime"] else f"no ({c['underruns']} underruns)"
         rows.append((f"{n} concurrent: TTFA p50 ms, real time?", f"{c['ttfa_ms_p50']:.0f}, {verdict}"))
+    if "peak_rss_mb" in r:
+        rows.append(("peak memory, server in the bench process (MB)", f"{r['peak_rss_mb']:.0f}"))
     if "batching" in r:
         b = r["batching"]
         rows.append(("decode steps batched: mean / max batch", f"{b['mean_batch']:.2f} / {b['max_batch']}"))
