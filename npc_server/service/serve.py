@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from pathlib import Path
 
 from npc_server.argtools import advanced
@@ -183,6 +184,10 @@ def main(argv: list[str]) -> int:
         return _fail(str(exc))
     for err in store.last_errors:
         log.warning("persona error: %s", err)
+    t_load = time.perf_counter()
+    if args.model == "v2":
+        print(f"npc-server: loading model v2 from {args.model_dir} (the thinker's int8 weights are made at start: "
+              "about a minute on 2 cores)", flush=True)
     try:
         if args.model == "v2":
             from npc_server.engine_v2 import EngineV2
@@ -233,7 +238,8 @@ def main(argv: list[str]) -> int:
 
     names = ", ".join(p.id for p in store.all())
     scheme = "wss" if tls else "ws"
-    print(f"npc-server {engine.name}: gRPC{' (TLS)' if tls else ''} on {args.host}:{grpc_port}"
+    print(f"npc-server {engine.name} (loaded in {time.perf_counter() - t_load:.1f} s): "
+          f"gRPC{' (TLS)' if tls else ''} on {args.host}:{grpc_port}"
           + (f", WebSocket bridge on {scheme}://{args.host}:{bridge_port}" if bridge_port >= 0 else ""), flush=True)
     print(f"NPCs: {names}", flush=True)
     print("Talk to one (in another terminal):\n"
