@@ -127,6 +127,13 @@ def recompute_history(engine, session) -> tuple[float, int]:
     """What a follow-up would cost without the session's KV cache: prefill the whole conversation again."""
     from transformers import DynamicCache
 
+    if getattr(engine, "thinker", None) is not None:  # model v2: a fresh thinker session of the same kind
+        from npc_server.backbone.thinker import LeanSession, ThinkerSession
+
+        fresh = LeanSession(session.lean) if isinstance(session, LeanSession) else ThinkerSession(session.model)
+        t0 = time.perf_counter()
+        fresh.prefill(list(session.ids))
+        return (time.perf_counter() - t0) * 1000, len(session.ids)
     ids = session.ids + list(session.pending)
     fresh = type(session)(system=session.system, cache=DynamicCache(config=engine.generator.model.config))
     t0 = time.perf_counter()
@@ -173,8 +180,9 @@ def speculative_figures(generator, prompts: list, sampling, mode=None) -> dict:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="npc-server bench", description=__doc__)
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
-    ap.add_argument("--model", choices=("v1", "v2"), default="v1",
-                    help="the answer path to measure, as `serve --model` (v2: thinker -> talker -> vocoder)")
+    ap.add_argument("--model", choices=("auto", "v1", "v2"), default="auto",
+                    help="the answer path to measure, as `serve --model` (v2: thinker -> talker -> vocoder; auto: v2 "
+                         "when --model-dir has its parts)")
     ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR))
     ap.add_argument("--npc", default="innkeeper")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question set (default 2)")
@@ -202,6 +210,9 @@ def main(argv: list[str]) -> int:
     from npc_server.service.grpc_server import start_grpc
     from sdk import NpcClient
 
+    from npc_server.engine_v2 import pick_model
+
+    args.model = pick_model(args.model, args.model_dir)
     try:
         if args.model == "v2":
             from npc_server.engine_v2 import EngineV2
@@ -235,8 +246,7 @@ def main(argv: list[str]) -> int:
             ask(client, args.npc, wavs[0], session=sid, realtime=rt)
             follow = [ask(client, args.npc, w, session=sid, realtime=rt) for w in wavs[1:4]]
             history = service.sessions.get(sid, "bench").state.session
-            recompute_ms, history_tokens = (recompute_history(engine, history) if generator is not None
-                                            else (float("nan"), len(history)))
+            recompute_ms, history_tokens = recompute_history(engine, history)
             client.close_session(sid)
         ttfa = [r.ttfa_ms for r in runs]
         gaps = [g for r in runs for g in r.gaps_ms]

@@ -25,6 +25,17 @@ import torch
 from npc_server.controls import Controls
 from npc_server.engine import EngineAudio, EngineDone, EngineLipSync, EngineText
 
+COMPONENTS = ("tokenizer_v2", "backbone_v2", "talker", "vocoder")  # the parts of a model v2 folder
+
+
+def pick_model(choice: str, model_dir: str | Path) -> str:
+    """`serve` / `bench --model`: "auto" is v2 when the folder has every v2 part (the shipped default does), else
+    v1 (a v1-only folder, such as the tests' tiny model)."""
+    if choice != "auto":
+        return choice
+    return "v2" if all((Path(model_dir) / c / "config.json").is_file() for c in COMPONENTS) else "v1"
+
+
 # the subtitle's text tokens per second of speech: the thinker's answer budget is this x max_answer_seconds
 TEXT_TOKENS_PER_SECOND = 4.0
 
@@ -140,8 +151,7 @@ class EngineV2:
         from npc_server.vocoder import Vocoder
 
         model_dir = Path(model_dir)
-        missing = [c for c in ("tokenizer_v2", "backbone_v2", "talker", "vocoder")
-                   if not (model_dir / c / "config.json").exists()]
+        missing = [c for c in COMPONENTS if not (model_dir / c / "config.json").exists()]
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} lacks model v2 component(s): {', '.join(missing)}")
         if threads:

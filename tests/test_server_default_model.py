@@ -1,4 +1,5 @@
-"""The real `npc-server serve` on loopback with the embedded default model, judged by Whisper tiny.en as a listener."""
+"""The real `npc-server serve --model v1` on loopback with the embedded model's v1 parts, judged by Whisper tiny.en
+as a listener (the default, model v2, is tests/test_server_model_v2.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def listener() -> Listener:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serve):
     """`npc-server serve` as a subprocess (the product's main job), on a copy of the personas folder."""
-    with serve(tmp_path_factory.mktemp("serve"), []) as running:
+    with serve(tmp_path_factory.mktemp("serve"), ["--model", "v1"]) as running:
         yield running
 
 

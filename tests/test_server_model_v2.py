@@ -1,7 +1,7 @@
-"""`npc-server serve --model v2` on loopback with the shipped v2 parts (tokenizer v2, backbone v2, talker, vocoder):
-a spoken question gets a subtitle and a spoken answer a listener (Whisper tiny.en) recognises, sessions keep their
-cache, a cancelled answer leaves the session usable, lip-sync timings describe the answer; the Unity and Godot
-clients run against it over the bridge, lip sync included."""
+"""`npc-server serve` (model v2 by default) on loopback with the shipped v2 parts (tokenizer v2, backbone v2, talker,
+vocoder): a spoken question gets a subtitle and a spoken answer a listener (Whisper tiny.en) recognises, sessions
+keep their cache, a cancelled answer leaves the session usable, lip-sync timings describe the answer; the Unity and
+Godot clients run against it over the bridge, lip sync included."""
 
 from __future__ import annotations
 
@@ -36,10 +36,14 @@ VISEMES = {"sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serve):
-    """`npc-server serve --model v2` as a subprocess on the shipped v2 parts, with its bridge."""
-    with serve(tmp_path_factory.mktemp("serve"), ["--model", "v2", "--token", TOKEN, "--bridge-port", "0"],
+    """`npc-server serve` (the default: model v2 from the embedded model) as a subprocess, with its bridge."""
+    with serve(tmp_path_factory.mktemp("serve"), ["--token", TOKEN, "--bridge-port", "0"],
                start_timeout=300) as running:
         yield running
+
+
+def test_the_default_serves_model_v2(client):
+    assert "model v2" in client.health()["model"]
 
 
 @pytest.fixture()

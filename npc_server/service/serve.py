@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bridge-port", type=int, default=8765, help="WebSocket bridge port (default 8765; -1 = off)")
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="trained model folder (default: embedded)")
     ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR), help="persona YAML folder (hot reloaded)")
-    ap.add_argument("--model", choices=("v1", "v2"), default="v1",
-                    help="v1: tokenizer + AQAA backbone + vocoder (default); v2: tokenizer v2 + backbone v2 (thinker) "
-                         "+ talker + vocoder, from the same --model-dir")
+    ap.add_argument("--model", choices=("auto", "v1", "v2"), default="auto",
+                    help="v2: tokenizer v2 + backbone v2 (thinker) + talker + vocoder; v1: tokenizer + AQAA backbone + "
+                         "vocoder; auto (default): v2 when --model-dir has the v2 parts (the embedded model does), "
+                         "else v1")
 
     auth = ap.add_argument_group("access")
     auth.add_argument("--token", default=None,
@@ -184,6 +185,9 @@ def main(argv: list[str]) -> int:
         return _fail(str(exc))
     for err in store.last_errors:
         log.warning("persona error: %s", err)
+    from npc_server.engine_v2 import pick_model
+
+    args.model = pick_model(args.model, args.model_dir)
     t_load = time.perf_counter()
     if args.model == "v2":
         print(f"npc-server: loading model v2 from {args.model_dir} (the thinker's int8 weights are made at start: "
