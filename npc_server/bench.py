@@ -123,6 +123,17 @@ def cascade_baseline(questions: list[Path], answer_text: str, threads: int) -> d
             "tts_rtf": statistics.mean(tts_rtf)}
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (Linux /proc; nan elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def recompute_history(engine, session) -> tuple[float, int]:
     """What a follow-up would cost without the session's KV cache: prefill the whole conversation again."""
     from transformers import DynamicCache
@@ -208,7 +219,7 @@ def main(argv: list[str]) -> int:
     from npc_server.personas import PersonaStore
     from npc_server.service.core import NpcService
     from npc_server.service.grpc_server import start_grpc
-    from sdk import NpcClient
+    from sdk import NpcClient, NpcError
 
     from npc_server.engine_v2 import pick_model
 
@@ -279,9 +290,16 @@ def main(argv: list[str]) -> int:
             out: list[Run] = []
             lock = threading.Lock()
 
+            refused: list[str] = []
+
             def worker(i: int) -> None:
-                with NpcClient(target, client_id=f"bench{i}") as c:
-                    r = ask(c, args.npc, wavs[i % len(wavs)], realtime=rt)
+                try:
+                    with NpcClient(target, client_id=f"bench{i}") as c:
+                        r = ask(c, args.npc, wavs[i % len(wavs)], realtime=rt)
+                except NpcError as exc:  # a busy server refuses clearly (RESOURCE_EXHAUSTED): counted, not fatal
+                    with lock:
+                        refused.append(exc.code)
+                    return
                 with lock:
                     out.append(r)
 
@@ -293,11 +311,12 @@ def main(argv: list[str]) -> int:
                 t.join()
             wall = time.perf_counter() - t0
             conc[n] = {"ttfa_ms_p50": pct([r.ttfa_ms for r in out], 50), "underruns": sum(r.underruns for r in out),
-                       "realtime": all(r.underruns == 0 for r in out),
+                       "realtime": all(r.underruns == 0 for r in out), "refused": sorted(refused),
                        "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
         results["concurrency"] = conc
         # the server runs in this process: its peak resident memory bounds the server's at the highest concurrency
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results["rss_mb"] = resident_mb()
         batcher = getattr(generator, "batcher", None) or getattr(engine, "batcher", None)  # v1 or v2
         if batcher is not None and batcher.stats.steps:
             st = batcher.stats
@@ -355,9 +374,13 @@ def print_table(r: dict) -> None:
         ]
     for n, c in r["concurrency"].items():
         verdict = "yes" if c["realtime"] else f"no ({c['underruns']} underruns)"
+        if c.get("refused"):
+            verdict += f", {len(c['refused'])} refused ({', '.join(sorted(set(c['refused'])))})"
         rows.append((f"{n} concurrent: TTFA p50 ms, real time?", f"{c['ttfa_ms_p50']:.0f}, {verdict}"))
     if "peak_rss_mb" in r:
         rows.append(("peak memory, server in the bench process (MB)", f"{r['peak_rss_mb']:.0f}"))
+    if "rss_mb" in r:
+        rows.append(("memory after the concurrent runs (MB)", f"{r['rss_mb']:.0f}"))
     if "batching" in r:
         b = r["batching"]
         rows.append(("decode steps batched: mean / max batch", f"{b['mean_batch']:.2f} / {b['max_batch']}"))

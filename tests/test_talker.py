@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 from dataclasses import replace
@@ -232,6 +233,30 @@ def test_training_steps_lower_the_loss_on_real_tokens(corpus):
     assert float(out["decoder"]) > 0 and float(out["duration"]) >= 0
 
 
+def test_checkpoints_keep_only_weights_that_validate_better(corpus, tmp_path):
+    from npc_server.paths import DEFAULT_MODEL_DIR
+    from npc_server.training.lm_data import TokenCache
+
+    rows = tts.npc_rows(corpus, ("train",))
+    tts.cache_tokens(corpus, corpus / "tokens", rows, DEFAULT_MODEL_DIR / "tokenizer", progress=False)
+    phones = tts.cache_phones(corpus, rows, progress=False)
+    talker = Talker(replace(tts.PRESETS["tiny"], phones=tts.phone_inventory(list(phones.values()), min_count=1),
+                            voices=("gb_female",), dropout=0.0))
+    utts = tts.make_utterances(talker, rows, phones, TokenCache(corpus / "tokens"))
+    start = tts.validation(talker, utts, 1200)
+    keep = tts.BestCheckpoint(talker, utts, tmp_path / "t", 1200, start)
+    saved = (tmp_path / "t" / "model.safetensors").read_bytes()  # the starting weights stand first
+    with torch.no_grad():
+        for prm in talker.parameters():
+            prm.add_(torch.randn_like(prm))  # much worse weights: validated, not saved
+    keep()
+    assert keep.curve[-1]["kept"] is False and keep.best_valid == start
+    assert (tmp_path / "t" / "model.safetensors").read_bytes() == saved
+    keep.best = math.inf  # anything beats this: saved
+    keep()
+    assert keep.curve[-1]["kept"] is True and (tmp_path / "t" / "model.safetensors").read_bytes() != saved
+
+
 def test_cli_trains_saves_logs_and_continues(corpus, tmp_path):
     from npc_server.cli import main
 
@@ -242,6 +267,7 @@ def test_cli_trains_saves_logs_and_continues(corpus, tmp_path):
     assert (out / "model.safetensors").is_file()
     runs = json.loads((out / "training.json").read_text())["runs"]
     assert runs[0]["stage"] == "tts" and runs[0]["steps"] == 2 and "decoder" in runs[0]["valid_after"]
+    assert runs[0]["valid_curve"] and {"minute", "decoder", "kept"} <= set(runs[0]["valid_curve"][-1])
     out2 = tmp_path / "talker2"
     assert main(["train", "tts", "--corpus", str(corpus), "--init", str(out), "--max-steps", "1", "--out", str(out2),
                  "--no-progress"]) == 0

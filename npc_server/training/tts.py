@@ -214,11 +214,39 @@ def validation(talker: Talker, utts: list[Utterance], batch_frames: int) -> dict
     return {k: round(v / max(frames, 1), 4) for k, v in sums.items()}
 
 
+class BestCheckpoint:
+    """The `save` of a run: validates the talker and writes it to `out` only when the validation decoder CE beats
+    every earlier checkpoint and the starting weights (many passes over a few hours of speech overfit: the last
+    weights are not always the best). `curve` keeps (minute, decoder, prior, duration, kept) per checkpoint."""
+
+    def __init__(self, talker: Talker, valid: list[Utterance], out: Path, batch_frames: int, start: dict):
+        self.talker, self.valid, self.out, self.batch_frames = talker, valid, out, batch_frames
+        self.best = start.get("decoder", math.inf) if valid else math.inf
+        self.best_valid = dict(start)
+        self.curve: list[dict] = []
+        self.t0 = time.perf_counter()
+        if valid:
+            talker.save_pretrained(out)  # the starting weights stand until a checkpoint beats them
+
+    def __call__(self) -> None:
+        if not self.valid:
+            self.talker.save_pretrained(self.out)
+            return
+        v = validation(self.talker, self.valid, self.batch_frames)
+        kept = v["decoder"] < self.best
+        if kept:
+            self.best, self.best_valid = v["decoder"], v
+            self.talker.save_pretrained(self.out)
+        self.curve.append({"minute": round((time.perf_counter() - self.t0) / 60, 1), **v, "kept": kept})
+        print(f"checkpoint: valid {v}{' (best so far: saved)' if kept else ' (not better: not saved)'}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------ loop
 def train(talker: Talker, utts: list[Utterance], minutes: float, batch_frames: int, lr: float, precision: str,
           seed: int = 0, max_steps: int | None = None, save=None, save_every_minutes: float = 15.0,
           progress: bool = True) -> RunResult:
-    """AdamW, warm-up then cosine to 10% over the time budget; `save()` every `save_every_minutes` and at the end."""
+    """AdamW, warm-up then cosine to 10% over the time budget; `save()` every `save_every_minutes` and at the end
+    (the talker in eval mode; it may validate and keep only the best checkpoint, see `BestCheckpoint`)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(talker.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     talker.train()
@@ -295,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="validate every N minutes and keep the best weights (default 10)")
     a = advanced(p)
     a.add_argument("--preset", choices=sorted(PRESETS), default="default", help="size of a fresh talker")
     a.add_argument("--tokens", type=Path, default=None, help="semantic token cache (default <corpus>/tokens)")
@@ -332,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     continue_run_log(init if init is not None and (init / "config.json").is_file() else None, out)
     before = validation(talker, valid_utts, args.batch_frames) if valid_utts else {}
+    checkpoint = BestCheckpoint(talker, valid_utts, out, args.batch_frames, before)
     result = train(talker, train_utts, args.minutes, args.batch_frames, args.lr, precision, args.seed,
-                   args.max_steps, save=lambda: talker.save_pretrained(out), progress=progress)
-    after = validation(talker, valid_utts, args.batch_frames) if valid_utts else {}
-    print(f"valid loss before {before}, after {after}")
+                   args.max_steps, save=checkpoint, save_every_minutes=args.checkpoint_minutes, progress=progress)
+    after = checkpoint.best_valid
+    print(f"valid loss before {before}, kept {after}")
     record = run_record("tts", str(init) if init is not None else "fresh", result, precision, args.threads,
                         "npc-server train tts " + " ".join(sys.argv[2:] if argv is None else argv),
                         valid_before=before, valid_after=after)
+    record["valid_curve"] = checkpoint.curve
     record["frames"] = record.pop("tokens")
     record["frames_per_s"] = record.pop("tokens_per_s")
     append_run_log(out, record)
