@@ -263,3 +263,42 @@ def test_scheduler_cancel_and_errors():
     # the worker survived
     assert list(sched.submit(iter([1, 2])).items()) == [1, 2]
     sched.shutdown()
+
+
+def test_scheduler_runs_at_most_max_running_and_the_rest_wait_in_line():
+    sched = Scheduler(workers=2, max_running=2)
+    log: list[str] = []
+    jobs = [sched.submit(_steps(name, 5, log, delay=0.002)) for name in ("a", "b", "c", "d")]
+    assert sched.waiting() == 2
+    for job in jobs:
+        assert len(list(job.items())) == 5
+    # c and d started only after a and b ended: the first two never shared their turns with the last two
+    first_late = min(i for i, x in enumerate(log) if x in ("c", "d"))
+    assert set(log[:first_late]) == {"a", "b"} and log[:first_late].count("a") + log[:first_late].count("b") >= 6
+    assert sched.waiting() == 0
+    sched.shutdown()
+
+
+def test_scheduler_cancel_while_waiting_in_line_ends_the_job_without_a_turn():
+    sched = Scheduler(workers=1, max_running=1)
+    gate = threading.Event()
+    started = threading.Event()
+
+    def blocking():
+        gate.wait(5)
+        yield 1
+
+    def queued():
+        started.set()
+        yield 2
+
+    first = sched.submit(blocking())
+    second = sched.submit(queued())
+    assert sched.waiting() == 1
+    second.cancel()
+    assert list(second.items()) == [] and second.finished.is_set() and not started.is_set()
+    assert sched.waiting() == 0
+    gate.set()
+    assert list(first.items()) == [1]
+    assert list(sched.submit(iter([3])).items()) == [3]  # the freed turn is usable
+    sched.shutdown()

@@ -46,7 +46,9 @@ class Limits:
     max_sessions: int = 256
     max_session_memory_mb: float = 512.0  # all sessions' KV caches together
     session_idle_seconds: float = 600.0
-    max_concurrent_requests: int = 16  # answers being generated at once
+    max_concurrent_requests: int = 16  # answers admitted at once (more are refused as busy)
+    # answers generated at once; later admitted ones wait in line (4: what 2 cores keep in real time, `bench`)
+    playing_answers: int = 4
     # questions still arriving (config sent, audio not finished): each holds a connection thread while it waits
     max_pending_questions: int = 32
     max_pending_questions_per_client: int = 8

@@ -90,7 +90,7 @@ class NpcService:
         self.auth_token = auth_token
         self.client_tokens = dict(client_tokens or {})
         self.sessions = SessionManager(limits)
-        self.scheduler = Scheduler(workers)
+        self.scheduler = Scheduler(workers, max_running=limits.playing_answers)
         if workers > 1 and hasattr(engine, "enable_batching"):
             engine.enable_batching(batch_lanes)  # concurrent answers share decode steps
         self._active = 0

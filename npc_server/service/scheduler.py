@@ -2,7 +2,9 @@
 
 An answer is a Python iterator whose every `next()` does a bounded amount of model work (a block of tokens,
 a vocoder chunk). Interleaving steps means a long answer never blocks a short one, and the 2 cores are not
-oversubscribed by one thread per request.
+oversubscribed by one thread per request. With `max_running`, at most that many answers take turns; later ones
+wait in line (first come, first served) and start as earlier ones end, so the answers that run stay in real time
+instead of all of them slowing down together.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ class Job:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
 
+    _on_cancel = None  # set by the scheduler while the job waits in line
+
     def cancel(self) -> None:
         self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def items(self, poll: float = 0.05) -> Iterator[Any]:
         """Yield the iterator's items as they are produced; re-raise its exception, if any."""
@@ -49,8 +55,12 @@ class _Failure:
 
 
 class Scheduler:
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, max_running: int = 0):
+        """`max_running`: answers taking turns at once (0: no limit); the rest wait in line."""
         self._active: deque[Job] = deque()
+        self._waiting: deque[Job] = deque()
+        self._running = 0  # jobs submitted and not finished, minus those waiting in line
+        self.max_running = max_running
         self._cv = threading.Condition()
         self._stop = False
         self._threads = [threading.Thread(target=self._loop, name=f"sched-{i}", daemon=True) for i in range(workers)]
@@ -60,13 +70,38 @@ class Scheduler:
     def submit(self, it: Iterator[Any]) -> Job:
         job = Job(it)
         with self._cv:
-            self._active.append(job)
-            self._cv.notify()
+            if self.max_running and self._running >= self.max_running:
+                job._on_cancel = self._leave_line
+                self._waiting.append(job)
+            else:
+                self._running += 1
+                self._active.append(job)
+                self._cv.notify()
         return job
 
     def active(self) -> int:
         with self._cv:
             return len(self._active)
+
+    def waiting(self) -> int:
+        """Jobs waiting in line for a turn (`max_running`)."""
+        with self._cv:
+            return len(self._waiting)
+
+    def _leave_line(self, job: Job) -> None:
+        """A job cancelled while it waits in line ends now, without a turn."""
+        with self._cv:
+            if job not in self._waiting:
+                return
+            self._waiting.remove(job)
+        close = getattr(job._it, "close", None)
+        try:
+            if close is not None:
+                close()
+        except Exception as exc:  # a failing cleanup is the job's error, not the caller's
+            job._out.put(_Failure(exc))
+        job._out.put(_DONE)
+        job.finished.set()
 
     def shutdown(self) -> None:
         with self._cv:
@@ -80,6 +115,14 @@ class Scheduler:
         if item is not _DONE:
             job._out.put(_DONE)
         job.finished.set()
+        with self._cv:
+            self._running -= 1
+            if self._waiting and (not self.max_running or self._running < self.max_running):
+                nxt = self._waiting.popleft()
+                nxt._on_cancel = None
+                self._running += 1
+                self._active.append(nxt)
+                self._cv.notify()
 
     def _loop(self) -> None:
         while True:

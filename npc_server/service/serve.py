@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"longest typed question (default {d.max_text_chars})")
     lim.add_argument("--max-answers", type=int, default=d.max_concurrent_requests,
                      metavar="N",
-                     help=f"answers generated at once; more are refused as busy (default {d.max_concurrent_requests})")
+                     help=f"answers admitted at once; more are refused as busy (default {d.max_concurrent_requests})")
+    lim.add_argument("--playing-answers", type=int, default=d.playing_answers, metavar="N",
+                     help=f"answers generated at once (default {d.playing_answers}: what 2 cores keep in real time, "
+                          "see `npc-server bench`); later admitted answers wait in line, first come first served, so "
+                          "the ones playing never stutter; 0 = no limit")
     lim.add_argument("--max-pending-questions", type=int, default=d.max_pending_questions,
                      metavar="N",
                      help="questions still arriving (config sent, audio not finished) at once, all clients "
@@ -142,6 +146,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.buffered_lookahead is not None and args.buffered_lookahead < 0:
         ap.error(f"--buffered-lookahead is a number of tokens, at least 0; got {args.buffered_lookahead}")
+    if args.playing_answers < 0:
+        ap.error(f"--playing-answers is a number of answers, 0 for no limit; got {args.playing_answers}")
     if args.token and args.tokens_file:
         ap.error("--token and --tokens-file exclude each other: give every client a token in the file")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -212,6 +218,7 @@ def main(argv: list[str]) -> int:
         max_session_memory_mb=args.session_memory_mb,
         session_idle_seconds=args.idle_timeout,
         max_concurrent_requests=args.max_answers,
+        playing_answers=args.playing_answers,
         max_pending_questions=args.max_pending_questions,
         max_pending_questions_per_client=args.max_pending_per_client,
         question_timeout_seconds=args.question_timeout,
