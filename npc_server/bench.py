@@ -197,7 +197,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--personas", default=str(DEFAULT_PERSONAS_DIR))
     ap.add_argument("--npc", default="innkeeper")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question set (default 2)")
-    ap.add_argument("--concurrency", default="1,2,4", help="parallel clients to try (default 1,2,4)")
+    ap.add_argument("--clients", "--concurrency", dest="concurrency", default="1,2,4", metavar="N,N,...",
+                    help="numbers of clients asking at once to try (default 1,2,4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per op of the server (default 1, as serve)")
     ap.add_argument("--workers", type=int, default=4, help="answer threads of the server (default 4, as serve)")
     ap.add_argument("--batch-lanes", type=int, default=2, help="decode batches at once (default 2, as serve)")
@@ -213,6 +214,12 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.buffered_lookahead is not None and args.buffered_lookahead < 0:
         ap.error(f"--buffered-lookahead is a number of tokens, at least 0; got {args.buffered_lookahead}")
+    try:
+        clients = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        clients = []
+    if not clients or min(clients) < 1:
+        ap.error(f"--clients is a comma-separated list of numbers >= 1, e.g. 1,2,4; got {args.concurrency!r}")
 
     from npc_server.backbone.template import UserTurn
     from npc_server.engine import Engine
@@ -286,7 +293,7 @@ def main(argv: list[str]) -> int:
             "recompute_history_ms": recompute_ms,
         }
         conc = {}
-        for n in [int(x) for x in args.concurrency.split(",") if x]:
+        for n in clients:
             out: list[Run] = []
             lock = threading.Lock()
 
