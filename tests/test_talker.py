@@ -208,17 +208,22 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def test_training_steps_lower_the_loss_on_real_tokens(corpus):
+def tiny_talker_and_train_utterances(corpus: Path) -> tuple[Talker, list]:
+    """A fresh tiny talker and the corpus's train utterances (real semantic tokens of the shipped tokenizer)."""
     from npc_server.paths import DEFAULT_MODEL_DIR
     from npc_server.training.lm_data import TokenCache
 
     rows = tts.npc_rows(corpus, ("train",))
     tts.cache_tokens(corpus, corpus / "tokens", rows, DEFAULT_MODEL_DIR / "tokenizer", progress=False)
     phones = tts.cache_phones(corpus, rows, progress=False)
-    assert (corpus / tts.PHONES_FILE).is_file()
     talker = Talker(replace(tts.PRESETS["tiny"], phones=tts.phone_inventory(list(phones.values()), min_count=1),
                             voices=("gb_female",), dropout=0.0))
-    utts = tts.make_utterances(talker, rows, phones, TokenCache(corpus / "tokens"))
+    return talker, tts.make_utterances(talker, rows, phones, TokenCache(corpus / "tokens"))
+
+
+def test_training_steps_lower_the_loss_on_real_tokens(corpus):
+    talker, utts = tiny_talker_and_train_utterances(corpus)
+    assert (corpus / tts.PHONES_FILE).is_file()
     assert len(utts) == 2 and all(len(u.tokens) >= len(u.phone_ids) for u in utts)
     opt = torch.optim.AdamW(talker.parameters(), lr=3e-3)
     talker.train()
@@ -234,15 +239,7 @@ def test_training_steps_lower_the_loss_on_real_tokens(corpus):
 
 
 def test_checkpoints_keep_only_weights_that_validate_better(corpus, tmp_path):
-    from npc_server.paths import DEFAULT_MODEL_DIR
-    from npc_server.training.lm_data import TokenCache
-
-    rows = tts.npc_rows(corpus, ("train",))
-    tts.cache_tokens(corpus, corpus / "tokens", rows, DEFAULT_MODEL_DIR / "tokenizer", progress=False)
-    phones = tts.cache_phones(corpus, rows, progress=False)
-    talker = Talker(replace(tts.PRESETS["tiny"], phones=tts.phone_inventory(list(phones.values()), min_count=1),
-                            voices=("gb_female",), dropout=0.0))
-    utts = tts.make_utterances(talker, rows, phones, TokenCache(corpus / "tokens"))
+    talker, utts = tiny_talker_and_train_utterances(corpus)
     start = tts.validation(talker, utts, 1200)
     keep = tts.BestCheckpoint(talker, utts, tmp_path / "t", 1200, start)
     saved = (tmp_path / "t" / "model.safetensors").read_bytes()  # the starting weights stand first
