@@ -178,6 +178,39 @@ def test_a_new_question_on_the_session_stops_the_answer_in_flight(long_answers, 
     client.close_session(sid)
 
 
+def test_answers_beyond_playing_answers_wait_in_line(tiny_model_dir, tmp_path, question_wav):
+    """With one answer playing at a time, a second client's answer waits until the first has ended, then comes
+    whole (queueing, not refusal, not a shared stutter)."""
+    personas = capped_personas(tmp_path, long_npc="quest_giver")
+    service = NpcService(Engine.from_pretrained(tiny_model_dir), PersonaStore(personas), Limits(playing_answers=1),
+                         auth_token=TOKEN, workers=2)
+    grpc_server, port = start_grpc(service, "127.0.0.1", 0)
+    try:
+        with NpcClient(f"127.0.0.1:{port}", token=TOKEN) as a, NpcClient(f"127.0.0.1:{port}", token=TOKEN) as b:
+            first = iter(a.speak(npc="quest_giver", audio=question_wav))
+            assert isinstance(next(e for e in first if isinstance(e, AudioEvent)), AudioEvent)  # playing
+            seen: dict[str, float] = {}
+
+            def second():
+                for ev in b.speak(npc="innkeeper", text="Do you have a room?"):
+                    seen.setdefault("first_event", time.monotonic())
+                    if isinstance(ev, EndEvent):
+                        seen["end"] = time.monotonic()
+
+            t = threading.Thread(target=second)
+            t.start()
+            assert _wait_for(lambda: service.scheduler.waiting() == 1)
+            end_first = [e for e in first if isinstance(e, EndEvent)]
+            first_done = time.monotonic()
+            t.join(30)
+            assert end_first and not end_first[-1].interrupted and "end" in seen
+            assert seen["first_event"] >= first_done - 0.5  # nothing of the second answer before the first ended
+            assert service.scheduler.waiting() == 0
+    finally:
+        grpc_server.stop(0)
+        service.shutdown()
+
+
 def test_reload_personas(server, client):
     folder: Path = server["personas"]
     src = (folder / "blacksmith.yaml").read_text()
