@@ -319,6 +319,7 @@ def main(argv: list[str]) -> int:
             wall = time.perf_counter() - t0
             conc[n] = {"ttfa_ms_p50": pct([r.ttfa_ms for r in out], 50), "underruns": sum(r.underruns for r in out),
                        "realtime": all(r.underruns == 0 for r in out), "refused": sorted(refused),
+                       "queued_ms_max": max([r.timings.get("queued_ms", 0.0) for r in out], default=0.0),
                        "audio_s_per_wall_s": sum(r.audio_s for r in out) / wall}
         results["concurrency"] = conc
         # the server runs in this process: its peak resident memory bounds the server's at the highest concurrency
@@ -381,6 +382,8 @@ def print_table(r: dict) -> None:
         ]
     for n, c in r["concurrency"].items():
         verdict = "yes" if c["realtime"] else f"no ({c['underruns']} underruns)"
+        if c.get("queued_ms_max", 0.0) >= 1.0:
+            verdict += f", waited in line up to {c['queued_ms_max']:.0f} ms"
         if c.get("refused"):
             verdict += f", {len(c['refused'])} refused ({', '.join(sorted(set(c['refused'])))})"
         rows.append((f"{n} concurrent: TTFA p50 ms, real time?", f"{c['ttfa_ms_p50']:.0f}, {verdict}"))

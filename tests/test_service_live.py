@@ -195,7 +195,7 @@ def test_answers_beyond_playing_answers_wait_in_line(tiny_model_dir, tmp_path, q
                 for ev in b.speak(npc="innkeeper", text="Do you have a room?"):
                     seen.setdefault("first_event", time.monotonic())
                     if isinstance(ev, EndEvent):
-                        seen["end"] = time.monotonic()
+                        seen["end"], seen["queued_ms"] = time.monotonic(), ev.timings["queued_ms"]
 
             t = threading.Thread(target=second)
             t.start()
@@ -205,6 +205,7 @@ def test_answers_beyond_playing_answers_wait_in_line(tiny_model_dir, tmp_path, q
             t.join(30)
             assert end_first and not end_first[-1].interrupted and "end" in seen
             assert seen["first_event"] >= first_done - 0.5  # nothing of the second answer before the first ended
+            assert seen["queued_ms"] > 0  # and its timings say how long it waited
             assert service.scheduler.waiting() == 0
     finally:
         grpc_server.stop(0)

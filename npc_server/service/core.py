@@ -421,5 +421,6 @@ class NpcService:
         timings = Timings(**(done.timings if done else {}))
         timings.total_ms = (t_end - t0) * 1000
         timings.time_to_first_audio_ms = ((first_audio - t0) * 1000) if first_audio else 0.0
+        timings.queued_ms = self.scheduler.queued_ms(job)
         spoken = done.spoken_text if done else "".join(text_parts)
         yield EndOut(session_id, spoken, samples_sent / out_sr, timings, interrupted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Any, Iterator
 
@@ -22,6 +23,8 @@ class Job:
 
     def __init__(self, it: Iterator[Any]):
         self._it = it
+        self.submitted = time.perf_counter()
+        self.started: float | None = None  # when it got its first turn (after waiting in line, if it had to)
         self._out: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
@@ -83,6 +86,10 @@ class Scheduler:
         with self._cv:
             return len(self._active)
 
+    def queued_ms(self, job: Job) -> float:
+        """How long `job` waited in line before its first turn (so far, if it is still waiting)."""
+        return ((job.started or time.perf_counter()) - job.submitted) * 1000
+
     def waiting(self) -> int:
         """Jobs waiting in line for a turn (`max_running`)."""
         with self._cv:
@@ -142,6 +149,8 @@ class Scheduler:
                     continue
                 self._finish(job)
                 continue
+            if job.started is None:
+                job.started = time.perf_counter()
             try:
                 item = next(job._it)
             except StopIteration:
