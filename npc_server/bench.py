@@ -282,6 +282,7 @@ def main(argv: list[str]) -> int:
             "prefill_ahead_ms_p50": pct([r.timings.get("prefill_ahead_ms", 0.0) for r in runs], 50),
             "decode_tokens_per_s": gen_tokens / max(stage("decode_ms"), 1e-9),
             "rtf_vocoder": stage("vocoder_ms") / audio_s,
+            "rtf_talker": stage("talker_ms") / audio_s,
             "answer_seconds_mean": audio_s / len(runs),
         }
         results["session_reuse"] = {
@@ -365,6 +366,7 @@ def print_table(r: dict) -> None:
         ("prefill while it arrived p50 (ms)", f"{s.get('prefill_ahead_ms_p50', 0.0):.0f}"),
         ("decode (tokens/s)", f"{s['decode_tokens_per_s']:.0f}"),
         ("RTF vocoder", f"{s['rtf_vocoder']:.3f}"),
+        ("RTF talker (model v2; decode is then the thinker's alone)", f"{s.get('rtf_talker', 0.0):.3f}"),
         ("mean answer length (s)", f"{s['answer_seconds_mean']:.2f}"),
     ]
     u = r["session_reuse"]

@@ -335,7 +335,8 @@ class EngineV2:
         state.turns.append((text or "<audio>", spoken))
         yield EngineDone(spoken_text=spoken, timings=dict(
             tokenize_ms=(t_tok - t0) * 1000, prefill_ms=(t_pre - t_tok) * 1000,
-            decode_ms=(time.perf_counter() - t_pre - vocoder_s) * 1000, vocoder_ms=vocoder_s * 1000,
+            decode_ms=(time.perf_counter() - t_pre - vocoder_s - talker_s) * 1000, vocoder_ms=vocoder_s * 1000,
+            talker_ms=talker_s * 1000,
             prefill_tokens=len(question) - (audio.ahead_tokens if ahead is not None else 0),
             generated_tokens=len(answer_ids), cached_tokens=cached + (audio.ahead_tokens if ahead is not None else 0),
             prefill_ahead_ms=audio.prefill_s * 1000 if ahead is not None else 0.0))

@@ -57,6 +57,9 @@ def test_spoken_question_gets_a_spoken_answer_the_listener_recognises(client):
     wav, text, end = answer.samples(), answer.text, answer.end
     assert text.strip() and not end.interrupted
     assert end.audio_seconds > 0.5 and len(wav) / 16000 == pytest.approx(end.audio_seconds, abs=1e-3)
+    t = end.timings  # the stages' times: the thinker's (decode), the talker's and the vocoder's, no wait in line
+    assert t["decode_ms"] > 0 and t["talker_ms"] > 0 and t["vocoder_ms"] > 0 and t["queued_ms"] < 500
+    assert t["total_ms"] > t["decode_ms"] + t["talker_ms"] + t["vocoder_ms"]
     heard = Listener(threads=1).transcribe(wav, 16000)
     ref = normalize_text(text)
     assert word_errors(ref, normalize_text(heard)) / len(ref) <= MAX_WER, f"subtitle {text!r}, heard {heard!r}"
