@@ -254,6 +254,30 @@ def test_checkpoints_keep_only_weights_that_validate_better(corpus, tmp_path):
     assert keep.curve[-1]["kept"] is True and (tmp_path / "t" / "model.safetensors").read_bytes() != saved
 
 
+def test_a_stopped_run_still_checkpoints_and_returns(corpus):
+    """Ctrl-C / `kill` during `train tts` ends the run early; the final checkpoint (validate, keep the best) and the
+    run's record still happen."""
+    import os
+    import signal
+
+    from npc_server.training.lm_v2 import stop_on_signals
+
+    talker, utts = tiny_talker_and_train_utterances(corpus)
+    calls = []
+
+    def save():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the run, as `kill <pid>` would
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        result = tts.train(talker, utts, minutes=10, batch_frames=1200, lr=1e-3, precision="fp32",
+                           save=save, save_every_minutes=0.0, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert result.steps == 1 and len(calls) == 2  # stopped after the first step's checkpoint, then the final one
+
+
 def test_cli_trains_saves_logs_and_continues(corpus, tmp_path):
     from npc_server.cli import main
 

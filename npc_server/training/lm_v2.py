@@ -8,11 +8,14 @@ training goes on across runs; each run appends its record (loss, tokens, minutes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +238,26 @@ def token_cache(corpus: Path, tokens: Path | None, command: str) -> tuple[Path, 
         raise SystemExit(f"npc-server {command}: no v2 token cache at {tokens}; run `npc-server train tokenizer-v2 "
                          f"--corpus {corpus}` first")
     return corpus, tokens
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training: SIGTERM and SIGINT (`kill`, Ctrl-C; also for a run started in the background, where the shell
+    ignores SIGINT) raise KeyboardInterrupt, which a stage's loop takes as "end the run now and keep what it
+    learned". The previous handlers come back afterwards. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def continue_run_log(init: Path | None, out: Path) -> None:

@@ -32,7 +32,7 @@ from npc_server.talker.frontend import SPECIALS, Phones, phonemize
 from npc_server.talker.model import Talker, TalkerConfig, tempo
 from npc_server.training.corpus.manifest import read_manifest
 from npc_server.training.lm_data import TokenCache, save_tokens
-from npc_server.training.lm_v2 import RunResult, append_run_log, continue_run_log, run_record
+from npc_server.training.lm_v2 import RunResult, append_run_log, continue_run_log, run_record, stop_on_signals
 from npc_server.training.precision import PRECISIONS, resolve
 
 PHONES_FILE = "talker_phones.jsonl"
@@ -246,7 +246,8 @@ def train(talker: Talker, utts: list[Utterance], minutes: float, batch_frames: i
           seed: int = 0, max_steps: int | None = None, save=None, save_every_minutes: float = 15.0,
           progress: bool = True) -> RunResult:
     """AdamW, warm-up then cosine to 10% over the time budget; `save()` every `save_every_minutes` and at the end
-    (the talker in eval mode; it may validate and keep only the best checkpoint, see `BestCheckpoint`)."""
+    (the talker in eval mode; it may validate and keep only the best checkpoint, see `BestCheckpoint`). A
+    KeyboardInterrupt ends the run early, as if its budget were spent."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(talker.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     talker.train()
@@ -255,37 +256,41 @@ def train(talker: Talker, utts: list[Utterance], minutes: float, batch_frames: i
     parts: dict[str, list[float]] = {"decoder": [], "prior": [], "duration": []}
     bar = tqdm(total=int(budget), unit="s", desc="train tts", disable=not progress)
     done = not utts
-    while not done:
-        for idx in batches(utts, batch_frames, rng):
-            frac = min(1.0, (time.perf_counter() - t0) / budget)
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = talker_loss(talker, [utts[i] for i in idx], rng)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(talker.parameters(), 1.0)
-            opt.step()
-            step += 1
-            frames += int(out["frames"])
-            losses.append(float(out["loss"].detach()))
-            for k in parts:
-                parts[k].append(float(out[k]))
-            elapsed = time.perf_counter() - t0
-            bar.n = min(int(budget), int(elapsed))
-            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", frames_s=f"{frames / elapsed:.0f}")
-            if not progress and step % 25 == 0:
-                print(f"step {step}: loss {np.mean(losses[-25:]):.3f} (decoder {np.mean(parts['decoder'][-25:]):.3f}, "
-                      f"prior {np.mean(parts['prior'][-25:]):.3f}, duration {np.mean(parts['duration'][-25:]):.3f}), "
-                      f"{frames / elapsed:.0f} frames/s, {elapsed / 60:.1f} min", flush=True)
-            if save is not None and time.perf_counter() - last_save > save_every_minutes * 60:
-                talker.eval()
-                save()
-                talker.train()
-                last_save = time.perf_counter()
-            if elapsed >= budget or (max_steps is not None and step >= max_steps):
-                done = True
-                break
+    try:
+        while not done:
+            for idx in batches(utts, batch_frames, rng):
+                frac = min(1.0, (time.perf_counter() - t0) / budget)
+                for g in opt.param_groups:
+                    g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = talker_loss(talker, [utts[i] for i in idx], rng)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(talker.parameters(), 1.0)
+                opt.step()
+                step += 1
+                frames += int(out["frames"])
+                losses.append(float(out["loss"].detach()))
+                for k in parts:
+                    parts[k].append(float(out[k]))
+                elapsed = time.perf_counter() - t0
+                bar.n = min(int(budget), int(elapsed))
+                bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.3f}", frames_s=f"{frames / elapsed:.0f}")
+                if not progress and step % 25 == 0:
+                    last = {k: np.mean(v[-25:]) for k, v in parts.items()}
+                    print(f"step {step}: loss {np.mean(losses[-25:]):.3f} (decoder {last['decoder']:.3f}, prior "
+                          f"{last['prior']:.3f}, duration {last['duration']:.3f}), {frames / elapsed:.0f} frames/s, "
+                          f"{elapsed / 60:.1f} min", flush=True)
+                if save is not None and time.perf_counter() - last_save > save_every_minutes * 60:
+                    talker.eval()
+                    save()
+                    talker.train()
+                    last_save = time.perf_counter()
+                if elapsed >= budget or (max_steps is not None and step >= max_steps):
+                    done = True
+                    break
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main): end early; the last checkpoint still validates
+        print("stopped early: validating and keeping the best checkpoint", flush=True)
     bar.close()
     talker.eval()
     if save is not None:
@@ -363,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     continue_run_log(init if init is not None and (init / "config.json").is_file() else None, out)
     before = validation(talker, valid_utts, args.batch_frames) if valid_utts else {}
     checkpoint = BestCheckpoint(talker, valid_utts, out, args.batch_frames, before)
-    result = train(talker, train_utts, args.minutes, args.batch_frames, args.lr, precision, args.seed,
-                   args.max_steps, save=checkpoint, save_every_minutes=args.checkpoint_minutes, progress=progress)
+    with stop_on_signals():  # `kill` / Ctrl-C end the run early: the best checkpoint and the log are still written
+        result = train(talker, train_utts, args.minutes, args.batch_frames, args.lr, precision, args.seed,
+                       args.max_steps, save=checkpoint, save_every_minutes=args.checkpoint_minutes, progress=progress)
     after = checkpoint.best_valid
     print(f"valid loss before {before}, kept {after}")
     record = run_record("tts", str(init) if init is not None else "fresh", result, precision, args.threads,
