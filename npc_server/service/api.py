@@ -128,7 +128,7 @@ class Timings:
     cached_tokens: int = 0
     prefill_ahead_ms: float = 0.0  # thinker time spent on the question while it arrived (model v2)
     talker_ms: float = 0.0  # model v2: the talker's time (answer text -> audio tokens); decode_ms is then the thinker's
-    queued_ms: float = 0.0  # time the answer waited in line for a turn (`--playing-answers`), part of the first audio's
+    queued_ms: float = 0.0  # time the answer waited in line for a turn (`--playing-answers`); in time_to_first_audio_ms
 
 
 @dataclass

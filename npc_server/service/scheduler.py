@@ -28,8 +28,7 @@ class Job:
         self._out: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
-
-    _on_cancel = None  # set by the scheduler while the job waits in line
+        self._on_cancel = None  # set by the scheduler while the job waits in line
 
     def cancel(self) -> None:
         self.cancelled.set()
