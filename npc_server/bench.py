@@ -20,6 +20,7 @@ import numpy as np
 
 from npc_server.audio import load_audio
 from npc_server.paths import DEFAULT_MODEL_DIR, DEFAULT_PERSONAS_DIR
+from npc_server.service.api import Limits
 
 QUESTIONS = [
     ("en-us", "Good evening! How much does a room for the night cost here?"),
@@ -202,6 +203,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per op of the server (default 1, as serve)")
     ap.add_argument("--workers", type=int, default=4, help="answer threads of the server (default 4, as serve)")
     ap.add_argument("--batch-lanes", type=int, default=2, help="decode batches at once (default 2, as serve)")
+    ap.add_argument("--playing-answers", type=int, default=Limits.playing_answers,
+                    help=f"answers generated at once, the rest wait in line (default {Limits.playing_answers}, as "
+                         "serve; 0 = no limit)")
     ap.add_argument("--no-cascade", action="store_true", help="skip the ASR -> TTS baseline")
     ap.add_argument("--realtime-questions", action="store_true",
                     help="send each question's audio at the pace it is spoken, in 100 ms chunks, as a live microphone "
@@ -218,6 +222,8 @@ def main(argv: list[str]) -> int:
         clients = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
         clients = []
+    if args.playing_answers < 0:
+        ap.error(f"--playing-answers is a number of answers, 0 for no limit; got {args.playing_answers}")
     if not clients or min(clients) < 1:
         ap.error(f"--clients is a comma-separated list of numbers >= 1, e.g. 1,2,4; got {args.concurrency!r}")
 
@@ -226,9 +232,8 @@ def main(argv: list[str]) -> int:
     from npc_server.personas import PersonaStore
     from npc_server.service.core import NpcService
     from npc_server.service.grpc_server import start_grpc
-    from sdk import NpcClient, NpcError
-
     from npc_server.engine_v2 import pick_model
+    from sdk import NpcClient, NpcError
 
     args.model = pick_model(args.model, args.model_dir)
     try:
@@ -242,7 +247,8 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"npc-server bench: {exc}")
         return 2
-    service = NpcService(engine, PersonaStore(args.personas), workers=args.workers, batch_lanes=args.batch_lanes)
+    service = NpcService(engine, PersonaStore(args.personas), Limits(playing_answers=args.playing_answers),
+                         workers=args.workers, batch_lanes=args.batch_lanes)
     server, port = start_grpc(service, "127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
     generator = getattr(engine, "generator", None)  # v1 only: the AQAA backbone's generator
@@ -297,7 +303,6 @@ def main(argv: list[str]) -> int:
         for n in clients:
             out: list[Run] = []
             lock = threading.Lock()
-
             refused: list[str] = []
 
             def worker(i: int) -> None:
