@@ -117,11 +117,7 @@ class Scheduler:
             t.join(timeout=5)
 
     def _finish(self, job: Job, item: Any = _DONE) -> None:
-        job._out.put(item)
-        if item is not _DONE:
-            job._out.put(_DONE)
-        job.finished.set()
-        with self._cv:
+        with self._cv:  # free the turn first: a client that sees this job end may submit the next one at once
             self._running -= 1
             if self._waiting and (not self.max_running or self._running < self.max_running):
                 nxt = self._waiting.popleft()
@@ -129,6 +125,10 @@ class Scheduler:
                 self._running += 1
                 self._active.append(nxt)
                 self._cv.notify()
+        job._out.put(item)
+        if item is not _DONE:
+            job._out.put(_DONE)
+        job.finished.set()
 
     def _loop(self) -> None:
         while True:
