@@ -389,7 +389,7 @@ def print_table(r: dict) -> None:
         ]
     for n, c in r["concurrency"].items():
         verdict = "yes" if c["realtime"] else f"no ({c['underruns']} underruns)"
-        if c.get("queued_ms_max", 0.0) >= 1.0:
+        if c.get("queued_ms_max", 0.0) >= 20.0:  # below that it is the round robin's turn-taking, not a line
             verdict += f", waited in line up to {c['queued_ms_max']:.0f} ms"
         if c.get("refused"):
             verdict += f", {len(c['refused'])} refused ({', '.join(sorted(set(c['refused'])))})"
