@@ -231,9 +231,11 @@ def test_conversations_step_together_as_they_would_alone():
             torch.testing.assert_close(a.next_logits(), b.next_logits(), atol=1e-5, rtol=1e-5)
             assert a.ids == b.ids
 
-    def greedy(session, batcher, n=6):
+    def greedy(session, batcher, n=6, start=None):
         out = []
-        for _ in range(n):
+        for k in range(n):
+            if start is not None and k == 0:
+                start.wait()  # inside next(): both answers count as running before either steps
             token = int(model.head_ids[int(session.next_logits().argmax())])
             out.append(token)
             if batcher is None:
@@ -248,11 +250,14 @@ def test_conversations_step_together_as_they_would_alone():
         return s
 
     expected = [list(greedy(fresh(h), None)) for h in histories[:2]]
-    batcher = StepBatcher(None, window_s=0.05, forward_many=step_sessions)
+    # a long window: the first to step waits for the other (it is running, see `start`), whatever the machine's load
+    batcher = StepBatcher(None, window_s=2.0, forward_many=step_sessions)
     got = [None, None]
+    sessions = [fresh(h) for h in histories[:2]]
+    start = threading.Barrier(2)
 
     def run(i):
-        got[i] = list(batcher.track(greedy(fresh(histories[i]), batcher)))
+        got[i] = list(batcher.track(greedy(sessions[i], batcher, start=start)))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
