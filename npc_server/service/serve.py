@@ -9,7 +9,6 @@ import os
 import signal
 import ssl
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -265,10 +264,13 @@ def main(argv: list[str]) -> int:
         with open(args.ready_file, "w") as f:
             f.write(f"{grpc_port} {bridge_port}\n")
 
-    stop = threading.Event()
+    # the handler only records the signal: an Event.set() there can deadlock when the signal lands while the main
+    # thread holds that Event's lock inside wait() (seen once as a hung SIGTERM in a CI run)
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda signum, frame: signals.append(signum))
+    while not signals:
+        time.sleep(0.2)
     log.info("shutting down")
     if bridge is not None:
         bridge.stop()  # in-flight bridge requests get an UNAVAILABLE error frame first
