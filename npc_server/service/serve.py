@@ -264,8 +264,9 @@ def main(argv: list[str]) -> int:
         with open(args.ready_file, "w") as f:
             f.write(f"{grpc_port} {bridge_port}\n")
 
-    # the handler only records the signal: an Event.set() there can deadlock when the signal lands while the main
-    # thread holds that Event's lock inside wait() (seen once as a hung SIGTERM in a CI run)
+    # Python runs signal handlers in the main thread, and only when it wakes: a SIGTERM the kernel delivers to one of
+    # the other threads (gRPC, bridge, workers) does not interrupt a blocking Event.wait() there, which once left a
+    # SIGTERM unanswered in a CI run. So the main thread wakes every 0.2 s, and the handler only records the signal.
     signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: signals.append(signum))
