@@ -18,11 +18,13 @@ def piper():
     return R.PiperEngine(threads=1)
 
 
-def npc(piper, voice: str, emotion="neutral", speed=1.0, pitch_st=0.0, accent="us"):
+def npc(piper, voice: str, emotion="neutral", speed=1.0, pitch_st=0.0, accent="us", noise_scale=0.0):
     spec = VOICE_BANK[voice]
     pros = R.Prosody.for_npc(emotion, speed, pitch_st, spec.pitch_shift_st, spec.formant_ratio)
     ev = R.PIPER_ESPEAK_VOICE if spec.engine == "piper" else f"en-{'gb' if accent == 'gb' else 'gb-scotland'}+{spec.espeak_variant}"
-    wav = R.render(TEXT, spec.engine, ev, pros, piper=piper)
+    # noise_scale 0 by default: piper's generator noise is not seedable, and with it a -4 st request once measured
+    # -2.9 st (a fresh-clone CI failure); the corpus renders with noise (0.667)
+    wav = R.render(TEXT, spec.engine, ev, pros, piper=piper, noise_scale=noise_scale)
     return R.set_loudness(wav, pros.energy_db)
 
 
@@ -74,7 +76,7 @@ def test_voice_bank_timbres_differ(piper):
 @pytest.mark.xfail(reason="known defect: joe_low's -4 st lands at -2.3..-3.4 st (PSOLA after the formant resample; "
                           "piper noise makes it vary run to run)", strict=False)
 def test_voice_bank_pitch_shifts_are_accurate(piper):
-    low, mid, high = (f0_stats(npc(piper, v))[0] for v in ("joe_low", "joe", "joe_high"))
+    low, mid, high = (f0_stats(npc(piper, v, noise_scale=0.667))[0] for v in ("joe_low", "joe", "joe_high"))
     assert low - mid == pytest.approx(VOICE_BANK["joe_low"].pitch_shift_st, abs=1.0)
     assert high - mid == pytest.approx(VOICE_BANK["joe_high"].pitch_shift_st, abs=1.0)
 
