@@ -100,14 +100,7 @@ class Scheduler:
             if job not in self._waiting:
                 return
             self._waiting.remove(job)
-        close = getattr(job._it, "close", None)
-        try:
-            if close is not None:
-                close()
-        except Exception as exc:  # a failing cleanup is the job's error, not the caller's
-            job._out.put(_Failure(exc))
-        job._out.put(_DONE)
-        job.finished.set()
+        self._end(job, self._close(job))
 
     def shutdown(self) -> None:
         with self._cv:
@@ -125,10 +118,27 @@ class Scheduler:
                 self._running += 1
                 self._active.append(nxt)
                 self._cv.notify()
+        self._end(job, item)
+
+    @staticmethod
+    def _end(job: Job, item: Any = _DONE) -> None:
+        """Hand the job's last item (its end, or a failure and then its end) to its reader."""
         job._out.put(item)
         if item is not _DONE:
             job._out.put(_DONE)
         job.finished.set()
+
+    @staticmethod
+    def _close(job: Job) -> Any:
+        """Close a cancelled job's iterator -> the item that ends the job: _DONE, or the failure of its cleanup (a
+        failing cleanup is the job's error; it must not kill a worker or reach the one who cancelled)."""
+        close = getattr(job._it, "close", None)
+        try:
+            if close is not None:
+                close()
+        except Exception as exc:
+            return _Failure(exc)
+        return _DONE
 
     def _loop(self) -> None:
         while True:
@@ -139,14 +149,7 @@ class Scheduler:
                     return
                 job = self._active.popleft()
             if job.cancelled.is_set():
-                try:
-                    close = getattr(job._it, "close", None)
-                    if close is not None:
-                        close()
-                except Exception as exc:  # a failing cleanup must not kill the worker
-                    self._finish(job, _Failure(exc))
-                    continue
-                self._finish(job)
+                self._finish(job, self._close(job))
                 continue
             if job.started is None:
                 job.started = time.perf_counter()
