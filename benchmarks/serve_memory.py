@@ -16,16 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+from npc_server.bench import memory_mb
 from npc_server.paths import REPO_ROOT
 from sdk import NpcClient
 
 QUESTION = REPO_ROOT / "examples" / "questions" / "room.wav"
-
-
-def memory_mb(pid: int) -> tuple[int, int]:
-    """(resident now, peak resident) of a process, in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
 
 
 def free_port() -> int:
@@ -60,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"the server did not load within {args.timeout:.0f} s")
                 time.sleep(0.5)
             rss, peak = memory_mb(server.pid)
-            print(f"{'after the load':<32} resident {rss:>6} MB   peak {peak:>6} MB")
+            print(f"{'after the load':<32} resident {rss:>6.0f} MB   peak {peak:>6.0f} MB")
 
             def ask() -> None:
                 with NpcClient(f"127.0.0.1:{port}") as client:
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in threads:
                     t.join()
                 rss, peak = memory_mb(server.pid)
-                print(f"{f'after {n} clients at once':<32} resident {rss:>6} MB   peak {peak:>6} MB")
+                print(f"{f'after {n} clients at once':<32} resident {rss:>6.0f} MB   peak {peak:>6.0f} MB")
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -124,15 +124,13 @@ def cascade_baseline(questions: list[Path], answer_text: str, threads: int) -> d
             "tts_rtf": statistics.mean(tts_rtf)}
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (Linux /proc; nan elsewhere)."""
+def memory_mb(pid: int | str = "self") -> tuple[float, float]:
+    """(resident now, peak resident) of a process in MB, from Linux /proc (nan, nan elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError):
+        return float("nan"), float("nan")
 
 
 def recompute_history(engine, session) -> tuple[float, int]:
@@ -330,7 +328,7 @@ def main(argv: list[str]) -> int:
         results["concurrency"] = conc
         # the server runs in this process: its peak resident memory bounds the server's at the highest concurrency
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        results["rss_mb"] = resident_mb()
+        results["rss_mb"] = memory_mb()[0]
         batcher = getattr(generator, "batcher", None) or getattr(engine, "batcher", None)  # v1 or v2
         if batcher is not None and batcher.stats.steps:
             st = batcher.stats
